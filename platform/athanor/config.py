@@ -1,0 +1,224 @@
+"""Typed recipe configs: dataclass defaults < ``--config file.yaml`` < dotted CLI overrides.
+
+Every recipe declares one top-level dataclass whose fields are sections (``run``, ``optim``,
+``engine``, ``model``, ``data``, ...). OmegaConf's structured configs do the merging and type
+checking; this module turns their multi-line exceptions into the one-line errors a user should
+see, and exits with code 2 before any model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config key, type, value or path. Recipes print it on one line and exit 2."""
+
+
+def choice(value: Any, options: Sequence[Any], key: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, options))}")
+
+
+def positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/run"  # everything the run writes goes here
+    seed: int = 0
+    max_steps: int = 100  # optimizer steps of the primary model
+    log_every: int = 1  # one metrics.jsonl line every N steps
+    eval_every: int = 0  # 0: evaluate only at the start and the end
+    save_every: int = 0  # 0: checkpoint only at the end (and on SIGUSR1/SIGTERM)
+    keep_last: int = 2  # checkpoints kept; older ones are pruned
+    resume: str = "auto"  # auto: newest complete checkpoint if any | none: refuse a used dir | a checkpoint path
+    progress: bool = True  # tqdm bar on the main process
+
+    def validate(self) -> None:
+        positive(self.max_steps, "run.max_steps", allow_zero=True)
+        positive(self.log_every, "run.log_every")
+        positive(self.eval_every, "run.eval_every", allow_zero=True)
+        positive(self.save_every, "run.save_every", allow_zero=True)
+        positive(self.keep_last, "run.keep_last")
+        if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
+            raise ConfigError(f"run.resume={self.resume!r}: expected auto, none or an existing checkpoint directory")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # Wortsman et al.: decay by lambda * s_t (schedule multiplier), not lambda * lr_t.
+    independent_weight_decay: bool = False
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # constant | cosine | linear (all after linear warm-up)
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio for cosine/linear
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def validate(self) -> None:
+        choice(self.name, ("adamw", "sgd"), "optim.name")
+        choice(self.schedule, ("constant", "cosine", "linear"), "optim.schedule")
+        positive(self.lr, "optim.lr")
+        positive(self.eps, "optim.eps")
+        positive(self.weight_decay, "optim.weight_decay", allow_zero=True)
+        positive(self.warmup_steps, "optim.warmup_steps", allow_zero=True)
+        positive(self.grad_clip, "optim.grad_clip", allow_zero=True)
+        if not (0 <= self.min_lr_ratio <= 1):
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be in [0, 1)")
+
+
+@dataclass
+class EngineConfig:
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    cpu: bool = False  # force CPU even when CUDA is available
+
+    def validate(self) -> None:
+        choice(self.mixed_precision, ("no", "bf16", "fp16"), "engine.mixed_precision")
+        positive(self.grad_accum, "engine.grad_accum")
+
+
+@dataclass
+class TrainConfig:
+    """The sections every recipe shares; recipes subclass it and add model/data/method sections."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def _valid_keys_message(schema: Any, full_key: str) -> str:
+    parent_path, _, leaf = full_key.rpartition(".")
+    parent = OmegaConf.select(schema, parent_path) if parent_path else schema
+    if not OmegaConf.is_dict(parent):
+        return f"unknown config key '{full_key}'"
+    valid = list(parent.keys())
+    guess = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" (did you mean '{(parent_path + '.' if parent_path else '') + guess[0]}'?)" if guess else ""
+    where = f"in '{parent_path}'" if parent_path else "at the top level"
+    return f"unknown config key '{full_key}'{hint}; valid keys {where}: {', '.join(map(str, valid))}"
+
+
+def _cli_to_dotlist(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``--config a.yaml --optim.lr 3e-4 --run.seed=1`` into config files and a dotlist."""
+    files, dotlist = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "config":
+            files.append(value)
+        else:
+            dotlist.append(f"{key}={value}")
+    return files, dotlist
+
+
+def _load_yaml(path: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(p)
+    except Exception as e:  # yaml errors span lines; keep the first
+        raise ConfigError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from None
+
+
+def _validate_tree(obj: Any) -> None:
+    if dataclasses.is_dataclass(obj):
+        if hasattr(obj, "validate"):
+            obj.validate()
+        for f in dataclasses.fields(obj):
+            _validate_tree(getattr(obj, f.name))
+
+
+def load_config(cls: type, argv: Sequence[str] | None = None) -> Any:
+    """Build ``cls`` from defaults, ``--config`` files and dotted overrides; raise ConfigError."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    schema = OmegaConf.structured(cls)
+    files, dotlist = _cli_to_dotlist(argv)
+    layers = [_load_yaml(f) for f in files]
+    try:
+        layers.append(OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+    merged = schema
+    for layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except ConfigKeyError as e:
+            raise ConfigError(_valid_keys_message(schema, e.full_key)) from None
+        except ValidationError as e:
+            raise ConfigError(f"bad value for '{e.full_key}': {str(e).splitlines()[0]}") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
+    try:
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
+    _validate_tree(config)
+    return config
+
+
+def to_dict(config: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def to_yaml(config: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def parse_or_exit(cls: type, argv: Sequence[str] | None = None) -> Any:
+    """Recipe entry point: a config, or one line on stderr and exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(f"usage: {Path(sys.argv[0]).name} [--config FILE.yaml ...] [--section.key VALUE ...]\n")
+        print(to_yaml(cls()))
+        sys.exit(0)
+    try:
+        return load_config(cls, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class exit_on_config_error:
+    """Context manager: a ``ConfigError`` raised while setting up becomes one line + exit 2."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, ConfigError):
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        return False
+
+
+def save_config(config: Any, output_dir: str | Path) -> Path:
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(config))
+    return path

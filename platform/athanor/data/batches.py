@@ -1,0 +1,58 @@
+"""Stateful batch streams: resume continues at the very next sample.
+
+A stream is sharded by rank but its global order does not depend on the world size: global batch
+``i`` of epoch ``e`` is the same set of rows for 1 or 8 processes, each process taking its slice.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ShuffledBatches:
+    """Endless shuffled micro-batches of rows of ``data`` (any tensor or dict of tensors)."""
+
+    def __init__(self, data, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.data = data
+        self.n = len(next(iter(data.values()))) if isinstance(data, dict) else len(data)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.global_batch = batch_size * world_size
+        if self.n < self.global_batch:
+            raise ValueError(f"{self.n} samples cannot fill one global batch of {self.global_batch}")
+        self.epoch, self.index = 0, 0
+        self._order = None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._order is None:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._order = torch.randperm(self.n, generator=gen)
+        return self._order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if (self.index + 1) * self.global_batch > self.n:  # drop the ragged tail of each epoch
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        start = self.index * self.global_batch + self.rank * self.batch_size
+        rows = self._permutation()[start:start + self.batch_size]
+        self.index += 1
+        if isinstance(self.data, dict):
+            return {k: v[rows] for k, v in self.data.items()}
+        return self.data[rows]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self._order = state["epoch"], state["index"], None
+
+
+def sharded_batches(data, batch_size: int, num_batches: int, rank: int = 0, world_size: int = 1):
+    """Fixed eval batches: the first ``num_batches`` global batches, this rank's slices."""
+    n = len(next(iter(data.values()))) if isinstance(data, dict) else len(data)
+    for i in range(num_batches):
+        start = i * batch_size * world_size + rank * batch_size
+        if start >= n:
+            break
+        sl = slice(start, min(start + batch_size, n))
+        yield {k: v[sl] for k, v in data.items()} if isinstance(data, dict) else data[sl]

