@@ -1,0 +1,1 @@
+"""One module per paper: the algorithm, testable alone, its formulas cited in the docstring."""
