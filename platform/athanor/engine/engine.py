@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
@@ -77,6 +78,11 @@ class Engine:
         # DeepSpeed and DDP on CPU need gloo named explicitly (see ENVIRONMENT.md).
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and distributed else []
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") not in (None, engine.mixed_precision):
+            # A multi-stage recipe may change precision between stages; accelerate's state is a
+            # process-wide singleton that refuses that unless reset (the process group survives).
+            AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(cpu=cpu and not deepspeed, mixed_precision=engine.mixed_precision,
                                        gradient_accumulation_steps=engine.grad_accum,
                                        step_scheduler_with_optimizer=False, kwargs_handlers=handlers)

@@ -1,0 +1,177 @@
+"""The engine on toy methods, in process: update rates, accumulation, precision, checkpoints."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from athanor.config import ConfigError, EngineConfig, OptimConfig, RunConfig, TrainConfig
+from athanor.data import ShuffledBatches
+from athanor.engine import Engine, Method, lr_multiplier, read_metrics
+from athanor.engine import checkpoint as ckpt
+
+
+class TwoModels(Method):
+    """A 'generator' stepped every 3rd step and a 'critic' every step (DMD2's shape)."""
+
+    def setup(self, engine):
+        self.engine = engine
+        torch.manual_seed(0)
+        self.gen = engine.register("gen", nn.Linear(4, 4), every=3)
+        self.critic = engine.register("critic", nn.Linear(4, 1))
+        self.updates = {"gen": 0, "critic": 0}
+
+    def train_step(self, batch):
+        metrics = {}
+        if self.engine.due("gen"):
+            loss = self.critic(self.gen(batch)).mean()
+            self.engine.optimize("gen", loss)
+            self.engine.slots["critic"].optimizer.zero_grad()  # the critic must not learn from this
+            self.updates["gen"] += 1
+            metrics["gen_loss"] = loss.detach()
+        loss = (self.critic(self.gen(batch).detach()) - 1).pow(2).mean()
+        self.engine.optimize("critic", loss)
+        self.updates["critic"] += 1
+        return {"loss": loss.detach(), "samples": len(batch), **metrics}
+
+    def state_dict(self):
+        return dict(self.updates)
+
+    def load_state_dict(self, state):
+        self.updates = dict(state)
+
+
+def make_engine(tmp_path, **run):
+    cfg = TrainConfig(run=RunConfig(output_dir=str(tmp_path), progress=False, **run),
+                      optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"))
+    return Engine(cfg)
+
+
+def data(seed=0):
+    return ShuffledBatches(torch.randn(64, 4, generator=torch.Generator().manual_seed(1)), 8, seed)
+
+
+def test_update_rates_and_metrics(tmp_path):
+    engine = make_engine(tmp_path, max_steps=9)
+    method = TwoModels()
+    method.setup(engine)
+    gen_before = method.gen.weight.detach().clone()
+    engine.fit(method, data())
+    assert method.updates == {"gen": 3, "critic": 9}
+    assert not torch.equal(gen_before, method.gen.weight)
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 10))
+    assert all(r["samples_per_s"] > 0 and r["lr_gen"] == pytest.approx(1e-2) for r in rows)
+    assert sum("gen_loss" in r for r in rows) == 3  # logged only on the generator's steps
+    assert (tmp_path / "config.yaml").exists() and list((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_in_process_matches(tmp_path):
+    full = make_engine(tmp_path / "full", max_steps=8)
+    m1 = TwoModels()
+    m1.setup(full)
+    full.fit(m1, data())
+    part = make_engine(tmp_path / "part", max_steps=4)
+    m2 = TwoModels()
+    m2.setup(part)
+    part.fit(m2, data())
+    again = make_engine(tmp_path / "part", max_steps=8)
+    m3 = TwoModels()
+    m3.setup(again)
+    again.fit(m3, data())
+    assert m3.updates == {"gen": 3, "critic": 8}  # method state came back from the checkpoint
+    loss = lambda d: [r["loss"] for r in read_metrics(d) if "loss" in r]  # noqa: E731
+    assert loss(tmp_path / "full") == loss(tmp_path / "part")
+    assert torch.equal(m1.critic.weight, m3.critic.weight)
+
+
+class Regression(Method):
+    def setup(self, engine):
+        self.engine = engine
+        torch.manual_seed(0)
+        self.model = engine.register("model", nn.Linear(4, 1))
+
+    def train_step(self, batch):
+        x, y = batch["x"], batch["y"]
+        loss = (self.model(x).squeeze(-1) - y).pow(2).mean()
+        self.engine.optimize("model", loss)
+        return {"loss": loss.detach()}
+
+
+def test_grad_accumulation_equals_bigger_batch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    xy = {"x": torch.randn(64, 4, generator=g), "y": torch.randn(64, generator=g)}
+    weights = []
+    for accum, batch in ((1, 16), (2, 8)):
+        cfg = TrainConfig(run=RunConfig(output_dir=str(tmp_path / str(accum)), max_steps=4, progress=False),
+                          optim=OptimConfig(lr=0.1, schedule="constant", grad_clip=0, name="sgd", betas=(0.0, 0.9)),
+                          engine=EngineConfig(grad_accum=accum))
+        engine = Engine(cfg)
+        method = Regression()
+        method.setup(engine)
+        # accumulation takes consecutive micro-batches, so feed the same rows in the same order
+        stream = ShuffledBatches(xy, batch, seed=0) if accum == 1 else _halves(ShuffledBatches(xy, 16, seed=0))
+        engine.fit(method, stream)
+        weights.append(method.model.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+
+
+def _halves(stream):
+    for batch in stream:
+        yield {k: v[:8] for k, v in batch.items()}
+        yield {k: v[8:] for k, v in batch.items()}
+
+
+def test_bf16_autocast_runs(tmp_path):
+    cfg = TrainConfig(run=RunConfig(output_dir=str(tmp_path), max_steps=3, progress=False),
+                      engine=EngineConfig(mixed_precision="bf16"))
+    engine = Engine(cfg)
+    method = Regression()
+    method.setup(engine)
+    g = torch.Generator().manual_seed(0)
+    engine.fit(method, ShuffledBatches({"x": torch.randn(32, 4, generator=g), "y": torch.randn(32, generator=g)}, 8, 0))
+    assert engine.accelerator.mixed_precision == "bf16"
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path) if "loss" in r)
+
+
+def test_fp16_on_cpu_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        Engine(TrainConfig(run=RunConfig(output_dir=str(tmp_path)), engine=EngineConfig(mixed_precision="fp16")))
+
+
+def test_resume_none_refuses_a_used_directory(tmp_path):
+    engine = make_engine(tmp_path, max_steps=2)
+    method = Regression()
+    method.setup(engine)
+    g = torch.Generator().manual_seed(0)
+    stream = ShuffledBatches({"x": torch.randn(32, 4, generator=g), "y": torch.randn(32, generator=g)}, 8, 0)
+    engine.fit(method, stream)
+    again = Engine(TrainConfig(run=RunConfig(output_dir=str(tmp_path), resume="none", max_steps=4, progress=False)))
+    m2 = Regression()
+    m2.setup(again)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        again.fit(m2, stream)
+
+
+def test_incomplete_checkpoints_are_ignored_and_pruned(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    for name in ("step-5", "step-10", ".tmp-step-15", "step-x"):
+        (root / name).mkdir(parents=True)
+    assert ckpt.latest_checkpoint(tmp_path) == root / "step-10"  # the killed save of 15 is not 'newest'
+    ckpt.clear_stale_temporaries(tmp_path)
+    assert not (root / ".tmp-step-15").exists()
+    ckpt.prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-10", "step-x"]
+
+
+@pytest.mark.parametrize("schedule, step, expected", [
+    ("constant", 50, 1.0), ("cosine", 10, 1.0), ("cosine", 110, 0.1), ("cosine", 60, 0.55), ("linear", 60, 0.55),
+])
+def test_lr_schedule_after_warmup(schedule, step, expected):
+    cfg = OptimConfig(schedule=schedule, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(step, cfg, max_steps=110) == pytest.approx(expected)
+
+
+def test_warmup_is_linear():
+    cfg = OptimConfig(warmup_steps=10)
+    assert [lr_multiplier(s, cfg, 110) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
