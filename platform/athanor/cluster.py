@@ -1,0 +1,270 @@
+"""SLURM: submit a recipe as a (multi-node) batch job, watch it, cancel it, requeue on preemption.
+
+``athanor submit`` writes an sbatch script and hands it to ``sbatch``. The script starts one
+``accelerate launch`` per node through ``srun`` with ``--num_machines N --machine_rank
+$SLURM_NODEID --main_process_ip <first node's address> --main_process_port P``; accelerate (and
+torch's elastic launcher under it) starts the processes of that node. Generated scripts rather
+than a Python-pickling library: the script is what ``--dry-run`` prints, what an admin can read,
+and what ``sbatch`` runs unchanged on a cluster without athanor's Python on the login node.
+
+Preemption and time limits. The engine writes a checkpoint and exits with code 75 when a
+process receives SIGUSR1 or SIGTERM (``athanor.engine.PREEMPTED_EXIT_CODE``). The job asks SLURM
+for ``--signal=B:USR1@<grace>``: SIGUSR1 goes to the batch shell ``grace`` seconds before the
+time limit; the shell passes it to ``srun``, which forwards it to every task, and the launchers
+ignore it (``trap '' USR1`` before ``exec``) so only the recipe's processes act on it; they
+inherit the ignored disposition until the engine installs its handler. When the step ends after
+such a signal without success, the shell runs ``scontrol requeue $SLURM_JOB_ID``: the same job
+id runs again from the top and ``run.resume auto`` continues from the newest checkpoint. The
+shell decides on the signal rather than on exit code 75 because ``accelerate launch`` turns any
+worker failure into its own exit code 1. ``athanor cancel --signal USR1 JOB`` sends the same
+signal by hand (what a preemption test does); a plain cancel stops the job for good.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (launch/ configs live there)
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+                   "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
+
+
+class ClusterError(RuntimeError):
+    """A SLURM command failed or is missing; the CLI prints it on one line."""
+
+
+@dataclass
+class JobSpec:
+    """One recipe run on ``nodes`` nodes; everything ``athanor submit`` takes."""
+
+    recipe: str
+    recipe_args: list[str] = field(default_factory=list)
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU job (gloo)
+    procs_per_node: int = 0  # 0: one per GPU, or 1 on CPU
+    cpus_per_task: int = 0  # 0: the partition's default
+    partition: str = ""
+    time: str = ""  # SLURM time limit, e.g. 4:00:00
+    launch_config: str = ""  # accelerate config; default: ddp(-cpu).yaml, or cpu.yaml for one process
+    job_name: str = ""
+    signal_grace_s: int = 90  # SIGUSR1 this long before the time limit -> checkpoint + requeue
+    port: int = 0  # main process port; 0: derived from the job id
+    log_dir: str = ""  # where the script and slurm-<jobid>.out go
+    sbatch_args: list[str] = field(default_factory=list)  # passed as #SBATCH lines unchanged
+    setup: list[str] = field(default_factory=list)  # shell lines run first (module load, venv, ...)
+    python: str = sys.executable
+    command: str = ""  # the submitting command line, recorded in the script's header
+
+    @property
+    def processes_per_node(self) -> int:
+        return self.procs_per_node or self.gpus_per_node or 1
+
+    @property
+    def num_processes(self) -> int:
+        return self.nodes * self.processes_per_node
+
+    def resolved_launch_config(self) -> Path:
+        if self.launch_config:
+            return Path(self.launch_config).resolve()
+        if self.num_processes == 1:
+            return ROOT / "launch" / "cpu.yaml"
+        return ROOT / "launch" / ("ddp.yaml" if self.gpus_per_node else "ddp-cpu.yaml")
+
+    def resolved_log_dir(self) -> Path:
+        if self.log_dir:
+            return Path(self.log_dir).resolve()
+        output_dir = recipe_output_dir(self.recipe_args)
+        return (Path(output_dir) / "slurm" if output_dir else Path("outputs") / "slurm").resolve()
+
+    def validate(self) -> None:
+        if not Path(self.recipe).is_file():
+            raise ClusterError(f"recipe not found: {self.recipe}")
+        if not self.resolved_launch_config().is_file():
+            raise ClusterError(f"launch config not found: {self.resolved_launch_config()}")
+        for name in ("nodes",):
+            if getattr(self, name) < 1:
+                raise ClusterError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("gpus_per_node", "procs_per_node", "cpus_per_task", "signal_grace_s", "port"):
+            if getattr(self, name) < 0:
+                raise ClusterError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.time and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", self.time):
+            raise ClusterError(f"--time {self.time!r}: use SLURM's forms, e.g. 30, 4:00:00, 1-12:00:00")
+
+
+def recipe_output_dir(args: list[str]) -> str | None:
+    """``--run.output_dir X`` (or ``=X``) among recipe overrides, if given."""
+    for i, arg in enumerate(args):
+        if arg == "--run.output_dir" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--run.output_dir="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _q(value) -> str:
+    return shlex.quote(str(value))
+
+
+def sbatch_script(spec: JobSpec) -> str:
+    """The batch script for ``spec`` (what ``--dry-run`` prints)."""
+    name = spec.job_name or f"athanor-{Path(spec.recipe).stem}"
+    log_dir = spec.resolved_log_dir()
+    directives = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1",
+                  f"--output={log_dir}/slurm-%j.out", "--open-mode=append",  # a requeued run appends
+                  f"--chdir={Path.cwd()}", "--requeue", f"--signal=B:USR1@{spec.signal_grace_s}"]
+    if spec.gpus_per_node:
+        directives.append(f"--gpus-per-node={spec.gpus_per_node}")
+    if spec.cpus_per_task:
+        directives.append(f"--cpus-per-task={spec.cpus_per_task}")
+    if spec.partition:
+        directives.append(f"--partition={spec.partition}")
+    if spec.time:
+        directives.append(f"--time={spec.time}")
+    directives += spec.sbatch_args
+
+    launch = [spec.python, "-m", "accelerate.commands.launch", "--config_file", str(spec.resolved_launch_config())]
+    if spec.num_processes > 1:
+        launch += ["--num_processes", str(spec.num_processes), "--num_machines", str(spec.nodes)]
+    launch_line = " ".join(_q(a) for a in launch)
+    if spec.num_processes > 1:  # per-node values come from the task's environment at run time
+        launch_line += ' --machine_rank "$SLURM_NODEID" --main_process_ip "$MAIN_IP" --main_process_port "$MAIN_PORT"'
+    launch_line += " " + " ".join(_q(a) for a in [Path(spec.recipe).resolve(), *spec.recipe_args])
+    # The node's command: ignore SIGUSR1 in the launcher (the recipe's processes handle it), set
+    # thread counts for CPU jobs, then exec accelerate.
+    node_command = 'trap "" USR1; exec ' + launch_line
+    threads = ""
+    if not spec.gpus_per_node:
+        threads = (f'[ -n "${{SLURM_CPUS_PER_TASK:-}}" ] && [ -z "${{OMP_NUM_THREADS:-}}" ] && '
+                   f'export OMP_NUM_THREADS=$(( SLURM_CPUS_PER_TASK / {spec.processes_per_node} > 0 ? '
+                   f'SLURM_CPUS_PER_TASK / {spec.processes_per_node} : 1 ))\n')
+    port = str(spec.port) if spec.port else "$(( 20000 + SLURM_JOB_ID % 20000 ))"
+    lines = ["#!/bin/bash",
+             f"# Written by `athanor submit` on {datetime.datetime.now().isoformat(timespec='seconds')}."]
+    if spec.command:
+        lines.append(f"# {spec.command}")
+    lines += [f"#SBATCH {d}" for d in directives]
+    lines += ["", "set -uo pipefail", "export PYTHONUNBUFFERED=1", *spec.setup, ""]
+    lines += [
+        '# The first node runs the main process; its NodeAddr is reachable from the others (on a',
+        '# cluster of virtual nodes it is 127.0.0.1 while the node names do not resolve).',
+        'FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        'export MAIN_IP=$(scontrol show node "$FIRST_NODE" | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")',
+        f"export MAIN_PORT={port}",
+        'echo "athanor: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
+        ' main process $MAIN_IP:$MAIN_PORT, $(date -Is)"',
+        threads.rstrip("\n"),
+        "",
+        "# SIGUSR1 (time limit near, or `athanor cancel --signal USR1`): pass it to the step and",
+        "# requeue once the recipe has checkpointed and exited.",
+        'stop_signal=""',
+        "forward_usr1() {",
+        '  stop_signal=USR1',
+        '  echo "athanor: SIGUSR1 received: the run checkpoints at the end of its step"',
+        '  [ -n "${STEP_PID:-}" ] && kill -USR1 "$STEP_PID" 2>/dev/null',
+        "}",
+        "trap forward_usr1 USR1",
+        "",
+        f"srun --nodes={spec.nodes} --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c {_q(node_command)} &",
+        "STEP_PID=$!",
+        "# `wait` returns early when a trapped signal arrives; wait again until srun has exited.",
+        'while :; do wait "$STEP_PID"; rc=$?; kill -0 "$STEP_PID" 2>/dev/null || break; done',
+        'if [ -n "$stop_signal" ] && [ "$rc" -ne 0 ]; then',
+        '  echo "athanor: stopped by SIG$stop_signal (exit $rc): requeueing job $SLURM_JOB_ID to resume"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'echo "athanor: exit $rc, $(date -Is)"',
+        'exit "$rc"',
+    ]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+# ------------------------------------------------------------------ SLURM commands
+
+def _slurm(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    if shutil.which(args[0]) is None:
+        raise ClusterError(f"{args[0]} not found: run this on a SLURM login node "
+                           f"(or start one here: launch/slurm/local-cluster.sh start)")
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        msg = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()[-1]
+        raise ClusterError(f"{' '.join(args[:2])}: {msg}")
+    return proc
+
+
+def submit(spec: JobSpec) -> tuple[str, Path]:
+    """Write the script next to the logs and submit it; returns (job id, script path)."""
+    spec.validate()
+    log_dir = spec.resolved_log_dir()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script = log_dir / f"submit-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}.sbatch"
+    script.write_text(sbatch_script(spec))
+    out = _slurm("sbatch", "--parsable", str(script)).stdout.strip()
+    job_id = out.split(";")[0]  # --parsable: "id" or "id;cluster"
+    return job_id, script
+
+
+def job_info(job_id: str) -> dict | None:
+    """``scontrol show job`` as a dict (None once SLURM has forgotten the job)."""
+    proc = _slurm("scontrol", "show", "job", "-o", str(job_id), check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return None
+    info = {}
+    # Values may contain spaces only in the trailing Command/WorkDir-like fields; split on keys.
+    for match in re.finditer(r"(\w[\w/:]*)=(.*?)(?=\s\w[\w/:]*=|$)", proc.stdout.strip().splitlines()[0]):
+        info[match.group(1)] = match.group(2)
+    return info
+
+
+def job_exit_status(info: dict) -> int:
+    """The job's exit status as a process would report it: rc, or 128+signal, or 1."""
+    rc, _, sig = info.get("ExitCode", "0:0").partition(":")
+    if int(sig or 0):
+        return 128 + int(sig)
+    if int(rc or 0):
+        return int(rc)
+    return 0 if info.get("JobState") == "COMPLETED" else 1
+
+
+def wait(job_id: str, poll_s: float = 2.0, timeout_s: float | None = None, on_change=None) -> dict:
+    """Block until the job reaches a final state (a requeued job is followed through its
+    restarts: the same id goes back to PENDING). Returns the last ``scontrol`` record."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    last = None
+    while True:
+        info = job_info(job_id)
+        if info is None:
+            raise ClusterError(f"job {job_id} is unknown to SLURM (finished more than MinJobAge ago?)")
+        state = info.get("JobState", "")
+        key = (state, info.get("Restarts"))
+        if on_change and key != last:
+            on_change(info)
+        last = key
+        if state in TERMINAL_STATES:
+            return info
+        if deadline is not None and time.monotonic() > deadline:
+            raise ClusterError(f"job {job_id} still {state} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def queue(user_only: bool = True) -> str:
+    args = ["squeue", "-o", "%.10i %.20j %.9T %.10M %.6D %R"]
+    if user_only:
+        args.append("--me")
+    return _slurm(*args).stdout
+
+
+def cancel(job_id: str, signal: str | None = None) -> None:
+    """Cancel the job; with ``signal`` (USR1), send it to the batch shell instead, which makes the
+    run checkpoint and requeue, exactly as at the time limit."""
+    if signal:
+        _slurm("scancel", "--batch", f"--signal={signal}", str(job_id))
+    else:
+        _slurm("scancel", str(job_id))
