@@ -3,12 +3,14 @@
     python recipes/pretrain.py                                   # tiny default, CPU, < 3 min
     accelerate launch --config_file launch/ddp-cpu.yaml recipes/pretrain.py --run.max_steps 40
     python recipes/pretrain.py --config recipes/configs/pretrain/gpt-small.yaml
+    python recipes/pretrain.py --hub.push_to_hub true --hub.repo_id you/tiny-gpt   # publish at the end
 """
 from dataclasses import dataclass, field
 
 from athanor.config import RunConfig, TrainConfig, OptimConfig, exit_on_config_error, parse_or_exit
 from athanor.data import TextDataConfig, load_text_data
 from athanor.engine import Engine
+from athanor.hub import HubConfig, maybe_publish
 from athanor.methods.pretrain import GPTModelConfig, Pretrain, save_pretrain_outputs
 
 
@@ -19,6 +21,7 @@ class PretrainConfig(TrainConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.1))
     model: GPTModelConfig = field(default_factory=GPTModelConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def main(argv=None) -> dict:
@@ -29,7 +32,9 @@ def main(argv=None) -> dict:
         method = Pretrain(cfg.model, data, cfg.data.batch_size, cfg.data.eval_batches)
         method.setup(engine)
         engine.fit(method, method.batches(cfg.run.seed))
-    return save_pretrain_outputs(engine, method, cfg)
+    report = save_pretrain_outputs(engine, method, cfg)
+    maybe_publish(cfg.hub, engine.output_dir, is_main=engine.is_main)
+    return report
 
 
 if __name__ == "__main__":

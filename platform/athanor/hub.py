@@ -1,11 +1,28 @@
-"""Hugging Face Hub side: model cards for finished runs (publishing comes with the cluster issue)."""
+"""Hugging Face Hub side: model cards for finished runs, and publishing them.
+
+``publish`` (``athanor publish OUTPUT --repo-id user/name``, or ``hub.push_to_hub`` at the end of
+a recipe) assembles an upload folder from a finished run (weights, tokenizer/adapter/pipeline,
+resolved config, report and plots, a generated model card) and sends it with
+``HfApi.upload_folder`` over HTTP. ``HF_TOKEN`` and ``HF_ENDPOINT`` are honoured; offline,
+unreachable or unauthorised ends in one line.
+"""
 from __future__ import annotations
 
+import fnmatch
+import json
+import math
+import os
+import re
 import shlex
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+from .config import ConfigError
 
 
 def write_model_card(folder: str | Path, *, title: str, summary: str, metrics: dict | None = None,
@@ -26,3 +43,280 @@ def write_model_card(folder: str | Path, *, title: str, summary: str, metrics: d
     path = Path(folder) / "README.md"
     card.save(path)
     return path
+
+
+# ---------------------------------------------------------------- publishing
+
+HUB_UPLOAD_DIR = "hub_upload"  # default staging folder inside a run's output dir
+ARTIFACT_MARKERS = ("model_index.json", "adapter_config.json", "config.json")  # diffusers, peft, transformers
+NOT_ARTIFACTS = {"checkpoints", "tensorboard", HUB_UPLOAD_DIR, "slurm"}
+RUN_FILES = ("report.md", "report.json", "metrics.jsonl")  # copied beside the weights, with *.png plots
+# Optimizer state as accelerate and DeepSpeed write it into checkpoints; uploaded only when asked.
+OPTIMIZER_PATTERNS = ("optimizer*", "*optim_states*", "scheduler*")
+BOOKKEEPING_KEYS = {"steps", "n_params", "world_size", "seed"}  # report.json numbers that are not metrics
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+class HubError(RuntimeError):
+    """A Hub call failed (offline, unreachable, unauthorised, ...); printed as one line."""
+
+
+class PublishInputError(HubError):
+    """Bad input to publish (no such run, no saved model, bad repo id): exit code 2."""
+
+
+@dataclass
+class HubConfig:
+    push_to_hub: bool = False  # upload the finished run (as `athanor publish` does) at the end of the recipe
+    repo_id: str = ""  # user/name or org/name; created if missing
+    private: bool = False  # create the repository as private
+    include_checkpoint: bool = False  # also upload the newest checkpoint (weights, trainer state)
+    include_optimizer_state: bool = False  # ... with its optimizer state (large; off unless asked)
+
+    def validate(self) -> None:
+        if self.push_to_hub and not self.repo_id:
+            raise ConfigError("hub.push_to_hub=true needs hub.repo_id (user/name)")
+        if self.repo_id and not REPO_ID.match(self.repo_id):
+            raise ConfigError(f"hub.repo_id={self.repo_id!r}: expected user/name or org/name")
+
+
+@dataclass
+class PublishResult:
+    folder: Path  # the assembled upload folder
+    repo_id: str
+    url: str | None  # the commit's URL; None on a dry run
+    card: ModelCard
+
+
+def find_artifacts(output_dir: Path) -> list[Path]:
+    """Folders under ``output_dir`` that ``from_pretrained`` loads (a transformers model, a peft
+    adapter, a diffusers pipeline), main one first: the run folder itself, then ``model/``, then
+    the rest by path. Checkpoints, TensorBoard and staging folders are not artifacts."""
+    found: list[Path] = []
+
+    def visit(folder: Path) -> None:
+        if any((folder / m).is_file() for m in ARTIFACT_MARKERS):
+            found.append(folder)  # a pipeline's unet/ or vae/ belongs to it: do not descend
+            return
+        for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if child.name not in NOT_ARTIFACTS and not child.name.startswith("."):
+                visit(child)
+
+    visit(output_dir)
+    found.sort(key=lambda p: (p != output_dir, p != output_dir / "model", str(p)))
+    return found
+
+
+def _library(folder: Path) -> str:
+    if (folder / "model_index.json").is_file():
+        return "diffusers"
+    if (folder / "adapter_config.json").is_file():
+        return "peft"
+    return "transformers"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # weights can be large: a hard link costs nothing
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if path.is_file() and not any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in skip):
+            _link_or_copy(path, dst / rel)
+
+
+def _read_yaml(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+
+
+def _existing_card(folder: Path) -> ModelCard | None:
+    path = folder / "README.md"
+    return ModelCard.load(path) if path.is_file() else None
+
+
+def _recorded_command(card: ModelCard | None) -> str | None:
+    """The command a recipe recorded in its model card (``## Reproduce`` block)."""
+    if card is None:
+        return None
+    match = re.search(r"## Reproduce\s*```[^\n]*\n(.+?)\n```", card.text, re.S)
+    return match.group(1).strip() if match else None
+
+
+def _load_snippet(library: str, repo_id: str) -> str:
+    if library == "peft":
+        return (f"from peft import AutoPeftModel\nmodel = AutoPeftModel.from_pretrained({repo_id!r})")
+    if library == "diffusers":
+        return f"from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained({repo_id!r})"
+    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"model = AutoModelForCausalLM.from_pretrained({repo_id!r}, trust_remote_code=True)\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({repo_id!r})")
+
+
+def build_model_card(output_dir: Path, main_artifact: Path, repo_id: str, files: list[str],
+                     command: str | None = None) -> ModelCard:
+    """Card metadata (library, base model, datasets, tags, metrics from ``report.json`` as
+    model-index results) and text (summary, metrics, files, how to load, exact command)."""
+    report = json.loads((output_dir / "report.json").read_text()) if (output_dir / "report.json").is_file() else {}
+    config = _read_yaml(output_dir / "config.yaml")
+    library = _library(main_artifact)
+    old = _existing_card(main_artifact)
+    model_cfg, data_cfg = config.get("model") or {}, config.get("data") or {}
+    base_model = (old.data.base_model if old else None) or model_cfg.get("name_or_path") or model_cfg.get("base")
+    if library == "peft":
+        base_model = base_model or json.loads((main_artifact / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path")
+    if base_model and Path(str(base_model)).exists():  # a local folder is not a Hub id
+        base_model = None
+    source = str(data_cfg.get("source") or data_cfg.get("dataset") or "")
+    hub_dataset = source[3:].split(":")[0] if source.startswith("hf:") else None
+    dataset_name = hub_dataset or (Path(source).name if source else "unspecified")
+    tags = list(dict.fromkeys(["athanor", *((old.data.tags or []) if old else [])]))
+    task = (old.data.pipeline_tag if old else None) or ("text-generation" if library == "transformers" else None)
+    metrics = {k: v for k, v in report.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in BOOKKEEPING_KEYS
+               and math.isfinite(v)}
+    results = [EvalResult(task_type=task or "other", dataset_type=hub_dataset or dataset_name,
+                          dataset_name=dataset_name, metric_type=k, metric_name=k, metric_value=v)
+               for k, v in metrics.items()]
+    data = ModelCardData(library_name=library, base_model=base_model, datasets=[hub_dataset] if hub_dataset else None,
+                         tags=tags, pipeline_tag=task, model_name=repo_id.split("/")[-1],
+                         eval_results=results or None)
+    summary = ""
+    if (output_dir / "report.md").is_file():  # the report's first paragraph, without its title
+        paragraphs = [p.strip() for p in (output_dir / "report.md").read_text().split("\n\n")]
+        summary = next((p for p in paragraphs if p and not p.startswith(("#", "|"))), "")
+    command = command or _recorded_command(old) or "(not recorded; see training_config.yaml)"
+    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in metrics.items())
+    facts = "\n".join(f"| {k} | {report[k]} |" for k in sorted(BOOKKEEPING_KEYS & report.keys()))
+    listing = "\n".join(f"- `{f}`" for f in files)
+    text = (f"# {repo_id.split('/')[-1]}\n\nTrained with athanor "
+            f"({library}). {summary}\n\n"
+            f"## Metrics\n\n| metric | value |\n|---|---|\n{rows}\n{facts}\n\n"
+            f"## Use\n\n```python\n{_load_snippet(library, repo_id)}\n```\n\n"
+            f"## Training\n\nData: `{source or 'see training_config.yaml'}`. Resolved config: "
+            f"`training_config.yaml`; report: `report.md`.\n\n"
+            f"## Reproduce\n\n```\n{command}\n```\n\n## Files\n\n{listing}\n")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+def build_upload_folder(output_dir: str | Path, repo_id: str, staging_dir: str | Path | None = None, *,
+                        include_checkpoint: bool = False, include_optimizer_state: bool = False,
+                        command: str | None = None) -> tuple[Path, ModelCard]:
+    """Assemble what goes to the Hub: the main model/adapter/pipeline at the top (loadable with
+    ``from_pretrained(folder)``), other saved models under their run-relative paths, the resolved
+    config as ``training_config.yaml``, report and plots, and a generated ``README.md``.
+    Checkpoints only when asked, and their optimizer state only when asked again."""
+    out = Path(output_dir).resolve()
+    if not out.is_dir():
+        raise PublishInputError(f"no such run folder: {output_dir}")
+    artifacts = find_artifacts(out)
+    if not artifacts:
+        raise PublishInputError(f"{output_dir} holds no saved model (config.json, adapter_config.json or "
+                                f"model_index.json): has the run finished?")
+    stage = Path(staging_dir).resolve() if staging_dir else out / HUB_UPLOAD_DIR
+    if stage == out or out.is_relative_to(stage):
+        raise PublishInputError(f"staging folder {stage} must not contain the run folder")
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    main = artifacts[0]
+    for artifact in artifacts:
+        _copy_tree(artifact, stage if artifact == main else stage / artifact.relative_to(out))
+    if (out / "config.yaml").is_file():
+        _link_or_copy(out / "config.yaml", stage / "training_config.yaml")
+    for path in [*(out / f for f in RUN_FILES), *sorted(out.glob("*.png"))]:
+        if path.is_file():
+            _link_or_copy(path, stage / path.name)
+    if include_checkpoint or include_optimizer_state:
+        from .engine.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise PublishInputError(f"{output_dir} has no checkpoint to include")
+        _copy_tree(ckpt, stage / "checkpoint" / ckpt.name, skip=() if include_optimizer_state else OPTIMIZER_PATTERNS)
+    files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file() and p.name != "README.md")
+    card = build_model_card(out, main, repo_id, ["README.md", *files], command)
+    (stage / "README.md").unlink(missing_ok=True)  # may be a hard link to the run's own card
+    card.save(stage / "README.md")
+    return stage, card
+
+
+def _hub_error(error: Exception, endpoint: str, repo_id: str) -> HubError:
+    """One line a person can act on, for the ways an upload fails."""
+    if isinstance(error, OfflineModeIsEnabled):
+        return HubError("HF_HUB_OFFLINE=1 is set, so nothing can be uploaded; unset it and run again")
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        status = error.response.status_code
+        if status == 401:
+            return HubError(f"the Hub at {endpoint} rejected the token (401 Unauthorized): set HF_TOKEN to a "
+                            f"token with write access")
+        if status == 403:
+            return HubError(f"the token may not write to {repo_id} at {endpoint} (403 Forbidden)")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return HubError(f"the Hub at {endpoint} answered {status} for {repo_id}: {first}")
+    names = " ".join(cls.__name__ for cls in type(error).__mro__)
+    if isinstance(error, (ConnectionError, TimeoutError)) or "Connect" in names or "Timeout" in names:
+        return HubError(f"cannot reach the Hub at {endpoint} ({type(error).__name__}); check the network "
+                        f"or HF_ENDPOINT")
+    first = (str(error).strip().splitlines() or [""])[0]
+    return HubError(f"upload to {repo_id} at {endpoint} failed: {type(error).__name__}: {first}")
+
+
+def publish(output_dir: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False,
+            staging_dir: str | Path | None = None, include_checkpoint: bool = False,
+            include_optimizer_state: bool = False, token: str | None = None, endpoint: str | None = None,
+            command: str | None = None) -> PublishResult:
+    """Build the upload folder and, unless ``dry_run``, create the repo and ``upload_folder`` it
+    (HTTP). ``HF_TOKEN`` and ``HF_ENDPOINT`` are honoured; failures raise ``HubError``."""
+    if not REPO_ID.match(repo_id or ""):
+        raise PublishInputError(f"--repo-id {repo_id!r}: expected user/name or org/name")
+    folder, card = build_upload_folder(output_dir, repo_id, staging_dir, include_checkpoint=include_checkpoint,
+                                       include_optimizer_state=include_optimizer_state, command=command)
+    if dry_run:
+        return PublishResult(folder, repo_id, None, card)
+    from huggingface_hub import HfApi, constants, get_token
+
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    if constants.HF_HUB_OFFLINE:
+        raise _hub_error(OfflineModeIsEnabled(), endpoint, repo_id)
+    token = token or get_token()
+    if not token:
+        raise HubError("no Hugging Face token: set HF_TOKEN (with write access) or run `hf auth login`")
+    api = HfApi(endpoint=endpoint, token=token)
+    # Belt and braces: the folder holds no optimizer state unless asked, and the upload skips it too.
+    ignore = None if include_optimizer_state else [f"**/{p}" for p in OPTIMIZER_PATTERNS]
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, ignore_patterns=ignore,
+                                 commit_message=f"athanor publish {Path(output_dir).name}")
+    except Exception as e:  # every failure becomes one line; the folder stays for a retry
+        raise _hub_error(e, endpoint, repo_id) from None
+    return PublishResult(folder, repo_id, getattr(info, "commit_url", None) or str(info), card)
+
+
+def maybe_publish(hub: HubConfig, output_dir: str | Path, *, is_main: bool | None = None) -> PublishResult | None:
+    """End of a recipe: publish when ``hub.push_to_hub`` is set (main process only). A failed
+    upload prints one line (the outputs stay on disk for ``athanor publish``) and exits 1."""
+    if not hub.push_to_hub:
+        return None
+    if is_main is None:
+        is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:
+        return None
+    command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    try:
+        result = publish(output_dir, hub.repo_id, private=hub.private, include_checkpoint=hub.include_checkpoint,
+                         include_optimizer_state=hub.include_optimizer_state, command=command)
+    except HubError as e:
+        print(f"error: publishing to {hub.repo_id} failed: {e} (outputs are in {output_dir}; retry with "
+              f"`athanor publish {output_dir} --repo-id {hub.repo_id}`)", file=sys.stderr)
+        sys.exit(1)
+    print(f"published {output_dir} to {result.url}")
+    return result
