@@ -21,8 +21,9 @@ signal by hand (what a preemption test does); a plain cancel stops the job for g
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import os
+import json
 import re
 import shlex
 import shutil
@@ -113,6 +114,33 @@ def _q(value) -> str:
     return shlex.quote(str(value))
 
 
+def _run_and_requeue(command: str) -> list[str]:
+    """Script lines: run ``command`` in the background, pass SIGUSR1 on to it, and requeue the
+    job when the run stopped on that signal without finishing."""
+    return [
+        "# SIGUSR1 (time limit near, or `athanor cancel --signal USR1`): pass it on, and requeue",
+        "# once the run has checkpointed and exited.",
+        'stop_signal=""',
+        "forward_usr1() {",
+        '  stop_signal=USR1',
+        '  echo "athanor: SIGUSR1 received: the run checkpoints at the end of its step"',
+        '  [ -n "${STEP_PID:-}" ] && kill -USR1 "$STEP_PID" 2>/dev/null',
+        "}",
+        "trap forward_usr1 USR1",
+        "",
+        f"{command} &",
+        "STEP_PID=$!",
+        "# `wait` returns early when a trapped signal arrives; wait again until the run has exited.",
+        'while :; do wait "$STEP_PID"; rc=$?; kill -0 "$STEP_PID" 2>/dev/null || break; done',
+        'if [ -n "$stop_signal" ] && [ "$rc" -ne 0 ]; then',
+        '  echo "athanor: stopped by SIG$stop_signal (exit $rc): requeueing job $SLURM_JOB_ID to resume"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'echo "athanor: exit $rc, $(date -Is)"',
+        'exit "$rc"',
+    ]
+
+
 def sbatch_script(spec: JobSpec) -> str:
     """The batch script for ``spec`` (what ``--dry-run`` prints)."""
     name = spec.job_name or f"athanor-{Path(spec.recipe).stem}"
@@ -162,26 +190,8 @@ def sbatch_script(spec: JobSpec) -> str:
         ' main process $MAIN_IP:$MAIN_PORT, $(date -Is)"',
         threads.rstrip("\n"),
         "",
-        "# SIGUSR1 (time limit near, or `athanor cancel --signal USR1`): pass it to the step and",
-        "# requeue once the recipe has checkpointed and exited.",
-        'stop_signal=""',
-        "forward_usr1() {",
-        '  stop_signal=USR1',
-        '  echo "athanor: SIGUSR1 received: the run checkpoints at the end of its step"',
-        '  [ -n "${STEP_PID:-}" ] && kill -USR1 "$STEP_PID" 2>/dev/null',
-        "}",
-        "trap forward_usr1 USR1",
-        "",
-        f"srun --nodes={spec.nodes} --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c {_q(node_command)} &",
-        "STEP_PID=$!",
-        "# `wait` returns early when a trapped signal arrives; wait again until srun has exited.",
-        'while :; do wait "$STEP_PID"; rc=$?; kill -0 "$STEP_PID" 2>/dev/null || break; done',
-        'if [ -n "$stop_signal" ] && [ "$rc" -ne 0 ]; then',
-        '  echo "athanor: stopped by SIG$stop_signal (exit $rc): requeueing job $SLURM_JOB_ID to resume"',
-        '  scontrol requeue "$SLURM_JOB_ID"',
-        "fi",
-        'echo "athanor: exit $rc, $(date -Is)"',
-        'exit "$rc"',
+        *_run_and_requeue(f"srun --nodes={spec.nodes} --ntasks-per-node=1 --kill-on-bad-exit=0 "
+                          f"bash -c {_q(node_command)}"),
     ]
     return "\n".join(line for line in lines if line is not None) + "\n"
 
@@ -268,3 +278,108 @@ def cancel(job_id: str, signal: str | None = None) -> None:
         _slurm("scancel", "--batch", f"--signal={signal}", str(job_id))
     else:
         _slurm("scancel", str(job_id))
+
+
+# ------------------------------------------------------------------ sweeps on SLURM
+
+@dataclass
+class SlurmExecutor:
+    """Runs ``athanor.sweep`` jobs as one SLURM job array, one array task per run (the
+    ``sweep.Executor`` interface: ``run(jobs)`` yields ``(job, Outcome)`` as runs end).
+
+    Each task calls ``sweep.run_job`` on its job (the recipe's ``main(argv)`` in one process),
+    which records ``STAGE.json`` in the run's folder: that file is how a finished run is seen,
+    here and by any later sweep. Tasks checkpoint and requeue on SIGUSR1 like ``athanor submit``
+    jobs. ``max_parallel`` throttles the array (``--array=0-N%max_parallel``)."""
+
+    partition: str = ""
+    time: str = ""
+    cpus_per_task: int = 1
+    gpus_per_task: int = 0
+    max_parallel: int = 0  # 0: as many at once as the cluster allows
+    signal_grace_s: int = 90
+    log_dir: str = ""  # default: <sweep root>/slurm
+    sbatch_args: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)
+    poll_s: float = 2.0
+    python: str = sys.executable
+
+    def script(self, jobs_file: Path, n_jobs: int, log_dir: Path, name: str = "athanor-sweep") -> str:
+        array = f"0-{n_jobs - 1}" + (f"%{self.max_parallel}" if self.max_parallel else "")
+        directives = [f"--job-name={name}", f"--array={array}", "--ntasks=1", f"--cpus-per-task={self.cpus_per_task}",
+                      f"--output={log_dir}/sweep-%A_%a.out", "--open-mode=append", f"--chdir={Path.cwd()}",
+                      "--requeue", f"--signal=B:USR1@{self.signal_grace_s}"]
+        if self.gpus_per_task:
+            directives.append(f"--gpus-per-task={self.gpus_per_task}")
+        if self.partition:
+            directives.append(f"--partition={self.partition}")
+        if self.time:
+            directives.append(f"--time={self.time}")
+        directives += self.sbatch_args
+        run = " ".join(_q(a) for a in [self.python, "-m", "athanor.cluster", "sweep-task", jobs_file])
+        return "\n".join([
+            "#!/bin/bash", "# Written by athanor.cluster.SlurmExecutor: one array task per sweep run.",
+            *(f"#SBATCH {d}" for d in directives), "",
+            "set -uo pipefail", "export PYTHONUNBUFFERED=1", *self.setup,
+            'export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}',
+            'echo "athanor: sweep task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (job $SLURM_JOB_ID, restart '
+            '${SLURM_RESTART_COUNT:-0}) on $SLURMD_NODENAME, $(date -Is)"', "",
+            *_run_and_requeue(f'{run} "$SLURM_ARRAY_TASK_ID"'),
+        ]) + "\n"
+
+    def _live_tasks(self, array_id: str) -> set[int]:
+        """Array task indices SLURM still holds as pending, running or completing."""
+        proc = _slurm("squeue", "-h", "-r", "-j", array_id, "-o", "%K", check=False)
+        return {int(x) for x in proc.stdout.split() if x.isdigit()} if proc.returncode == 0 else set()
+
+    def run(self, jobs):
+        from .sweep import Outcome
+
+        jobs = list(jobs)
+        if not jobs:
+            return
+        log_dir = Path(self.log_dir or Path(jobs[0].root) / "slurm").resolve()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+        jobs_file = log_dir / f"sweep-{stamp}.json"
+        jobs_file.write_text(json.dumps([{**dataclasses.asdict(job), "root": str(Path(job.root).resolve()),
+                                          "script": str(Path(job.script).resolve())} for job in jobs], indent=1))
+        script = log_dir / f"sweep-{stamp}.sbatch"
+        script.write_text(self.script(jobs_file, len(jobs), log_dir))
+        array_id = _slurm("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
+        start, pending = time.monotonic(), dict(enumerate(jobs))
+        try:
+            while pending:
+                live = self._live_tasks(array_id)  # read before the folders: a task may end in between
+                for index, job in list(pending.items()):
+                    if job.finished():
+                        del pending[index]
+                        yield job, Outcome(job.name, True, result=job.stored_result(),
+                                           seconds=time.monotonic() - start)
+                    elif index not in live:
+                        del pending[index]
+                        log = log_dir / f"sweep-{array_id}_{index}.out"
+                        tail = log.read_text()[-1500:] if log.is_file() else "(no log)"
+                        yield job, Outcome(job.name, False, error=f"SLURM task {array_id}_{index} ended without a "
+                                           f"result; log {log}:\n{tail}", seconds=time.monotonic() - start)
+                if pending:
+                    time.sleep(self.poll_s)
+        finally:
+            if pending:  # the sweep was stopped: do not leave its runs queued
+                _slurm("scancel", array_id, check=False)
+
+
+def _sweep_task(jobs_file: str, index: str) -> int:
+    """Array task body: run job ``index`` of ``jobs_file`` (exit 75 when preempted)."""
+    from .sweep import Job, run_job
+
+    job = Job(**json.loads(Path(jobs_file).read_text())[int(index)])
+    print(f"athanor: sweep run {job.name} -> {job.output_dir}", flush=True)
+    run_job(job)  # SystemExit(75) from the engine passes through
+    return 0
+
+
+if __name__ == "__main__":  # python -m athanor.cluster sweep-task JOBS.json INDEX
+    if len(sys.argv) == 4 and sys.argv[1] == "sweep-task":
+        sys.exit(_sweep_task(sys.argv[2], sys.argv[3]))
+    sys.exit("usage: python -m athanor.cluster sweep-task JOBS.json INDEX")
