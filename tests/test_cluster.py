@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -50,7 +51,8 @@ def test_dry_run_multinode_gpu_script():
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
     for directive in ("--nodes=2", "--gpus-per-node=8", "--partition=gpu", "--time=4:00:00", "--requeue",
-                      "--signal=B:USR1@90", "--ntasks-per-node=1", f"--output={ROOT}/outputs/o3-big/slurm/slurm-%j.out"):
+                      "--signal=B:USR1@90", "--ntasks-per-node=1",
+                      f"--output={ROOT}/outputs/o3-big/slurm/slurm-%j.out"):
         assert f"#SBATCH {directive}\n" in script, directive
     assert f"--config_file {ROOT}/launch/zero3.yaml --num_processes 16 --num_machines 2" in script
     assert '--machine_rank "$SLURM_NODEID" --main_process_ip "$MAIN_IP" --main_process_port "$MAIN_PORT"' in script
@@ -93,8 +95,10 @@ def test_exit_status_from_scontrol_record():
 
 
 def test_sweep_array_script(tmp_path):
-    script = cluster.SlurmExecutor(max_parallel=1, partition="cpu").script(tmp_path / "jobs.json", 3, tmp_path)
+    script = cluster.SlurmExecutor(workers=1, threads_per_worker=2, partition="cpu").script(tmp_path / "jobs.json", 3,
+                                                                                              tmp_path)
     assert "#SBATCH --array=0-2%1\n" in script and "#SBATCH --partition=cpu\n" in script
+    assert "#SBATCH --cpus-per-task=2\n" in script
     assert f'-m athanor.cluster sweep-task {tmp_path}/jobs.json "$SLURM_ARRAY_TASK_ID" &' in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
@@ -148,8 +152,12 @@ def runs(slurm, tmp_path_factory):
     job (`athanor submit --wait`), and a 2-node job sent SIGUSR1 at step >= 5."""
     tmp = tmp_path_factory.mktemp("slurm-runs")
     local, two_node, preempted = tmp / "local", tmp / "two-node", tmp / "preempted"
+    with socket.socket() as s:  # a free port: ddp-cpu.yaml's fixed one may be taken by another run on this host
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     reference = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                                  str(ROOT / "launch" / "ddp-cpu.yaml"), str(ROOT / "recipes" / "pretrain.py"),
+                                  str(ROOT / "launch" / "ddp-cpu.yaml"), "--main_process_port", str(port),
+                                  str(ROOT / "recipes" / "pretrain.py"),
                                   *RUN, "--run.output_dir", str(local)], cwd=ROOT, env=ENV,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     submit_args = ["submit", "--nodes", "2", "--cpus-per-task", "1"]
@@ -228,17 +236,20 @@ def test_cancel_and_status_of_a_queued_job(slurm, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_runs_as_a_job_array(slurm, tmp_path):
-    from athanor.sweep import Job, run_sweep
+    sweep = pytest.importorskip("athanor.sweep", reason="the sweep runner (athanor/sweep.py) is not in this checkout")
+    cluster.register_sweep_executor()
 
     tiny = ["--run.max_steps", "3", "--model.d_model", "32", "--model.n_layers", "1", "--data.max_chars", "100000",
             "--run.progress", "false", "--data.eval_batches", "1"]
-    jobs = [Job(name=f"lr{lr}", root=str(tmp_path), script="recipes/pretrain.py",
+    jobs = [sweep.Job(name=f"lr{lr}", root=str(tmp_path), script="recipes/pretrain.py",
                 argv=["--optim.lr", str(lr), "--run.output_dir", str(tmp_path / f"lr{lr}"), *tiny])
             for lr in (1e-3, 1e-2)]
-    result = run_sweep(jobs, cluster.SlurmExecutor(poll_s=0.5), progress=False)
+    executor = sweep.make_executor("slurm", workers=2, threads_per_worker=1)  # as --sweep.executor slurm would
+    executor.poll_s = 0.5
+    result = sweep.run_sweep(jobs, executor, progress=False)
     assert not result.failed, [o.error for o in result.failed]
     finals = {name: o.result["final_eval_loss"] for name, o in result.outcomes.items()}
     assert len(set(finals.values())) == 2  # two different runs, each with its own result
     assert len(list((tmp_path / "slurm").glob("sweep-*_*.out"))) == 2  # one array task per run
-    again = run_sweep(jobs, cluster.SlurmExecutor(poll_s=0.5), progress=False)
+    again = sweep.run_sweep(jobs, executor, progress=False)
     assert again.skipped == 2  # finished runs are recognised, not resubmitted

@@ -290,13 +290,14 @@ class SlurmExecutor:
     Each task calls ``sweep.run_job`` on its job (the recipe's ``main(argv)`` in one process),
     which records ``STAGE.json`` in the run's folder: that file is how a finished run is seen,
     here and by any later sweep. Tasks checkpoint and requeue on SIGUSR1 like ``athanor submit``
-    jobs. ``max_parallel`` throttles the array (``--array=0-N%max_parallel``)."""
+    jobs. Its knobs use the sweep's words, so ``sweep.make_executor("slurm", workers=...,
+    threads_per_worker=...)`` means the same as for local workers."""
 
+    workers: int = 0  # array tasks running at once (--array=0-N%workers); 0: as many as the cluster allows
+    threads_per_worker: int = 1  # --cpus-per-task of each array task (and its OMP_NUM_THREADS)
+    gpus_per_task: int = 0
     partition: str = ""
     time: str = ""
-    cpus_per_task: int = 1
-    gpus_per_task: int = 0
-    max_parallel: int = 0  # 0: as many at once as the cluster allows
     signal_grace_s: int = 90
     log_dir: str = ""  # default: <sweep root>/slurm
     sbatch_args: list[str] = field(default_factory=list)
@@ -305,8 +306,9 @@ class SlurmExecutor:
     python: str = sys.executable
 
     def script(self, jobs_file: Path, n_jobs: int, log_dir: Path, name: str = "athanor-sweep") -> str:
-        array = f"0-{n_jobs - 1}" + (f"%{self.max_parallel}" if self.max_parallel else "")
-        directives = [f"--job-name={name}", f"--array={array}", "--ntasks=1", f"--cpus-per-task={self.cpus_per_task}",
+        array = f"0-{n_jobs - 1}" + (f"%{self.workers}" if self.workers else "")
+        directives = [f"--job-name={name}", f"--array={array}", "--ntasks=1",
+                      f"--cpus-per-task={self.threads_per_worker}",
                       f"--output={log_dir}/sweep-%A_%a.out", "--open-mode=append", f"--chdir={Path.cwd()}",
                       "--requeue", f"--signal=B:USR1@{self.signal_grace_s}"]
         if self.gpus_per_task:
@@ -377,6 +379,13 @@ def _sweep_task(jobs_file: str, index: str) -> int:
     print(f"athanor: sweep run {job.name} -> {job.output_dir}", flush=True)
     run_job(job)  # SystemExit(75) from the engine passes through
     return 0
+
+
+def register_sweep_executor() -> None:
+    """Make ``sweep.make_executor("slurm", ...)`` (e.g. ``--sweep.executor slurm``) find this executor."""
+    from . import sweep
+
+    sweep.EXECUTORS.setdefault("slurm", SlurmExecutor)
 
 
 if __name__ == "__main__":  # python -m athanor.cluster sweep-task JOBS.json INDEX
