@@ -45,7 +45,11 @@ def _submit(args: argparse.Namespace) -> int:
     def report(info: dict) -> None:
         print(f"job {job_id}: {info.get('JobState')} (restarts {info.get('Restarts', 0)})", flush=True)
 
-    info = cluster.wait(job_id, on_change=report)
+    try:
+        info = cluster.wait(job_id, on_change=report)
+    except KeyboardInterrupt:
+        print(f"stopped waiting; job {job_id} goes on (athanor cancel {job_id} stops it)", file=sys.stderr)
+        return 130
     status = cluster.job_exit_status(info)
     print(f"job {job_id} ended {info.get('JobState')} with exit status {status}; log: {log}")
     return status
@@ -101,7 +105,8 @@ def _fail(error: Exception, code: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="athanor", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="athanor", description=__doc__.replace("``", "`"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("submit", help="submit a recipe to SLURM (one accelerate launch per node)")
