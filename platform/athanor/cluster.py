@@ -4,8 +4,9 @@
 ``accelerate launch`` per node through ``srun`` with ``--num_machines N --machine_rank
 $SLURM_NODEID --main_process_ip <first node's address> --main_process_port P``; accelerate (and
 torch's elastic launcher under it) starts the processes of that node. Generated scripts rather
-than a Python-pickling library: the script is what ``--dry-run`` prints, what an admin can read,
-and what ``sbatch`` runs unchanged on a cluster without athanor's Python on the login node.
+than a library that pickles Python calls (submitit): the script is what ``--dry-run`` prints,
+what an admin can read and rerun with plain ``sbatch``, and it controls exactly which process
+gets which signal (below).
 
 Preemption and time limits. The engine writes a checkpoint and exits with code 75 when a
 process receives SIGUSR1 or SIGTERM (``athanor.engine.PREEMPTED_EXIT_CODE``). The job asks SLURM
@@ -90,9 +91,8 @@ class JobSpec:
             raise ClusterError(f"recipe not found: {self.recipe}")
         if not self.resolved_launch_config().is_file():
             raise ClusterError(f"launch config not found: {self.resolved_launch_config()}")
-        for name in ("nodes",):
-            if getattr(self, name) < 1:
-                raise ClusterError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.nodes < 1:
+            raise ClusterError("--nodes must be >= 1")
         for name in ("gpus_per_node", "procs_per_node", "cpus_per_task", "signal_grace_s", "port"):
             if getattr(self, name) < 0:
                 raise ClusterError(f"--{name.replace('_', '-')} must be >= 0")
