@@ -1,0 +1,414 @@
+"""Sweeps: a grid of runs, each an ordinary recipe run in its own folder, on a pluggable executor.
+
+A ``Job`` is one run described as a command line (``python <script> <argv...>``) plus the folder it
+writes to; ``run_job(job)`` executes it *in the calling process* (the script's ``main(argv)``) and
+records the result as ``<folder>/STAGE.json`` (the ``athanor.stages`` format), so a finished job is
+recognised and skipped by any later sweep, whatever executed it.
+
+Executors decide where ``run_job`` runs; ``run_sweep`` skips finished jobs, hands the rest to the
+executor (most expensive first) and gathers one ``Outcome`` per job:
+
+- ``InlineExecutor``: one job after another in this process (debugging, tests).
+- ``LocalExecutor``: persistent worker processes on this machine (spawned once, so torch and the
+  recipe import once per worker, not once per run), ``threads_per_worker`` torch threads each,
+  optionally one accelerator each (``devices``).
+- a SLURM executor implements the same ``Executor.run``: submit ``run_job`` for each job with
+  submitit (``AutoExecutor.submit(run_job, job)``; jobs and ``run_job`` are picklable) and yield
+  ``(job, Outcome)`` as the cluster finishes them.
+
+Kill safety: a job holds an exclusive lock on its folder while it runs, so a resumed sweep never
+runs the same job twice at once; a local worker whose parent dies (SIGKILL) sends itself SIGTERM,
+which the engine turns into a checkpoint and exit 75, and the next sweep resumes that run from its
+checkpoint. A SIGTERM/SIGINT to the sweep does the same for every worker, then exits 75.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import importlib.util
+import itertools
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+STAGE_FILE = "STAGE.json"  # written by athanor.stages.Stages.run
+PREEMPTED_EXIT_CODE = 75  # same as athanor.engine: checkpoint written, run again
+
+
+def expand_grid(axes: dict[str, Sequence]) -> list[dict]:
+    """The cartesian product of ``axes`` (name -> values), first axis varying slowest."""
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
+
+
+@dataclass
+class Job:
+    """One run: ``python script *argv``, writing into ``root / name``."""
+
+    name: str  # path of the run's folder relative to ``root`` (may contain '/')
+    root: str
+    script: str
+    argv: list[str]
+    cost: float = 1.0  # relative expected run time: expensive jobs start first
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.root) / self.name
+
+    def command(self) -> list[str]:
+        """The same run as a shell command (what a cluster executor may submit instead)."""
+        return [sys.executable, self.script, *self.argv]
+
+    def finished(self) -> bool:
+        return (self.output_dir / STAGE_FILE).exists()
+
+    def stored_result(self) -> dict:
+        return json.loads((self.output_dir / STAGE_FILE).read_text())["result"]
+
+
+@dataclass
+class Outcome:
+    name: str
+    ok: bool
+    result: dict | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    skipped: bool = False  # finished by an earlier sweep
+
+
+# ---------------------------------------------------------------------------- running one job
+_SCRIPTS: dict[str, object] = {}
+
+
+def _script_module(script: str):
+    """Import a recipe script once per process (its ``main(argv)`` is what a job calls)."""
+    path = str(Path(script).resolve())
+    if path not in _SCRIPTS:
+        spec = importlib.util.spec_from_file_location(f"_athanor_job_script_{len(_SCRIPTS)}", path)
+        module = importlib.util.module_from_spec(spec)
+        if str(Path(path).parent) not in sys.path:  # a recipe may import its sibling scripts
+            sys.path.insert(0, str(Path(path).parent))
+        spec.loader.exec_module(module)
+        _SCRIPTS[path] = module
+    return _SCRIPTS[path]
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Exclusive lock on ``folder`` for the job's lifetime; released when the process dies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".sweep.lock", "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no cross-process protection
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _output_to(log_file: Path):
+    """Send this process's stdout/stderr (file descriptors too) to ``log_file``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_file, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run_job(job: Job) -> dict:
+    """Run ``job`` in this process (its script's ``main(argv)``) unless it finished before; record
+    and return its result. Output goes to ``<folder>/log.txt``."""
+    from .stages import Stages
+
+    with _folder_lock(job.output_dir):
+        if job.finished():  # finished while we waited for the lock
+            return job.stored_result()
+        with _output_to(job.output_dir / "log.txt"):
+            return Stages(job.root).run(job.name, lambda _folder: _script_module(job.script).main(list(job.argv)))
+
+
+def _error_text(exc: BaseException) -> str:
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return "".join(lines)[-3000:]
+
+
+# ---------------------------------------------------------------------------- executors
+class Executor(abc.ABC):
+    """Runs jobs somewhere; yields ``(job, Outcome)`` as each one ends (in any order)."""
+
+    @abc.abstractmethod
+    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Job, Outcome]]:
+        ...
+
+
+class InlineExecutor(Executor):
+    def run(self, jobs):
+        for job in jobs:
+            start = time.perf_counter()
+            try:
+                yield job, Outcome(job.name, True, result=run_job(job), seconds=time.perf_counter() - start)
+            except Exception as exc:  # one failed run must not end the sweep
+                yield job, Outcome(job.name, False, error=_error_text(exc), seconds=time.perf_counter() - start)
+
+
+_STOP = threading.Event()  # set in a worker once it must take no further job
+
+
+def _stop_now(_signum, _frame) -> None:
+    """A worker's SIGTERM handler outside a training loop (inside one, the engine's handler
+    checkpoints first). Everything a job writes is atomic, so leaving mid-job is safe."""
+    _STOP.set()
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def _watch_parent(parent_pid: int, grace_s: float) -> None:
+    """Orphaned worker (its sweep was killed): stop via SIGTERM, hard exit after ``grace_s``."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    _STOP.set()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s)
+    os._exit(PREEMPTED_EXIT_CODE)
+
+
+def _worker_main(worker_id: int, tasks, events, threads: int, parent_pid: int, grace_s: float) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the sweep, which stops us cleanly
+    signal.signal(signal.SIGTERM, _stop_now)
+    threading.Thread(target=_watch_parent, args=(parent_pid, grace_s), daemon=True).start()
+    import torch
+
+    torch.set_num_threads(threads)
+    while not _STOP.is_set():
+        job = tasks.get()
+        if job is None:
+            return
+        signal.signal(signal.SIGTERM, _stop_now)  # a finished run's engine leaves its handler behind
+        events.put(("start", worker_id, job.name, None))
+        start = time.perf_counter()
+        try:
+            result = run_job(job)
+            events.put(("done", worker_id, job.name, {"ok": True, "result": result,
+                                                        "seconds": time.perf_counter() - start}))
+        except SystemExit as exc:  # the engine's preemption exit (SIGTERM): stop this worker
+            events.put(("done", worker_id, job.name, {"ok": False, "error": f"stopped (exit {exc.code})",
+                                                        "seconds": time.perf_counter() - start}))
+            sys.exit(exc.code if isinstance(exc.code, int) else 1)
+        except Exception as exc:
+            events.put(("done", worker_id, job.name, {"ok": False, "error": _error_text(exc),
+                                                        "seconds": time.perf_counter() - start}))
+        signal.signal(signal.SIGTERM, _stop_now)
+    sys.exit(PREEMPTED_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class LocalExecutor(Executor):
+    """``workers`` persistent processes on this machine, each running one job at a time."""
+
+    def __init__(self, workers: int = 2, threads_per_worker: int = 1, devices: Sequence[str] | None = None,
+                 stop_grace_s: float = 60.0):
+        if workers < 1 or threads_per_worker < 1:
+            raise ValueError("workers and threads_per_worker must be >= 1")
+        self.workers, self.threads, self.devices = workers, threads_per_worker, list(devices or [])
+        self.stop_grace_s = stop_grace_s
+
+    def _start(self, ctx, worker_id: int, tasks, events):
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
+               "TOKENIZERS_PARALLELISM": "false"}
+        if self.devices:
+            env["CUDA_VISIBLE_DEVICES"] = self.devices[worker_id % len(self.devices)]
+        proc = ctx.Process(target=_worker_main, name=f"sweep-worker-{worker_id}", daemon=False,
+                           args=(worker_id, tasks, events, self.threads, os.getpid(), self.stop_grace_s))
+        with _environ(env):  # a spawned child reads the environment at start, before importing torch
+            proc.start()
+        return proc
+
+    def run(self, jobs):
+        import multiprocessing as mp
+
+        jobs = list(jobs)
+        if not jobs:
+            return
+        ctx = mp.get_context("spawn")
+        tasks, events = ctx.Queue(), ctx.Queue()
+        for job in jobs:
+            tasks.put(job)
+        n_workers = min(self.workers, len(jobs))
+        for _ in range(n_workers):
+            tasks.put(None)
+        by_name = {job.name: job for job in jobs}
+        procs = {i: self._start(ctx, i, tasks, events) for i in range(n_workers)}
+        next_id, running, ended = n_workers, {}, []
+
+        def handle(received: list) -> None:
+            for kind, worker_id, name, payload in received:
+                if kind == "start":
+                    running[worker_id] = name
+                else:
+                    running.pop(worker_id, None)
+                    ended.append(Outcome(name, payload["ok"], payload.get("result"), payload.get("error"),
+                                         payload["seconds"]))
+
+        stop, remaining = _StopFlag(), len(jobs)
+        try:
+            with stop.installed():
+                while remaining:
+                    if stop.signum:
+                        self._stop_workers(procs)
+                        raise SystemExit(PREEMPTED_EXIT_CODE)
+                    handle(_drain(events, timeout=0.2))
+                    dead = [i for i, proc in procs.items() if not proc.is_alive() and proc.exitcode != 0]
+                    if dead:
+                        handle(_drain(events, timeout=0.05))  # what they said before dying comes first
+                    for worker_id in dead:
+                        proc = procs.pop(worker_id)
+                        name = running.pop(worker_id, None)
+                        if name is not None:  # died inside a job (killed, out of memory, ...)
+                            ended.append(Outcome(name, False, error=f"worker exited with code {proc.exitcode}"))
+                        if remaining - len(ended) > 0:  # a replacement takes its place (and its sentinel)
+                            procs[next_id] = self._start(ctx, next_id, tasks, events)
+                            next_id += 1
+                    if not ended and not any(proc.is_alive() for proc in procs.values()):
+                        handle(_drain(events, timeout=1.0))
+                        if not ended:
+                            raise RuntimeError(f"every sweep worker exited with {remaining} job(s) unfinished")
+                    while ended:
+                        outcome = ended.pop(0)
+                        remaining -= 1
+                        yield by_name[outcome.name], outcome
+        finally:
+            self._stop_workers(procs)
+
+    def _stop_workers(self, procs: dict) -> None:
+        for proc in procs.values():
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)  # the engine checkpoints, then exits 75
+        deadline = time.time() + self.stop_grace_s
+        for proc in procs.values():
+            proc.join(max(0.0, deadline - time.time()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def _drain(events, timeout: float) -> list:
+    """Every event now in the queue (waiting up to ``timeout`` for the first)."""
+    out = []
+    try:
+        out.append(events.get(timeout=timeout))
+        while True:
+            out.append(events.get_nowait())
+    except queue.Empty:
+        return out
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag the sweep loop checks (main thread only)."""
+
+    def __init__(self):
+        self.signum = 0
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in old:
+            signal.signal(s, self._handle)
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------- the sweep
+@dataclass
+class SweepResult:
+    outcomes: dict[str, Outcome] = field(default_factory=dict)  # by job name, in the jobs' order
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes.values() if not o.ok]
+
+    @property
+    def skipped(self) -> int:
+        return sum(o.skipped for o in self.outcomes.values())
+
+    @property
+    def ran(self) -> int:
+        return sum(not o.skipped for o in self.outcomes.values())
+
+
+def run_sweep(jobs: Iterable[Job], executor: Executor, progress: bool = True, desc: str = "sweep") -> SweepResult:
+    """Run every unfinished job on ``executor`` (most expensive first); finished ones are skipped."""
+    from tqdm.auto import tqdm
+
+    jobs = list(jobs)
+    names = [job.name for job in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError("job names must be unique")
+    outcomes = {job.name: Outcome(job.name, True, result=job.stored_result(), skipped=True)
+                for job in jobs if job.finished()}
+    todo = sorted((job for job in jobs if job.name not in outcomes), key=lambda job: -job.cost)
+    bar = tqdm(total=len(jobs), initial=len(outcomes), desc=desc, disable=not progress, dynamic_ncols=True)
+    try:
+        for job, outcome in executor.run(todo):
+            outcomes[job.name] = outcome
+            bar.update(1)
+            failed = sum(not o.ok for o in outcomes.values())
+            bar.set_postfix(last=job.name, failed=failed)
+    finally:
+        bar.close()
+    return SweepResult({name: outcomes[name] for name in names if name in outcomes})
+
+
+EXECUTORS = {"local": LocalExecutor, "inline": InlineExecutor}  # a cluster executor registers here too
+
+
+def make_executor(kind: str, **options) -> Executor:
+    """An executor by name; ``options`` it does not take are ignored (e.g. workers for inline)."""
+    import inspect
+
+    cls = EXECUTORS[kind]
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in options.items() if k in accepted})
