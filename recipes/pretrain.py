@@ -17,8 +17,8 @@ from athanor.methods.pretrain import GPTModelConfig, Pretrain, save_pretrain_out
 @dataclass
 class PretrainConfig(TrainConfig):
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/pretrain", max_steps=400,
-                                                             eval_every=100, log_every=1))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.1))
+                                                             eval_every=50, log_every=1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1))
     model: GPTModelConfig = field(default_factory=GPTModelConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
     hub: HubConfig = field(default_factory=HubConfig)
