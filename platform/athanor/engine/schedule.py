@@ -61,7 +61,9 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
     def apply_independent_decay(self) -> None:
         if not self.cfg.independent_weight_decay:
             return
-        s_t = lr_multiplier(self.last_epoch, self.cfg, self.max_steps)
+        # Called after ``step()``: last_epoch already names the next step, so the step just taken
+        # (whose LR used s_t) is last_epoch - 1.
+        s_t = lr_multiplier(self.last_epoch - 1, self.cfg, self.max_steps)
         for group in self.optimizer.param_groups:
             decay = group.get("decay_base", self.cfg.weight_decay)
             if decay:

@@ -1,8 +1,17 @@
 """Causal-LM pretraining: next-token cross-entropy (+ optional z-loss) on packed text blocks.
 
 The vehicle the stability recipe sweeps: besides the loss it reports the probes of Wortsman et
-al. 2023 — max attention logit per layer, output log Z (mean, max), gradient RMS and a
-``diverged`` flag — on logging steps only, so they cost nothing in between.
+al. 2023 on logging steps only, so they cost nothing in between:
+
+- ``max_attn_logit`` (max over layers; ``_l{i}`` per layer): the largest pre-softmax attention
+  logit q·k/√d_h over a sample of sequences (attention logit growth, Dehghani et al. 2023);
+- ``attn_entropy`` (min over layers; ``_l{i}`` per layer): mean attention entropy in nats,
+  near 0 when attention collapses to one-hot;
+- ``act_rms`` (max over layers; ``_l{i}``): RMS of the residual stream after each block;
+- ``log_z_mean`` / ``log_z_max`` (every step): output log Z = logsumexp of the logits;
+- ``grad_norm`` and ``grad_rms`` = ‖g‖₂ / √n_params (global, before clipping);
+- ``diverged``: 1 when the training loss is non-finite or above ℓ0, the eval loss at
+  initialisation.
 """
 from __future__ import annotations
 
@@ -32,10 +41,12 @@ class GPTModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     fused_loss: bool = False  # athanor.kernels fused linear+CE+z-loss (never builds full logits)
+    mup_base_width: int = 0  # µParam: > 0 scales hidden init/LR and the readout relative to this width
 
     def validate(self) -> None:
         choice(self.position, ("learned", "rotary"), "model.position")
         positive(self.z_loss_weight, "model.z_loss_weight", allow_zero=True)
+        positive(self.mup_base_width, "model.mup_base_width", allow_zero=True)
         if not self.name_or_path and self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
 
@@ -47,6 +58,9 @@ def build_model(cfg: GPTModelConfig, vocab_size: int, seq_len: int):
         return AutoModelForCausalLM.from_pretrained(cfg.name_or_path)
     fields = {k: v for k, v in vars(cfg).items() if k != "name_or_path"}
     return AthanorGPT(AthanorGPTConfig(vocab_size=vocab_size, max_seq_len=seq_len, **fields))
+
+
+PROBE_ROWS = 16  # sequences the attention/activation probes look at: cheap at any batch size
 
 
 class Pretrain(Method):
@@ -62,6 +76,8 @@ class Pretrain(Method):
         layers, width = model.config.num_hidden_layers, model.config.hidden_size
         self.flops_per_token = 6 * n_params + 12 * layers * width * seq_len  # Kaplan et al. + attention
         self.n_params = n_params
+        if lr_scales is None and hasattr(model, "mup_lr_scales"):
+            lr_scales = model.mup_lr_scales()  # µParam: per-layer LR multipliers (empty when off)
         self.model = engine.register("model", model, lr_scales=lr_scales, batch_size=self.batch_size)
         self.probe_next = False
 
@@ -72,9 +88,10 @@ class Pretrain(Method):
         return self.engine.unwrap("model")
 
     def train_step(self, batch: torch.Tensor) -> dict:
-        probe = self.engine.step % self.engine.run.log_every == 0 and isinstance(self._unwrapped(), AthanorGPT)
+        log_step = self.engine.step % self.engine.run.log_every == 0
+        probe = log_step and isinstance(self._unwrapped(), AthanorGPT)
         if probe:
-            self._unwrapped().set_probes(True)
+            self._unwrapped().set_probes(True, PROBE_ROWS)
         out = self.model(input_ids=batch, labels=batch)
         norm = self.engine.optimize("model", out.loss)
         metrics = {"loss": out.loss.detach(), "tokens": batch[:, 1:].numel()}
@@ -82,14 +99,25 @@ class Pretrain(Method):
             metrics[k] = v
         if probe:
             model = self._unwrapped()
-            logits = model.max_attention_logits()
+            probes = {"max_attn_logit": (model.max_attention_logits(), max),
+                      "attn_entropy": (model.attention_entropies(), min),
+                      "act_rms": (model.activation_rms(), max)}
             model.set_probes(False)
-            for i, v in enumerate(logits):
-                metrics[f"max_attn_logit_l{i}"] = v
-            metrics["max_attn_logit"] = max(logits)
+            for key, (per_layer, reduce) in probes.items():
+                for i, v in enumerate(per_layer):
+                    metrics[f"{key}_l{i}"] = v
+                if per_layer:
+                    metrics[key] = reduce(per_layer)
             if norm is not None:
                 metrics["grad_norm"] = norm
+                metrics["grad_rms"] = float(norm) / math.sqrt(self.n_params)
+        if log_step:
+            metrics["diverged"] = float(self._diverged(float(metrics["loss"])))
         return metrics
+
+    def _diverged(self, loss: float) -> bool:
+        initial = self.engine.history.get("initial_eval", {}).get("loss", math.inf)
+        return not math.isfinite(loss) or loss > initial
 
     def evaluate(self) -> dict:
         total = torch.zeros(2, dtype=torch.float64, device=self.engine.device)
@@ -116,6 +144,8 @@ def save_pretrain_outputs(engine: Engine, method: Pretrain, cfg) -> dict:
         "final_eval_loss": engine.history["final_eval"]["loss"],
         "steps": engine.step,
         "n_params": method.n_params,
+        "diverged": not math.isfinite(engine.history["final_eval"]["loss"])
+        or engine.history["final_eval"]["loss"] > engine.history["initial_eval"]["loss"],
         "world_size": engine.world_size,
         "model_dir": str(out / "model"),
     }

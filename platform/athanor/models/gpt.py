@@ -4,6 +4,16 @@ Pre-LN decoder blocks; optional per-head qk-layernorm (Dehghani et al. 2023), z-
 ``w * mean(log Z^2)`` (Chowdhery et al. 2022), biases, tied embeddings, learned or rotary
 positions. ``AutoModelForCausalLM.from_pretrained`` loads a saved folder after ``import athanor``
 (the class is registered) or with ``trust_remote_code=True`` (the code is saved beside it).
+
+µParam (``mup_base_width > 0``; Yang et al. 2022, Table 3 for Adam, in the simple form Wortsman
+et al. 2023 §3.4 use): hidden matrices (attention qkv/proj, MLP) are initialised N(0, 1/fan_in)
+and trained at LR · base_width / d_model (``mup_lr_scales()``, fed to the optimizer's per-parameter
+multipliers); the output logits are multiplied by base_width / d_model; embeddings and norms keep
+the standard init and the full LR. At ``d_model == base_width`` only the hidden init differs.
+
+Probes (``set_probes(True, sample_rows)``): on the next forward each layer records its max
+attention logit and mean attention entropy over a sample of sequences (all heads, causal
+positions), and the RMS of the residual stream after it.
 """
 from __future__ import annotations
 
@@ -22,13 +32,14 @@ class AthanorGPTConfig(PretrainedConfig):
     def __init__(self, vocab_size=260, d_model=128, n_layers=4, n_heads=4, d_ff=0, max_seq_len=256,
                  position="learned", qk_layernorm=False, z_loss_weight=0.0, bias=False,
                  tie_embeddings=True, dropout=0.0, layer_norm_eps=1e-5, init_std=0.02,
-                 fused_loss=False, **kwargs):
+                 fused_loss=False, mup_base_width=0, **kwargs):
         self.vocab_size, self.d_model, self.n_layers, self.n_heads = vocab_size, d_model, n_layers, n_heads
         self.d_ff = d_ff or 4 * d_model
         self.max_seq_len, self.position = max_seq_len, position
         self.qk_layernorm, self.z_loss_weight, self.bias = qk_layernorm, z_loss_weight, bias
         self.tie_embeddings, self.dropout, self.layer_norm_eps = tie_embeddings, dropout, layer_norm_eps
         self.init_std, self.fused_loss = init_std, fused_loss
+        self.mup_base_width = mup_base_width  # 0: standard parameterization
         # HF reads these names (generation, resizing, DeepSpeed auto-config).
         kwargs.setdefault("hidden_size", d_model)
         kwargs.setdefault("num_hidden_layers", n_layers)
@@ -46,13 +57,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: AthanorGPTConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = _hidden(nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias))
+        self.proj = _hidden(nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias))
         self.q_norm = nn.LayerNorm(self.head_dim, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.qk_layernorm else None
         self.k_norm = nn.LayerNorm(self.head_dim, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.qk_layernorm else None
         self.dropout = cfg.dropout
-        self.probe = False  # when True, forward records the max attention logit (stability probe)
-        self.max_logit = None
+        self.probe = False  # when True, forward records the max attention logit and entropy (probes)
+        self.probe_rows = None  # sequences the probes look at (None: all)
+        self.max_logit = self.entropy = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -63,12 +75,21 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = _rotate(q, *rope), _rotate(k, *rope)
         if self.probe:
-            with torch.no_grad():  # the largest pre-softmax logit over causal positions
-                logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            with torch.no_grad():  # the largest pre-softmax logit over causal positions, and the entropy
+                rows = slice(0, self.probe_rows)
+                logits = (q[rows] @ k[rows].transpose(-2, -1)).float() / math.sqrt(self.head_dim)
                 causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                self.max_logit = logits.masked_fill(~causal, float("-inf")).amax().float()
+                logits = logits.masked_fill(~causal, float("-inf"))
+                self.max_logit = logits.amax()
+                self.entropy = torch.special.entr(logits.softmax(-1)).sum(-1).mean()
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _hidden(linear: nn.Linear) -> nn.Linear:
+    """Marks a hidden matrix (neither embedding nor readout): the one µParam re-scales."""
+    linear.hidden_matrix = True
+    return linear
 
 
 class Block(nn.Module):
@@ -77,8 +98,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.attn = Attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias), nn.GELU(),
-                                 nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias))
+        self.mlp = nn.Sequential(_hidden(nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)), nn.GELU(),
+                                 _hidden(nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope):
@@ -101,10 +122,16 @@ class AthanorGPT(PreTrainedModel, GenerationMixin):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # µParam's readout multiplier; 1 in the standard parameterization.
+        self.output_mult = config.mup_base_width / config.d_model if config.mup_base_width else 1.0
+        self.probe_rows = None
+        self.act_rms: list[torch.Tensor] = []
         self.post_init()
 
     def _init_weights(self, module):
         std = self.config.init_std
+        if isinstance(module, nn.Linear) and getattr(module, "hidden_matrix", False) and self.config.mup_base_width:
+            std = module.in_features ** -0.5
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=std)
             if getattr(module, "bias", None) is not None:
@@ -139,13 +166,19 @@ class AthanorGPT(PreTrainedModel, GenerationMixin):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=input_ids.device))
         rope = self._rope(T, input_ids.device)
+        probing = self.blocks[0].attn.probe
+        self.act_rms = []
         for block in self.blocks:
             x = block(x, rope)
+            if probing:
+                self.act_rms.append(x[: self.probe_rows].detach().float().pow(2).mean().sqrt())
         return self.ln_f(x)
 
     def forward(self, input_ids, attention_mask=None, labels=None, return_dict=True, **_):
         """HF convention: ``labels`` are the inputs; the shift happens here; -100 is ignored."""
         h = self.hidden_states(input_ids)
+        if self.output_mult != 1.0:
+            h = h * self.output_mult
         loss = logits = None
         stats = {}
         if labels is not None and self.config.fused_loss:
@@ -173,9 +206,27 @@ class AthanorGPT(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         return {"input_ids": input_ids[:, -self.config.max_seq_len:]}
 
-    def set_probes(self, on: bool) -> None:
+    def set_probes(self, on: bool, sample_rows: int | None = None) -> None:
+        """Probe the next forward passes; ``sample_rows`` limits them to the first sequences."""
+        self.probe_rows = sample_rows
         for block in self.blocks:
-            block.attn.probe = on
+            block.attn.probe, block.attn.probe_rows = on, sample_rows
 
     def max_attention_logits(self) -> list[float]:
         return [float(b.attn.max_logit) for b in self.blocks if b.attn.max_logit is not None]
+
+    def attention_entropies(self) -> list[float]:
+        """Mean softmax entropy (nats) of each layer's attention rows; collapse -> 0."""
+        return [float(b.attn.entropy) for b in self.blocks if b.attn.entropy is not None]
+
+    def activation_rms(self) -> list[float]:
+        """RMS of the residual stream after each block, from the last probed forward."""
+        return [float(v) for v in self.act_rms]
+
+    def mup_lr_scales(self) -> dict[str, float]:
+        """µParam's per-parameter LR multipliers (empty in the standard parameterization)."""
+        if not self.config.mup_base_width:
+            return {}
+        scale = self.config.mup_base_width / self.config.d_model
+        return {f"{module_name}.weight": scale for module_name, module in self.named_modules()
+                if getattr(module, "hidden_matrix", False)}
