@@ -6,7 +6,7 @@ positions. ``AutoModelForCausalLM.from_pretrained`` loads a saved folder after `
 (the class is registered) or with ``trust_remote_code=True`` (the code is saved beside it).
 
 µParam (``mup_base_width > 0``; Yang et al. 2022, Table 3 for Adam, in the simple form Wortsman
-et al. 2023 §3.4 use): hidden matrices (attention qkv/proj, MLP) are initialised N(0, 1/fan_in)
+et al. 2023 use): hidden matrices (attention qkv/proj, MLP) are initialised N(0, 1/fan_in)
 and trained at LR · base_width / d_model (``mup_lr_scales()``, fed to the optimizer's per-parameter
 multipliers); the output logits are multiplied by base_width / d_model; embeddings and norms keep
 the standard init and the full LR. At ``d_model == base_width`` only the hidden init differs.

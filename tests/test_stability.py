@@ -1,0 +1,153 @@
+"""Stability method: the paper's formulas, interventions, probes and µParam, in process (fast)."""
+import math
+
+import pytest
+import torch
+
+from athanor.config import ConfigError, OptimConfig, RunConfig, to_dict
+from athanor.engine import lr_multiplier, param_groups
+from athanor.engine.schedule import Schedule, build_optimizer
+from athanor.methods import stability
+from athanor.methods.pretrain import GPTModelConfig
+from athanor.models import AthanorGPT, AthanorGPTConfig
+
+
+def test_lr_sensitivity_is_eq_1_with_diverged_runs_capped_at_initial_loss():
+    l0 = 5.0
+    losses = [3.0, 2.0, 2.5, float("nan"), 7.0]  # nan and 7.0 (above l0) both count as l0
+    expected = ((3.0 - 2.0) + 0.0 + 0.5 + 3.0 + 3.0) / 5
+    assert stability.lr_sensitivity(losses, l0) == pytest.approx(expected)
+    assert stability.lr_sensitivity([2.0, 2.0], l0) == 0.0
+    assert stability.lr_sensitivity([float("inf")] * 3, l0) == 0.0  # everything diverged: flat at l0
+
+
+def run(variant, width, lr, loss, attn=1.0, log_z=5.0, depth=2, initial=5.5):
+    return dict(variant=variant, width=width, depth=depth, lr=lr, final_eval_loss=loss, initial_eval_loss=initial,
+                max_attn_logit=attn, max_log_z=log_z, diverged=not math.isfinite(loss) or loss > initial)
+
+
+def test_sensitivity_tables_and_optimal_lr():
+    runs = [run("baseline", 64, 0.01, 3.0), run("baseline", 64, 0.1, 2.5), run("baseline", 64, 1.0, float("nan")),
+            run("qk_layernorm", 64, 0.01, 3.0), run("qk_layernorm", 64, 0.1, 2.4), run("qk_layernorm", 64, 1.0, 2.6)]
+    sens, best = stability.sensitivity_tables(runs)
+    assert sens["baseline"]["64"] == pytest.approx((0.5 + 0 + 3.0) / 3)
+    assert sens["qk_layernorm"]["64"] == pytest.approx((0.6 + 0 + 0.2) / 3)
+    assert best["baseline"]["64"]["lr"] == 0.1 and best["qk_layernorm"]["64"]["loss"] == 2.4
+    # several depths per width: models are keyed width x depth
+    sens, _ = stability.sensitivity_tables(runs + [run("baseline", 64, 0.1, 2.0, depth=4)])
+    assert set(sens["baseline"]) == {"64xL2", "64xL4"}
+
+
+def test_power_law_extrapolation_predicts_the_held_out_width_and_the_crossing():
+    # max attention logit = 0.5 * width^1.5 at LR 0.1; width 256 is held out
+    runs = [run("baseline", w, 0.1, 2.0, attn=0.5 * w**1.5) for w in (32, 64, 128, 256)]
+    fit = stability.extrapolate(runs, "baseline", 0.1, "max_attn_logit", threshold=1e4, predict_widths=[1024])
+    assert fit["exponent"] == pytest.approx(1.5) and fit["fit_widths"] == [32, 64, 128]
+    assert fit["held_out"]["predicted"] == pytest.approx(0.5 * 256**1.5)
+    assert fit["predicted_crossing_width"] == pytest.approx((1e4 / 0.5) ** (1 / 1.5))
+    assert fit["predicted"]["1024"] == pytest.approx(0.5 * 1024**1.5)
+    flat = [run("qk", w, 0.1, 2.0, attn=20.0) for w in (32, 64)]
+    assert stability.extrapolate(flat, "qk", 0.1, "max_attn_logit", 1e4)["predicted_crossing_width"] is None
+
+
+def test_variant_overrides_compose_and_resolve():
+    base = {"optim": {"warmup_steps": 20, "lr": 1e-3}, "model": {"qk_layernorm": False, "mup_base_width": 0}}
+    out = stability.variant_overrides("qk_layernorm+long_warmup+mup", base, mup_base_width=32)
+    assert out == {"model.qk_layernorm": True, "optim.warmup_steps": 80, "model.mup_base_width": 32}
+    custom = {"my_eps": {"optim.eps": 1e-12}}
+    assert stability.variant_overrides("my_eps", base, 32, custom) == {"optim.eps": 1e-12}
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        stability.variant_overrides("baseline+nope", base, 32)
+    with pytest.raises(ConfigError, match="optim.nope"):
+        stability.point_config(base, {"optim.nope": 1})
+
+
+def test_grid_points_cover_the_grid_and_name_their_folders():
+    base = {"run": to_dict(RunConfig(max_steps=10)), "optim": to_dict(OptimConfig()), "model": to_dict(GPTModelConfig())}
+    sweep = stability.SweepConfig(variants=["baseline", "qk_layernorm"], widths=[32, 64], depths=[2], lrs=[0.01, 0.1],
+                                  head_dim=16)
+    demo = stability.LogZDemoConfig(steps=50, z_loss_weights=[0.0, 1e-4])
+    points = stability.grid_points(base, sweep, demo, "/sweep")
+    assert len(points) == 2 * 2 * 2 + 2
+    assert len({p["name"] for p in points}) == len(points)
+    p = next(p for p in points if p["name"] == "qk_layernorm/w64_L2/lr1e-01")
+    model = p["config"]["model"]
+    assert (model["d_model"], model["n_layers"], model["n_heads"], model["qk_layernorm"]) == (64, 2, 4, True)
+    assert base["model"]["qk_layernorm"] is False  # the base is not modified
+    assert p["config"]["optim"]["lr"] == 0.1 and p["config"]["run"]["output_dir"] == f"/sweep/{p['name']}"
+    demo_point = next(p for p in points if p["name"] == "logz_demo/z0.0001")
+    assert demo_point["config"]["optim"]["weight_decay"] == 0.0 and demo_point["config"]["run"]["max_steps"] == 50
+    assert demo_point["cost"] > p["cost"]  # long runs start first
+    paired = stability.SweepConfig(widths=[32, 64], depths=[2, 4], pair_depths=True, lrs=[0.1], variants=["baseline"])
+    models = {(p["width"], p["depth"]) for p in stability.grid_points(base, paired, stability.LogZDemoConfig(enabled=False), "/s")}
+    assert models == {(32, 2), (64, 4)}
+
+
+def test_independent_weight_decay_is_lambda_times_schedule_not_times_lr():
+    """θ ← θ − λ·s_t·θ after each step, s_t the multiplier of that step's LR; AdamW's own decay off."""
+    cfg = OptimConfig(lr=0.5, weight_decay=0.1, independent_weight_decay=True, warmup_steps=3, schedule="cosine")
+    model = torch.nn.Linear(4, 4, bias=False)
+    norm = torch.nn.LayerNorm(4)
+    both = torch.nn.ModuleDict({"w": model, "n": norm})
+    opt = build_optimizer(param_groups(both, cfg), cfg)
+    sched = Schedule(opt, cfg, max_steps=10)
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)  # no lr-coupled decay
+    w, gain = model.weight.detach().clone(), norm.weight.detach().clone()
+    for t in range(6):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * lr_multiplier(t, cfg, 10))
+        opt.zero_grad()
+        for p in both.parameters():
+            p.grad = torch.zeros_like(p)  # Adam's update is exactly 0: only the decay moves θ
+        opt.step()
+        sched.step()
+        sched.apply_independent_decay()
+        w = w * (1 - 0.1 * lr_multiplier(t, cfg, 10))
+        assert torch.allclose(model.weight, w, atol=1e-7)
+    assert torch.equal(norm.weight, gain)  # gains and biases are not decayed
+
+
+def tiny_gpt(**kw):
+    cfg = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
+    return AthanorGPT(AthanorGPTConfig(**{**cfg, **kw}))
+
+
+def test_probes_entropy_max_logit_and_activation_rms():
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    x = torch.randint(0, 40, (6, 16))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * 32].zero_()  # q = k = 0: uniform causal attention, logits 0
+    model.set_probes(True, sample_rows=4)
+    model(x, labels=x)
+    uniform = sum(math.log(t) for t in range(1, 17)) / 16  # entropy of row t is log(t)
+    assert model.attention_entropies() == pytest.approx([uniform, uniform], rel=1e-5)
+    assert model.max_attention_logits() == [0.0, 0.0]
+    rms = model.activation_rms()
+    assert len(rms) == 2 and all(v > 0 for v in rms)
+    model.set_probes(False)
+    assert model.blocks[0].attn.probe is False
+
+
+def test_mup_init_lr_scales_and_readout():
+    base, wide = tiny_gpt(mup_base_width=32), tiny_gpt(d_model=128, n_heads=4, mup_base_width=32)
+    assert tiny_gpt().mup_lr_scales() == {} and tiny_gpt().output_mult == 1.0
+    scales = wide.mup_lr_scales()
+    hidden = {n for n, p in wide.named_parameters() if any(k in n for k in ("qkv", "proj", "mlp")) and p.ndim == 2}
+    assert set(scales) == hidden and set(scales.values()) == {32 / 128}
+    assert wide.output_mult == 32 / 128 and base.output_mult == 1.0
+    assert wide.blocks[0].attn.qkv.weight.std().item() == pytest.approx(128**-0.5, rel=0.05)
+    assert wide.blocks[0].mlp[2].weight.std().item() == pytest.approx(512**-0.5, rel=0.05)
+    assert wide.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)  # embeddings keep the standard init
+    groups = param_groups(wide, OptimConfig(lr=0.1), scales)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(wide.blocks[1].mlp[0].weight)] == pytest.approx(0.1 * 32 / 128)
+    assert lr_of[id(wide.wte.weight)] == pytest.approx(0.1)
+
+
+def test_sweep_config_rejects_bad_variants_and_widths():
+    with pytest.raises(ConfigError, match="nope"):
+        stability.SweepConfig(variants=["qk_layernorm+nope"]).validate()
+    with pytest.raises(ConfigError, match="head_dim"):
+        stability.SweepConfig(widths=[48], head_dim=32).validate()
+    stability.SweepConfig(variants=["mine"], custom_variants={"mine": {"optim.eps": 1e-12}}).validate()

@@ -1,0 +1,179 @@
+"""The sweep runner (athanor.sweep) on toy jobs, and the stability recipe end to end."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from athanor.sweep import InlineExecutor, Job, LocalExecutor, expand_grid, make_executor, run_sweep
+from conftest import ROOT, run_recipe
+
+TOY_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    def main(argv):
+        mode, value = argv
+        if mode == "fail":
+            raise RuntimeError("boom")
+        if mode == "crash":
+            os._exit(3)  # dies without a word, like an out-of-memory kill
+        time.sleep(float(value) / 10)
+        return {"value": int(value), "pid": os.getpid(), "threads": os.environ.get("OMP_NUM_THREADS")}
+""")
+
+
+def toy_jobs(tmp_path, modes):
+    script = tmp_path / "toy.py"
+    script.write_text(TOY_SCRIPT)
+    root = tmp_path / "sweep"
+    return [Job(f"job{i}/{mode}", str(root), str(script), [mode, str(i)], cost=i) for i, mode in enumerate(modes)]
+
+
+def test_expand_grid_is_the_cartesian_product_first_axis_slowest():
+    grid = expand_grid({"variant": ["a", "b"], "width": [1, 2, 3]})
+    assert len(grid) == 6 and grid[0] == {"variant": "a", "width": 1} and grid[3] == {"variant": "b", "width": 1}
+
+
+def test_inline_sweep_records_results_and_skips_finished_jobs(tmp_path):
+    jobs = toy_jobs(tmp_path, ["ok", "ok", "fail", "ok"])
+    first = run_sweep(jobs, InlineExecutor(), progress=False)
+    assert [o.ok for o in first.outcomes.values()] == [True, True, False, True]
+    assert "RuntimeError: boom" in first.failed[0].error
+    assert first.outcomes["job3/ok"].result["value"] == 3
+    assert json.loads((jobs[3].output_dir / "STAGE.json").read_text())["result"]["value"] == 3  # athanor.stages format
+    stamp = (jobs[0].output_dir / "STAGE.json").stat().st_mtime_ns
+    again = run_sweep(jobs, InlineExecutor(), progress=False)
+    assert again.skipped == 3 and again.ran == 1  # only the failed job runs again
+    assert (jobs[0].output_dir / "STAGE.json").stat().st_mtime_ns == stamp
+    assert again.outcomes["job0/ok"].result == first.outcomes["job0/ok"].result
+
+
+def test_local_workers_survive_failures_and_replace_a_dead_worker(tmp_path):
+    jobs = toy_jobs(tmp_path, ["ok", "fail", "crash", "ok", "ok", "ok"])
+    executor = make_executor("local", workers=2, threads_per_worker=1, devices=[])
+    assert isinstance(executor, LocalExecutor)
+    result = run_sweep(jobs, executor, progress=False)
+    outcomes = result.outcomes
+    assert [outcomes[j.name].ok for j in jobs] == [True, False, False, True, True, True]
+    assert "boom" in outcomes["job1/fail"].error and "code 3" in outcomes["job2/crash"].error
+    pids = {outcomes[j.name].result["pid"] for j in jobs if outcomes[j.name].ok}
+    assert os.getpid() not in pids and len(pids) <= 3  # two workers, plus one replacing the crashed one
+    assert all(outcomes[j.name].result["threads"] == "1" for j in jobs if outcomes[j.name].ok)
+    assert (jobs[0].output_dir / "log.txt").exists()
+
+
+TINY = ["--run.max_steps", "12", "--sweep.head_dim", "8", "--data.max_chars", "120000", "--data.eval_batches", "2",
+        "--data.batch_size", "8", "--data.block_size", "32", "--run.log_every", "4"]
+
+
+@pytest.mark.slow
+def test_two_by_two_by_two_sweep_end_to_end(tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_recipe("stability", "--run.output_dir", str(out), "--sweep.variants", "[baseline,qk_layernorm]",
+                      "--sweep.widths", "[8,16]", "--sweep.lrs", "[0.01,0.3]", "--logz_demo.steps", "16",
+                      "--logz_demo.z_loss_weights", "[0.0,0.0001]", *TINY)
+    assert "sweep: 10 run(s) now, 0 finished earlier, 0 failed" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["runs"]) == 8
+    assert {(r["variant"], r["width"], r["lr"]) for r in report["runs"]} == \
+        {(v, w, lr) for v in ("baseline", "qk_layernorm") for w in (8, 16) for lr in (0.01, 0.3)}
+    for r in report["runs"]:
+        assert set(r) >= {"variant", "width", "depth", "lr", "final_eval_loss", "max_attn_logit", "max_log_z", "diverged"}
+        assert isinstance(r["diverged"], bool)
+    assert set(report["lr_sensitivity"]) == {"baseline", "qk_layernorm"}
+    assert set(report["lr_sensitivity"]["baseline"]) == {"8", "16"}
+    assert all(v >= 0 for row in report["lr_sensitivity"].values() for v in row.values())
+    assert [d["z_loss_weight"] for d in report["logz_demo"]] == [0.0, 0.0001]
+    for png in ("loss_vs_lr.png", "max_attn_logit_high_lr.png", "log_z_demo.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert "LR sensitivity" in (out / "report.md").read_text()
+    # each point is an ordinary pretrain run: its own folder, config, metrics with the probes
+    point = out / "qk_layernorm" / "w16_L2" / "lr3e-01"
+    config = (point / "config.yaml").read_text()
+    assert "d_model: 16" in config and "qk_layernorm: true" in config and "lr: 0.3" in config
+    row = [json.loads(line) for line in (point / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {"max_attn_logit", "attn_entropy", "act_rms", "grad_rms", "log_z_mean", "diverged"} <= set(row)
+    assert (point / "model" / "config.json").exists() and not (point / "checkpoints").exists()
+    # a second run with other settings into the same folder is refused before any compute
+    proc = run_recipe("stability", "--run.output_dir", str(out), "--sweep.variants", "[baseline]",
+                      "--sweep.widths", "[8,16]", "--sweep.lrs", "[0.01,0.3]", "--optim.eps", "1e-12", *TINY, check=False)
+    assert proc.returncode == 2 and "run with other settings" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_bad_override_exits_2_before_compute(tmp_path):
+    proc = run_recipe("stability", "--run.output_dir", str(tmp_path / "o"), "--sweep.variants", "[baseline,nope]",
+                      check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "nope" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    proc = run_recipe("stability", "--run.output_dir", str(tmp_path / "o"), "--sweep.custom_variants",
+                      "{odd: {optim.nothing: 1}}", "--sweep.variants", "[odd]", check=False)
+    assert proc.returncode == 2 and "optim.nothing" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is missing
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["--run.output_dir", str(out), "--sweep.variants", "[baseline]", "--sweep.widths", "[8]",
+            "--sweep.lrs", "[0.001,0.003,0.01,0.03,0.1,0.3]", "--logz_demo.enabled", "false", *TINY]
+    cmd = [sys.executable, str(ROOT / "recipes" / "stability.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*/*/*/STAGE.json")):
+        time.sleep(0.1)
+    workers = children_of(proc.pid)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: the workers must notice by themselves
+    proc.wait()
+    deadline = time.time() + 90
+    while time.time() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.2)
+    assert workers and not any(alive(pid) for pid in workers), "orphaned workers must stop"
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/*/*/STAGE.json")}
+    assert 1 <= len(finished) < 6, "the sweep must be killed midway"
+    resumed = run_recipe("stability", *args)
+    assert f"{6 - len(finished)} run(s) now, {len(finished)} finished earlier, 0 failed" in resumed.stdout
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in finished.items())  # not redone
+    assert len(json.loads((out / "report.json").read_text())["runs"]) == 6
+
+
+def test_gpu_config_scales_the_same_recipe(tmp_path):
+    """recipes/configs/stability/gpu.yaml: widths to 2048, the paper's 256 x 512-token batches; every
+    point validates as a pretrain config."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import stability as recipe
+    from athanor.config import load_config, to_dict
+    from athanor.methods import stability
+
+    cfg = load_config(recipe.StabilityConfig, ["--config", str(ROOT / "recipes/configs/stability/gpu.yaml"),
+                                               "--run.output_dir", str(tmp_path)])
+    assert max(cfg.sweep.widths) >= 1024 and cfg.data.block_size == 512
+    assert cfg.data.batch_size * cfg.engine.grad_accum == 256 and len(cfg.sweep.devices) == cfg.sweep.workers
+    base = {k: v for k, v in to_dict(cfg).items() if k in ("run", "optim", "engine", "model", "data")}
+    points = stability.grid_points(base, cfg.sweep, cfg.logz_demo, cfg.run.output_dir)
+    jobs = recipe.make_jobs(cfg, points)
+    assert len(jobs) == len(cfg.sweep.variants) * len(cfg.sweep.widths) * len(cfg.sweep.lrs) + len(cfg.logz_demo.z_loss_weights)
+    widest = next(p for p in points if p["width"] == 2048)["config"]["model"]
+    assert (widest["n_layers"], widest["n_heads"]) == (12, 32)
