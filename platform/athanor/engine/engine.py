@@ -148,7 +148,16 @@ class Engine:
         """Backward ``loss`` into ``name``'s parameters; on the last micro-batch of a step, clip,
         step the optimizer and the schedule, and zero the gradients. Returns the grad norm."""
         slot = self.slots[name]
-        self.accelerator.backward(loss)
+        if self.uses_deepspeed and slot.model is not self.accelerator.deepspeed_engine_wrapped.engine:
+            # accelerator.backward drives only the first prepared DeepSpeed engine; a second model (a
+            # critic beside a generator) drives its own engine the same way: backward, then step at the
+            # accumulation boundary (DeepSpeed's step clips, steps the optimizer and zeroes the grads).
+            slot.model.set_gradient_accumulation_boundary(is_boundary=self.accelerator.sync_gradients)
+            slot.model.backward(loss)
+            if self.accelerator.sync_gradients:
+                slot.model.step()
+        else:
+            self.accelerator.backward(loss)
         if not self.accelerator.sync_gradients:
             return None
         norm = None
