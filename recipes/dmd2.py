@@ -1,0 +1,76 @@
+"""DMD2: distil a class-conditional diffusion teacher into a 1-/few-step generator.
+
+Stages (each one engine run in OUTPUT/<stage>, skipped when already finished):
+teacher (EDM, diffusers DiT) -> feature classifier (for FD) -> DMD2 -> DMD2 ablations -> evaluation,
+report, sample grids, FD curves, and a 1-step diffusers pipeline with its model card.
+
+    python recipes/dmd2.py                                         # sklearn digits, CPU, < 20 min
+    python recipes/dmd2.py --config recipes/configs/dmd2/gpu.yaml  # same recipe, long enough to close the gap
+    accelerate launch --config_file launch/zero2-cpu.yaml recipes/dmd2.py --run.max_steps 4
+"""
+import time
+from dataclasses import dataclass, field, replace
+
+from accelerate import PartialState
+
+from athanor.config import ConfigError, OptimConfig, RunConfig, TrainConfig, exit_on_config_error, parse_or_exit, positive
+from athanor.data.images import ImageDataConfig, load_image_data
+from athanor.methods.diffusion import TeacherConfig, train_teacher
+from athanor.methods.dmd2 import ABLATIONS, DMD2Config, check_launch, publish, train_dmd2
+from athanor.methods.fd import ClassifierConfig, load_evaluator, train_classifier
+from athanor.stages import Stages
+
+
+@dataclass
+class EvaluationConfig:
+    samples: int = 2000  # generated samples per sampler in the final table
+    seeds: int = 3  # noise seeds averaged in the final table
+    ablations: list[str] = field(default_factory=lambda: ["ratio1", "no_gan"])  # extra DMD2 runs: ratio1 | no_gan | no_ema | no_backsim
+
+    def validate(self) -> None:
+        positive(self.samples, "evaluation.samples")
+        positive(self.seeds, "evaluation.seeds")
+        for name in self.ablations:
+            if name not in ABLATIONS:
+                raise ConfigError(f"evaluation.ablations: {name!r} is not one of: {', '.join(ABLATIONS)}")
+
+
+@dataclass
+class DMD2RecipeConfig(TrainConfig):
+    # run.max_steps counts generator updates; run.eval_every too (an FD point every N generator updates).
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/dmd2", max_steps=400, eval_every=25,
+                                                             log_every=10))
+    # The generator's optimizer (the critic's too, with dmd2.critic_lr): Adam, β1 = 0 as in DMD2.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.99), schedule="constant",
+                                                                   grad_clip=10.0))
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    dmd2: DMD2Config = field(default_factory=DMD2Config)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+def main(argv=None) -> dict:
+    started = time.time()
+    cfg = parse_or_exit(DMD2RecipeConfig, argv)
+    with exit_on_config_error():
+        check_launch()
+        data = load_image_data(cfg.data)
+        stages = Stages(cfg.run.output_dir)
+    teacher = stages.run("teacher", lambda d: train_teacher(d, cfg, cfg.teacher, data))
+    classifier = stages.run("classifier", lambda d: train_classifier(d, cfg, cfg.classifier, data))
+    evaluator = load_evaluator(classifier["model"], data.held_out_images)
+    runs = {}
+    for name in ["", *cfg.evaluation.ablations]:  # "" is the main run
+        method_cfg = replace(cfg.dmd2, **ABLATIONS.get(name, {}))
+        runs[name] = stages.run("dmd2" + (f"-{name}" if name else ""), lambda d: train_dmd2(
+            d, cfg, method_cfg, cfg.teacher, teacher["pipeline"], data, evaluator))
+    if not PartialState().is_main_process:
+        return {}
+    report = publish(cfg, data, teacher, classifier, runs, evaluator, stages.root, time.time() - started)
+    print(f"report: {stages.root / 'report.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
