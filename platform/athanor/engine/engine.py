@@ -286,7 +286,7 @@ class Engine:
     def _stop_requested(self) -> int:
         flag = torch.tensor([self._stop_signal or 0], device=self.device)
         if self.world_size > 1:  # one process signalled means all stop at the same step
-            flag = self.accelerator.reduce(flag, reduction="sum")
+            flag = self.accelerator.gather(flag).max()
         return int(flag.item())
 
     # ---------------------------------------------------------------- checkpoints

@@ -69,7 +69,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and q.is_cuda:  # one fused Triton kernel per tensor on GPU
+            from athanor.kernels import head_norm
+
+            eps = self.q_norm.eps
+            q = head_norm(q, self.q_norm.weight, self.q_norm.bias, eps=eps)
+            k = head_norm(k, self.k_norm.weight, self.k_norm.bias, eps=eps)
+        elif self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B, H, T, hd
         if rope is not None:
