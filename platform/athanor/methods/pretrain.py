@@ -42,6 +42,7 @@ class GPTModelConfig:
     init_std: float = 0.02
     fused_loss: bool = False  # athanor.kernels fused linear+CE+z-loss (never builds full logits)
     mup_base_width: int = 0  # µParam: > 0 scales hidden init/LR and the readout relative to this width
+    pre_ln: bool = True  # false: post-LN blocks (LayerNorm after each residual add)
 
     def validate(self) -> None:
         choice(self.position, ("learned", "rotary"), "model.position")

@@ -1,6 +1,6 @@
 """A compact GPT as a Hugging Face ``PreTrainedModel``, with the switches the stability paper studies.
 
-Pre-LN decoder blocks; optional per-head qk-layernorm (Dehghani et al. 2023), z-loss
+Pre-LN decoder blocks (post-LN with ``pre_ln=False``); optional per-head qk-layernorm (Dehghani et al. 2023), z-loss
 ``w * mean(log Z^2)`` (Chowdhery et al. 2022), biases, tied embeddings, learned or rotary
 positions. ``AutoModelForCausalLM.from_pretrained`` loads a saved folder after ``import athanor``
 (the class is registered) or with ``trust_remote_code=True`` (the code is saved beside it).
@@ -32,7 +32,7 @@ class AthanorGPTConfig(PretrainedConfig):
     def __init__(self, vocab_size=260, d_model=128, n_layers=4, n_heads=4, d_ff=0, max_seq_len=256,
                  position="learned", qk_layernorm=False, z_loss_weight=0.0, bias=False,
                  tie_embeddings=True, dropout=0.0, layer_norm_eps=1e-5, init_std=0.02,
-                 fused_loss=False, mup_base_width=0, **kwargs):
+                 fused_loss=False, mup_base_width=0, pre_ln=True, **kwargs):
         self.vocab_size, self.d_model, self.n_layers, self.n_heads = vocab_size, d_model, n_layers, n_heads
         self.d_ff = d_ff or 4 * d_model
         self.max_seq_len, self.position = max_seq_len, position
@@ -40,6 +40,7 @@ class AthanorGPTConfig(PretrainedConfig):
         self.tie_embeddings, self.dropout, self.layer_norm_eps = tie_embeddings, dropout, layer_norm_eps
         self.init_std, self.fused_loss = init_std, fused_loss
         self.mup_base_width = mup_base_width  # 0: standard parameterization
+        self.pre_ln = pre_ln  # False: post-LN blocks, x = LN(x + f(x)) (the original Transformer)
         # HF reads these names (generation, resizing, DeepSpeed auto-config).
         kwargs.setdefault("hidden_size", d_model)
         kwargs.setdefault("num_hidden_layers", n_layers)
@@ -107,8 +108,12 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(_hidden(nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)), nn.GELU(),
                                  _hidden(nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)))
         self.drop = nn.Dropout(cfg.dropout)
+        self.pre_ln = cfg.pre_ln
 
     def forward(self, x, rope):
+        if not self.pre_ln:
+            x = self.ln1(x + self.drop(self.attn(x, rope)))
+            return self.ln2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.ln1(x), rope))
         return x + self.drop(self.mlp(self.ln2(x)))
 
