@@ -22,6 +22,7 @@ from athanor.config import (ConfigError, OptimConfig, RunConfig, TrainConfig, ex
 from athanor.data import TextDataConfig
 from athanor.methods import stability
 from athanor.methods.pretrain import GPTModelConfig
+from athanor.methods.stability_report import write_stability_report
 from athanor.sweep import Job, make_executor, run_sweep
 from pretrain import PretrainConfig  # every point is exactly this recipe's run
 
@@ -69,6 +70,16 @@ def make_jobs(cfg: StabilityConfig, points: list[dict]) -> list[Job]:
     return jobs
 
 
+def describe(cfg: StabilityConfig) -> str:
+    o, m, d = cfg.optim, cfg.model, cfg.data
+    return (f"Base run: {'pre' if m.pre_ln else 'post'}-LN GPT, bias={m.bias}, tied embeddings={m.tie_embeddings}, "
+            f"head dim {cfg.sweep.head_dim}, {cfg.run.max_steps} steps of {d.batch_size}×{d.block_size} tokens "
+            f"({d.source}, {d.tokenizer}); AdamW β={tuple(o.betas)}, ε={o.eps:g}, clip {o.grad_clip:g}, weight decay "
+            f"{o.weight_decay:g} ({'independent' if o.independent_weight_decay else 'LR-coupled'}), warm-up "
+            f"{o.warmup_steps}, {o.schedule} to {o.min_lr_ratio:g}× peak; z-loss {m.z_loss_weight:g}, "
+            f"qk-layernorm {m.qk_layernorm}, µParam base width {m.mup_base_width or 'off'}.")
+
+
 def main(argv=None) -> dict:
     cfg = parse_or_exit(StabilityConfig, argv)
     with exit_on_config_error():
@@ -91,13 +102,7 @@ def main(argv=None) -> dict:
     runs = [{**{k: p[k] for k in ("name", "variant", "width", "depth", "lr", "z_loss_weight")},
              **stability.summarize_run(Path(cfg.run.output_dir) / p["name"], sweep.outcomes[p["name"]].result)}
             for p in points]
-    o, m, d = cfg.optim, cfg.model, cfg.data
-    setup = (f"Base run: pre-LN GPT, bias={m.bias}, tied embeddings={m.tie_embeddings}, head dim {cfg.sweep.head_dim}, "
-             f"{cfg.run.max_steps} steps of {d.batch_size}×{d.block_size} tokens ({d.source}, {d.tokenizer}); AdamW "
-             f"β={tuple(o.betas)}, ε={o.eps:g}, clip {o.grad_clip:g}, weight decay {o.weight_decay:g} "
-             f"({'independent' if o.independent_weight_decay else 'LR-coupled'}), warm-up {o.warmup_steps}, "
-             f"{o.schedule} to {o.min_lr_ratio:g}× peak; z-loss {m.z_loss_weight:g}, qk-layernorm {m.qk_layernorm}.")
-    return stability.write_stability_report(cfg.run.output_dir, runs, cfg.analysis, cfg.logz_demo, setup)
+    return write_stability_report(cfg.run.output_dir, runs, cfg.analysis, cfg.logz_demo, describe(cfg))
 
 
 if __name__ == "__main__":

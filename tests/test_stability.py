@@ -151,3 +151,34 @@ def test_sweep_config_rejects_bad_variants_and_widths():
     with pytest.raises(ConfigError, match="head_dim"):
         stability.SweepConfig(widths=[48], head_dim=32).validate()
     stability.SweepConfig(variants=["mine"], custom_variants={"mine": {"optim.eps": 1e-12}}).validate()
+
+
+def test_post_ln_normalises_the_residual_stream():
+    model = tiny_gpt(pre_ln=False)
+    x = torch.randint(0, 40, (3, 16))
+    model.set_probes(True)
+    model(x, labels=x)
+    assert model.activation_rms() == pytest.approx([1.0, 1.0], abs=1e-3)  # LN(x + f(x)) after every block
+    assert tiny_gpt().config.pre_ln is True
+
+
+def test_every_variant_builds_a_valid_pretrain_run():
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from athanor.config import load_config
+    from athanor.methods.pretrain import build_model
+    from pretrain import PretrainConfig
+
+    base = to_dict(PretrainConfig())
+    for name in stability.VARIANTS:
+        overrides = stability.variant_overrides(name, base, mup_base_width=16)
+        overrides.update({"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2})
+        cfg = load_config(PretrainConfig, [arg for k, v in overrides.items() for arg in (f"--{k}", str(v))])
+        for key, value in overrides.items():
+            assert stability.get_dotted(to_dict(cfg), key) == value, (name, key)
+        model = build_model(cfg.model, vocab_size=40, seq_len=16)
+        x = torch.randint(0, 40, (2, 16))
+        assert torch.isfinite(model(x, labels=x).loss), name

@@ -1,0 +1,318 @@
+"""Report of a stability sweep (Wortsman et al. 2023): plots, baseline comparisons, the log Z
+demonstration's verdict, report.json and report.md. The analysis itself is in ``stability``."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .stability import (AnalysisConfig, LogZDemoConfig, MIN_GROWTH_EXPONENT, extrapolate, group_runs, model_key,
+                        sensitivity_tables, series)
+
+
+# ---------------------------------------------------------------------------- plots
+def plot_lr_curves(runs: list[dict], path: str | Path) -> Path:
+    """Final eval loss against LR, one line per variant, one panel per model size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group_runs(runs)
+    models = sorted({(w, d) for _, w, d in groups})
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False, sharey=True)
+    for ax, (width, depth) in zip(axes[0], models):
+        for (variant, w, d), group in sorted(groups.items()):
+            if (w, d) != (width, depth):
+                continue
+            initial = float(np.mean([r["initial_eval_loss"] for r in group]))
+            lrs = [r["lr"] for r in group]
+            losses = [min(r["final_eval_loss"], initial) if math.isfinite(r["final_eval_loss"]) else initial
+                      for r in group]
+            line, = ax.plot(lrs, losses, marker="o", label=variant)
+            diverged = [(r["lr"], l) for r, l in zip(group, losses) if r["diverged"]]
+            if diverged:
+                ax.scatter(*zip(*diverged), marker="x", s=60, color=line.get_color(), zorder=3)
+        ax.set_xscale("log")
+        ax.set_title(f"width {width}, {depth} layers")
+        ax.set_xlabel("learning rate")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final eval loss (capped at init; x = diverged)")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_series(curves: dict[str, tuple[list, list]], path: str | Path, title: str, ylabel: str,
+                logy: bool = False, hline: float | None = None) -> Path:
+    """Probe-against-step curves (label -> (steps, values))."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (steps, values) in curves.items():
+        ax.plot(steps, values, label=label)
+    if hline is not None:
+        ax.axhline(hline, color="gray", lw=0.8, ls="--")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_scaling(fits: list[dict], path: str | Path) -> Path | None:
+    """Observed probe against width with the fitted power law, extended to the predicted widths."""
+    fits = [f for f in fits if f]
+    if not fits:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(fits), figsize=(5 * len(fits), 3.8), squeeze=False)
+    for ax, fit in zip(axes[0], fits):
+        observed = {int(w): v for w, v in fit["observed"].items() if math.isfinite(v) and v > 0}
+        ax.scatter(list(observed), list(observed.values()), label="observed", zorder=3)
+        ws, a = fit["fit_widths"], fit["log_prefactor"]
+        span = sorted(set(list(observed) + [int(w) for w in fit["predicted"]]))
+        grid = np.geomspace(min(span), max(span), 50)
+        ax.plot(grid, np.exp(a) * grid ** fit["exponent"], ls="--", label=f"fit on {ws}: ∝ w^{fit['exponent']:.2f}")
+        ax.axhline(fit["threshold"], color="gray", lw=0.8, ls=":", label=f"threshold {fit['threshold']:g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("width")
+        ax.set_title(f"{fit['probe']} at LR {fit['lr']:g} ({fit['variant']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------- the report
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return f"{value:.3g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def nearest(values: Iterable[float], target: float) -> float:
+    return min(values, key=lambda v: abs(math.log(v) - math.log(target)))
+
+
+def compare_to_baseline(grid: list[dict], variant: str, sens: dict, top_lrs: list[float]) -> dict:
+    """At the widest model: ``variant`` vs baseline max attention logit at the highest LRs, and
+    LR sensitivity at every model size."""
+    widest = max(r["width"] for r in grid)
+    depth = min(r["depth"] for r in grid if r["width"] == widest)
+    at = {(r["variant"], r["lr"]): r for r in grid if r["width"] == widest and r["depth"] == depth}
+    logits = {str(lr): {"baseline": at[("baseline", lr)]["max_attn_logit"], variant: at[(variant, lr)]["max_attn_logit"]}
+              for lr in top_lrs if ("baseline", lr) in at and (variant, lr) in at}
+    return {"width": widest, "depth": depth, "max_attn_logit_at_high_lr": logits,
+            "lower_max_attn_logit_at_all_high_lrs": bool(logits) and all(v[variant] < v["baseline"]
+                                                                           for v in logits.values()),
+            "lr_sensitivity": {m: {"baseline": sens["baseline"][m], variant: sens[variant][m]}
+                               for m in sens["baseline"] if m in sens.get(variant, {})}}
+
+
+def logz_summary(run_dir: Path, run: dict) -> dict:
+    """The log Z trajectory of a long demo run: start, end, extremes and the late-run slope."""
+    steps, values = series(run_dir, "log_z_mean")
+    if not steps:
+        return {"name": run["name"], "final_eval_loss": run["final_eval_loss"], "log_z_first": None}
+    half = len(steps) // 2
+    slope = float(np.polyfit(steps[half:], values[half:], 1)[0] * 1000) if len(steps) - half >= 2 else math.nan
+    return {"name": run["name"], "z_loss_weight": run.get("z_loss_weight"), "steps": steps[-1],
+            "final_eval_loss": run["final_eval_loss"], "log_z_first": values[0], "log_z_mid": values[half],
+            "log_z_final": values[-1], "log_z_min": min(values), "log_z_max": max(values),
+            "late_drift": values[-1] - values[half], "late_slope_per_1k_steps": slope}
+
+
+def write_stability_report(root: str | Path, runs: list[dict], analysis: AnalysisConfig, demo: LogZDemoConfig,
+                           setup: str = "") -> dict:
+    """report.json, report.md and the PNGs for a finished sweep; returns the report. ``setup``
+    describes the base run in one line for report.md."""
+    from ..report import write_report
+
+    root = Path(root)
+    grid = [r for r in runs if not r["variant"].startswith("logz_demo")]
+    demo_runs = [r for r in runs if r["variant"].startswith("logz_demo")]
+    sens, best = sensitivity_tables(grid)
+    lrs = sorted({r["lr"] for r in grid})
+    top_lrs = lrs[-3:]
+    widest = max(r["width"] for r in grid)
+    depth_of_widest = min(r["depth"] for r in grid if r["width"] == widest)
+    variants = list(dict.fromkeys(r["variant"] for r in grid))
+    comparisons = {v: compare_to_baseline(grid, v, sens, top_lrs) for v in variants
+                   if v != "baseline" and "baseline" in variants}
+
+    # Probes against width at one LR (one depth per width: the family, or the smallest depth)
+    per_width_depths = {w: {r["depth"] for r in grid if r["width"] == w} for w in {r["width"] for r in grid}}
+    family = grid if all(len(d) == 1 for d in per_width_depths.values()) else \
+        [r for r in grid if r["depth"] == min(r2["depth"] for r2 in grid)]
+    fit_lr = nearest(lrs, analysis.extrapolate_lr)
+    fits = [extrapolate(family, v, fit_lr, probe, threshold, analysis.predict_widths)
+            for v in variants for probe, threshold in (("max_attn_logit", analysis.attn_logit_threshold),
+                                                       ("max_log_z", analysis.log_z_threshold))]
+    fits = [f for f in fits if f]
+
+    plots = [plot_lr_curves(grid, root / "loss_vs_lr.png").name]
+    high_lr = nearest(lrs, analysis.high_lr)
+    curves = {f"{r['variant']} (LR {high_lr:g})": series(root / r["name"], "max_attn_logit") for r in grid
+              if r["width"] == widest and r["depth"] == depth_of_widest and r["lr"] == high_lr}
+    plots.append(plot_series(curves, root / "max_attn_logit_high_lr.png", f"max attention logit, width {widest}",
+                             "max attention logit", logy=True).name)
+    demo_summary = [logz_summary(root / r["name"], r) for r in demo_runs]
+    if demo_runs:
+        curves = {f"z-loss {r['name'].split('/z')[-1]}": series(root / r["name"], "log_z_mean") for r in demo_runs}
+        plots.append(plot_series(curves, root / "log_z_demo.png",
+                                 f"log Z, width {demo_runs[0]['width']}, LR {demo.lr:g} {demo.schedule}, no weight decay",
+                                 "mean output log Z", hline=0.0).name)
+    scaling_png = plot_scaling([f for f in fits if f["probe"] == "max_attn_logit"], root / "attn_logit_vs_width.png")
+    if scaling_png:
+        plots.append(scaling_png.name)
+
+    report = {"n_runs": len(grid), "widest_width": widest, "highest_lrs": top_lrs,
+              "attn_logit_threshold_check": threshold_check(grid, best, analysis.attn_logit_threshold),
+              "runs": [{k: r[k] for k in ("variant", "width", "depth", "lr", "final_eval_loss", "max_attn_logit",
+                                          "max_log_z", "diverged", "initial_eval_loss", "final_log_z_mean",
+                                          "min_attn_entropy", "max_act_rms", "final_grad_rms", "z_loss_weight",
+                                          "name")} for r in grid],
+              "lr_sensitivity": sens, "optimal_lr": best, "comparisons": comparisons, "extrapolation": fits,
+              "logz_demo": demo_summary, "plots": plots}
+    if "qk_layernorm" in comparisons:
+        c = comparisons["qk_layernorm"]
+        key = next((m for m in c["lr_sensitivity"] if m.split("x")[0] == str(widest)), None)
+        report["qk_layernorm_lowers_max_attn_logit_at_high_lrs"] = c["lower_max_attn_logit_at_all_high_lrs"]
+        if key:
+            report["qk_layernorm_lowers_lr_sensitivity_at_widest"] = \
+                c["lr_sensitivity"][key]["qk_layernorm"] < c["lr_sensitivity"][key]["baseline"]
+    write_report(root, report, "Small-scale proxies for training instabilities (Wortsman et al. 2023)",
+                 ([setup, ""] if setup else []) + report_lines(report, analysis, demo))
+    return report
+
+
+def threshold_check(grid: list[dict], best: dict, threshold: float) -> dict | None:
+    """Does the max-attention-logit threshold separate good runs from bad ones? Mean excess of the
+    final loss (capped at ℓ0) over the best loss of the run's (variant, model), above vs below."""
+    several_depths = len({r["depth"] for r in grid}) > 1
+    excess = {True: [], False: []}
+    for r in grid:
+        b = best[r["variant"]][model_key(r["width"], r["depth"], several_depths)]
+        loss = min(r["final_eval_loss"], b["initial_loss"]) if math.isfinite(r["final_eval_loss"]) else b["initial_loss"]
+        excess[r["max_attn_logit"] >= threshold].append(loss - b["loss"])
+    if not excess[True] or not excess[False]:
+        return None
+    return {"threshold": threshold, "above_runs": len(excess[True]), "below_runs": len(excess[False]),
+            "above_mean_excess_loss": float(np.mean(excess[True])), "below_mean_excess_loss": float(np.mean(excess[False]))}
+
+
+def report_lines(report: dict, analysis: AnalysisConfig, demo: LogZDemoConfig) -> list[str]:
+    """The human part of report.md: what the numbers say, including what did not reproduce."""
+    sens, best = report["lr_sensitivity"], report["optimal_lr"]
+    models = list(next(iter(sens.values())))
+    lines = [f"{report['n_runs']} sweep runs; final eval loss vs LR per variant: `loss_vs_lr.png` "
+             f"(x = diverged: final loss non-finite or above the loss at initialisation).", "",
+             "## LR sensitivity  E_η[min(ℓ(η), ℓ0) − min_η ℓ(η)]  (lower is more stable)", "",
+             "| variant | " + " | ".join(f"model {m}" for m in models) + " |", "|---" * (len(models) + 1) + "|"]
+    for variant, row in sens.items():
+        cells = [f"{_fmt(row.get(m))} (best LR {_fmt(best[variant][m]['lr'])}, loss {_fmt(best[variant][m]['loss'])})"
+                 for m in models]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    for variant, c in report["comparisons"].items():
+        lines += ["", f"## {variant} vs baseline at the widest model (width {c['width']}, {c['depth']} layers)", ""]
+        for lr, pair in c["max_attn_logit_at_high_lr"].items():
+            lines.append(f"- LR {float(lr):g}: max attention logit {_fmt(pair['baseline'])} (baseline) vs "
+                         f"{_fmt(pair[variant])} ({variant})")
+        verdict = "lower at every one of the highest LRs" if c["lower_max_attn_logit_at_all_high_lrs"] \
+            else "NOT lower at every one of the highest LRs"
+        lines.append(f"- max attention logit with {variant}: {verdict}.")
+        for m, pair in c["lr_sensitivity"].items():
+            change = "lower" if pair[variant] < pair["baseline"] else "NOT lower"
+            lines.append(f"- LR sensitivity, model {m}: {_fmt(pair['baseline'])} → {_fmt(pair[variant])} ({change}).")
+    lines += ["", "## Probes against width at a fixed LR (fit over the smaller widths, extrapolated)", ""]
+    calib = report.get("attn_logit_threshold_check")
+    if calib:
+        lines.append(f"Threshold check: runs whose max attention logit reached {calib['threshold']:g} ended on average "
+                     f"{_fmt(calib['above_mean_excess_loss'])} above the best loss of their (variant, model) "
+                     f"({calib['above_runs']} runs); the others {_fmt(calib['below_mean_excess_loss'])} "
+                     f"({calib['below_runs']} runs).")
+    for f in report["extrapolation"]:
+        observed = ", ".join(f"w{w}: {_fmt(v)}" for w, v in f["observed"].items())
+        cross = f["predicted_crossing_width"]
+        text = (f"- {f['variant']}, {f['probe']} at LR {f['lr']:g}: {observed}; ∝ width^{f['exponent']:.2f} "
+                f"(fit on {f['fit_widths']}); ")
+        text += (f"crosses {f['threshold']:g} at width ≈ {_fmt(cross)}" if cross else
+                 f"flat or falling (exponent < {MIN_GROWTH_EXPONENT}), so no crossing of {f['threshold']:g} is predicted")
+        if "held_out" in f:
+            h = f["held_out"]
+            text += f"; held-out width {h['width']}: predicted {_fmt(h['predicted'])}, observed {_fmt(h['observed'])}"
+        lines.append(text + ".")
+    if report["logz_demo"]:
+        lines += ["", f"## Output log Z without weight decay ({demo.steps} steps, LR {demo.lr:g} {demo.schedule}, "
+                  f"qk-layernorm {demo.qk_layernorm}): `log_z_demo.png`", ""]
+        for d in report["logz_demo"]:
+            lines.append(f"- z-loss {_fmt(d.get('z_loss_weight'))}: mean log Z {_fmt(d.get('log_z_first'))} → "
+                         f"{_fmt(d.get('log_z_final'))} (range {_fmt(d.get('log_z_min'))}…{_fmt(d.get('log_z_max'))}, "
+                         f"late slope {_fmt(d.get('late_slope_per_1k_steps'))} per 1k steps), final eval loss "
+                         f"{_fmt(d['final_eval_loss'])}.")
+        lines += logz_verdict(report["logz_demo"])
+    lines += ["", "## Runs", "", "| variant | width | depth | LR | final eval loss | max attn logit | max log Z | diverged |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['variant']} | {r['width']} | {r['depth']} | {r['lr']:g} | {_fmt(r['final_eval_loss'])} | "
+                     f"{_fmt(r['max_attn_logit'])} | {_fmt(r['max_log_z'])} | {_fmt(r['diverged'])} |")
+    return lines
+
+
+PAPER_Z_LOSS = 1e-4
+DRIFT = 1.0  # |change of mean log Z over the second half of a run| that counts as a drift
+NEAR_ZERO = 1.0  # |final mean log Z| that counts as "near 0"
+
+
+def logz_verdict(demo: list[dict]) -> list[str]:
+    """Plain statements of whether the paper's log Z effects showed in the demo runs."""
+    done = [d for d in demo if d.get("log_z_final") is not None]
+    out = []
+    for d in (d for d in done if not d.get("z_loss_weight")):
+        drift = abs(d["late_drift"]) > DRIFT
+        out.append(f"- Without z-loss: mean log Z changed by {d['late_drift']:+.2f} over the second half of the run "
+                   f"(from step {d['steps'] // 2} on) and ended at {d['log_z_final']:.2f}, "
+                   + ("a drift." if drift else
+                      f"so it did NOT drift (threshold ±{DRIFT:g}); it stayed near its level at initialisation (log of the "
+                      "vocabulary size), far from 0 but not running away. "
+                      "The paper's output-logit divergence (log Z running far from 0 late in long runs without "
+                      "weight decay) did not reproduce at this scale and length."))
+    for d in (d for d in done if d.get("z_loss_weight")):
+        near = abs(d["log_z_final"]) < NEAR_ZERO
+        ratio = d["z_loss_weight"] / PAPER_Z_LOSS
+        scale = "the paper's coefficient" if math.isclose(ratio, 1) else f"{ratio:g}× the paper's coefficient"
+        out.append(f"- With z-loss {d['z_loss_weight']:g} ({scale}): mean log Z ended at {d['log_z_final']:.2f}, "
+                   + ("near 0, as z-loss intends." if near else
+                      f"NOT near 0 (|log Z| ≥ {NEAR_ZERO:g}): at this coefficient and run length z-loss did not "
+                      "bring log Z to 0 (compare the run without z-loss)."))
+    if any(d.get("z_loss_weight") for d in done):
+        out.append("- Why 1e-4 may be too weak here (a hypothesis, not measured): CE gradients carry no component "
+                   "along a uniform shift of the logits, so z-loss alone pulls log Z towards 0, against the noise "
+                   "of the other gradients in Adam's normaliser; our batches hold ~1k tokens against the paper's "
+                   "~131k and our runs are ~50× shorter.")
+    return out
