@@ -1,0 +1,160 @@
+"""O3's outputs: the publishable folder (adapters, detectors, model card), report.json/md, plots,
+and the issue's "must show" checks computed from the measured numbers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .model import O3Model
+from .world import QAData
+
+METRICS = ["forget_acc_train", "forget_acc_heldout_templates", "earlier_requests_forget_acc", "retain_acc", "utility"]
+
+
+def checks(base: dict, requests: list[dict], ablations: dict) -> dict:
+    """The issue's acceptance points as {name: {"met": bool, ...numbers}}."""
+    last = requests[-1]
+    known = lambda values: [v for v in values if v is not None]  # noqa: E731  (no held-out phrasings: None)
+    base_forget = min(known(base["forget_acc_train"] + base["forget_acc_heldout_templates"]))
+    forget_after = max(known([r[k] for r in requests for k in ("forget_acc_train", "forget_acc_heldout_templates")]))
+    earlier = [r["earlier_requests_forget_acc"] for r in requests if r["earlier_requests_forget_acc"] is not None]
+    retain_ratio = last["retain_acc"] / base["retain_acc"] if base["retain_acc"] else 0.0
+    out = {
+        "forget_acc_le_10pct": {"met": forget_after <= 0.10 and base_forget >= 0.90,
+                                "max_forget_acc_any_request": forget_after, "min_base_acc_on_forget_facts": base_forget},
+        "retain_ge_95pct_of_base": {"met": retain_ratio >= 0.95, "retain_acc": last["retain_acc"],
+                                    "base_retain_acc": base["retain_acc"], "ratio": retain_ratio},
+        "auroc_ge_0_95": {"met": min(r["auroc"] for r in requests) >= 0.95, "min_auroc": min(r["auroc"] for r in requests)},
+        "earlier_requests_stay_forgotten": {"met": bool(earlier) and max(earlier) <= 0.10,
+                                            "max_earlier_requests_forget_acc": max(earlier) if earlier else None},
+    }
+    if "always_on" in ablations:
+        out["always_on_lower_retain"] = {"met": ablations["always_on"]["retain_acc"] < last["retain_acc"],
+                                         "always_on_retain_acc": ablations["always_on"]["retain_acc"],
+                                         "o3_retain_acc": last["retain_acc"]}
+    return out
+
+
+def publish(out: Path, cfg, base_dir: str, trained_base: bool, adapters: list[str], detectors: list[str],
+            summary_metrics: dict) -> Path:
+    from ...hub import write_model_card
+
+    folder = O3Model.assemble(out / "o3", base_dir, [Path(a) for a in adapters], [Path(d) for d in detectors],
+                              cfg.unlearn.gate, cfg.data.prompt_template, cfg.data.max_length, cfg.model.dtype,
+                              copy_base=trained_base)
+    write_model_card(folder, title=f"O3 continual unlearning: {len(adapters)} requests",
+                     summary=("One orthogonal LoRA adapter per unlearning request (`adapters/request_t`, peft) and "
+                              "one OOD detector per request (`detectors/request_t`: safetensors + JSON) that gates "
+                              "the adapters per input: h' = W h + w(x) B A h. Load with "
+                              "`athanor.methods.o3.O3Model.from_pretrained(folder)`; `generate` applies the gate."),
+                     metrics=summary_metrics, library="peft",
+                     base_model=None if trained_base else base_dir, tags=["unlearning", "o3", "lora"])
+    return folder
+
+
+def samples(o3: O3Model, data: QAData, sets, per_set: int = 2) -> list[dict]:
+    """A few gated generations from the reloaded folder, with their gate weights."""
+    picks = []
+    for name, idx in (("forget (trained phrasing)", sets.forget_train[0]), ("forget (held-out phrasing)",
+                      sets.forget_heldout[0]), ("retain", sets.retain), ("utility", sets.utility)):
+        picks += [(name, data.records[i]) for i in idx[:per_set]]
+    questions = [r.question for _, r in picks]
+    weights = o3.weights_for(questions)
+    answers = o3.generate(questions, max_new_tokens=4, weights=weights)
+    return [{"set": name, "question": r.question, "truth": r.answer, "o3_answer": a, "w": round(w.max().item(), 4)}
+            for (name, r), a, w in zip(picks, answers, weights)]
+
+
+def plot(out: Path, base: dict, requests: list[dict], ablations: dict) -> Path:
+    from ...report import plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs = [0] + [r["request"] for r in requests]
+    nan = float("nan")
+    series = {  # forget: the facts of the request just made (base: before any request)
+        "forget (trained phrasings)": [base["forget_acc_train"][0]] + [r["forget_acc_train"] for r in requests],
+        "forget (held-out phrasings)": [base["forget_acc_heldout_templates"][0]]
+        + [r["forget_acc_heldout_templates"] for r in requests],
+        "retain": [base["retain_acc"]] + [r["retain_acc"] for r in requests],
+        "utility": [base["utility"]] + [r["utility"] for r in requests],
+    }
+    for label, ys in series.items():
+        ax.plot(xs, [nan if y is None else y for y in ys], marker="o", label=label)
+    markers = {"always_on": "x", "lambda0": "s", "gradient_ascent": "^", "per_request_gate": "d"}
+    for name, res in ablations.items():
+        ax.scatter([xs[-1] + 0.15], [res["retain_acc"]], marker=markers.get(name, "*"), s=60,
+                   label=f"{name}: retain", zorder=3)
+    ax.set_xticks(xs, ["base"] + [f"after {x}" for x in xs[1:]])
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("O3: accuracy after each unlearning request (forget = current request)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left")
+    fig.tight_layout()
+    path = out / "o3_requests.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_gate(out: Path, logits: torch.Tensor, sets) -> Path:
+    """Histogram of the gate (max over detectors of w's logit) for forget vs retain vs utility."""
+    from ...report import plt
+
+    gate = logits.amax(1)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    forget = [i for s in sets.forget_all for i in s]
+    for label, idx in (("forget", forget), ("retain", sets.retain), ("utility", sets.utility)):
+        ax.hist(gate[idx].clamp(-40, 40).numpy(), bins=60, alpha=0.55, label=label)
+    ax.axvline(0.0, color="k", lw=1, ls="--", label="w = 0.5")
+    ax.set_xlabel("gate logit (clipped to ±40); w = sigmoid(logit)")
+    ax.set_title("OOD detector after the last request")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "gate_scores.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(report: dict) -> list[str]:
+    base, requests, ablations = report["base"], report["requests"], report["ablations"]
+    lines = [f"World: {report['world']}. Wall time {report['seconds']:.0f} s on {report['world_size']} process(es).", ""]
+    lines += ["## Must show", "", "| check | met | numbers |", "|---|---|---|"]
+    for name, c in report["checks"].items():
+        nums = ", ".join(f"{k}={_fmt(v)}" for k, v in c.items() if k != "met")
+        lines.append(f"| {name} | {'yes' if c['met'] else '**NO**'} | {nums} |")
+    failed = [n for n, c in report["checks"].items() if not c["met"]]
+    lines += ["", f"Not met: {', '.join(failed)} (numbers above)." if failed else "All checks met.", ""]
+    lines += ["## After each request (O3, gate = " + report["gate"] + ")", "",
+              "| after | " + " | ".join(METRICS + ["auroc", "auroc_heldout_templates", "mean_w_forget", "mean_w_retain"]) + " |",
+              "|---" * (len(METRICS) + 5) + "|"]
+    mean = lambda v: sum(v) / len(v) if None not in v else None  # noqa: E731
+    base_row = [_fmt(mean(base["forget_acc_train"])), _fmt(mean(base["forget_acc_heldout_templates"])), "–",
+                _fmt(base["retain_acc"]), _fmt(base["utility"]), "–", "–", "–", "–"]
+    lines.append("| base (mean over requests' facts) | " + " | ".join(base_row) + " |")
+    for r in requests:
+        keys = METRICS + ["auroc", "auroc_heldout_templates", "mean_w_forget", "mean_w_retain"]
+        lines.append(f"| request {r['request']} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+    lines += ["", "## Ablations after the last request", "", "| variant | " + " | ".join(METRICS) + " |",
+              "|---" * (len(METRICS) + 1) + "|"]
+    lines.append("| O3 | " + " | ".join(_fmt(requests[-1].get(k)) for k in METRICS) + " |")
+    for name, res in ablations.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(res.get(k)) for k in METRICS) + " |")
+    d = report["detector_parts"]
+    lines += ["", "## What carries the gate", "",
+              f"AUROC forget vs retain after the last request: gate (SVM over layers of −γ·cos-distance − ½·Mahalanobis) "
+              f"{_fmt(d['auroc'])}, max-cosine part alone {_fmt(d['auroc_max_cosine_only'])}, Mahalanobis part alone "
+              f"{_fmt(d['auroc_mahalanobis_only'])}.",
+              f"Adapter subspace overlap (mean ‖A_s A_tᵀ‖/(‖A_s‖‖A_t‖)): λ={report['orth_lambda']} "
+              f"{_fmt(report['adapter_overlap'])}, λ=0 {_fmt(report.get('adapter_overlap_lambda0'))}.", "",
+              "## Samples (reloaded from the published folder, gated generation)", "",
+              "| set | question | truth | O3 answer | w(x) |", "|---|---|---|---|---|"]
+    lines += [f"| {s['set']} | {s['question']} | {s['truth']} | {s['o3_answer']} | {s['w']} |" for s in report["samples"]]
+    lines += ["", "Plots: o3_requests.png (accuracies per request), gate_scores.png (detector scores)."]
+    return lines
