@@ -1,0 +1,131 @@
+"""O3 end to end on a small world: the effect, resume, publishable outputs reloaded in a fresh
+process, and the unlearning stage under DeepSpeed ZeRO-3 on two CPU processes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_recipe
+
+# 30 people, 2 requests of 5 (~2-3 min on 2 idle cores). The thresholds below are the issue's.
+SMALL = ["--data.people", "30", "--data.requests", "2", "--data.groups_per_request", "5", "--data.countries", "8",
+         "--run.max_steps", "300", "--run.eval_every", "0", "--unlearn.max_steps", "30", "--detector.train_steps", "3",
+         "--ablations.ga_steps", "5", "--run.progress", "false"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("o3") / "run"
+    start = time.time()
+    run_recipe("o3", "--run.output_dir", str(out), *SMALL, timeout=900)
+    return out, time.time() - start
+
+
+@pytest.mark.slow
+def test_unlearns_requested_facts_and_keeps_the_rest(small_run):
+    out, _ = small_run
+    report = json.loads((out / "report.json").read_text())
+    base, last = report["base"], report["requests"][-1]
+    assert min(base["forget_acc_train"]) >= 0.9  # the facts were known...
+    for r in report["requests"]:  # ...and are gone after their request, in new phrasings too
+        assert r["forget_acc_train"] <= 0.10 and r["forget_acc_heldout_templates"] <= 0.10, r
+        assert r["auroc"] >= 0.95, r
+    assert last["earlier_requests_forget_acc"] <= 0.10  # request 1 stays forgotten after request 2
+    assert last["retain_acc"] >= 0.95 * base["retain_acc"] and last["utility"] >= 0.95 * base["utility"]
+    ablations = report["ablations"]
+    assert ablations["always_on"]["retain_acc"] < 0.5 * last["retain_acc"]  # gating is what keeps retain
+    assert set(ablations) == {"always_on", "per_request_gate", "lambda0", "gradient_ascent"}
+    assert report["adapter_overlap"] < report["adapter_overlap_lambda0"]  # λ keeps the subspaces apart
+    assert all(c["met"] for c in report["checks"].values()), report["checks"]
+
+
+@pytest.mark.slow
+def test_outputs_are_publishable_without_pickle(small_run):
+    out, _ = small_run
+    o3 = out / "o3"
+    meta = json.loads((o3 / "o3.json").read_text())
+    assert meta["adapters"] == ["adapters/request_1", "adapters/request_2"]
+    for t in (1, 2):
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (o3 / f"adapters/request_{t}").iterdir()}
+        assert {"detector.json", "detector.safetensors", "encoder_lora"} <= {p.name for p in (o3 / f"detectors/request_{t}").iterdir()}
+    assert not [p for p in o3.rglob("*") if p.suffix in (".pkl", ".pt", ".bin", ".pickle")]
+    assert "library_name: peft" in (o3 / "README.md").read_text()
+    for png in ("o3_requests.png", "gate_scores.png"):
+        assert (out / png).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_fresh_process_reload_reproduces_gated_outputs(small_run):
+    out, _ = small_run
+    samples = json.loads((out / "report.json").read_text())["samples"]
+    code = f"""
+import json, torch
+from athanor.methods.o3 import O3Model
+from athanor.methods.o3.pipeline import load_scores
+from athanor.methods.o3.world import DataConfig, load_data
+o3 = O3Model.from_pretrained({str(out / 'o3')!r})
+questions = {[s['question'] for s in samples]!r}
+w = o3.weights_for(questions)
+data = load_data(DataConfig(people=30, requests=2, groups_per_request=5, countries=8))
+index = {{r.question: i for i, r in enumerate(data.records)}}
+cached = load_scores([{str(out / 'detector_1' / 'scores.safetensors')!r}, {str(out / 'detector_2' / 'scores.safetensors')!r}])["logit"]
+expected = torch.sigmoid(cached[[index[q] for q in questions]]).amax(1)
+print(json.dumps({{"answers": o3.generate(questions, max_new_tokens=4), "w": w.amax(1).tolist(),
+                  "max_diff": (w.amax(1) - expected).abs().max().item()}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["answers"] == [s["o3_answer"] for s in samples]
+    assert got["max_diff"] < 1e-4  # the reloaded detectors give the gate the recipe measured
+    assert [round(w, 4) for w in got["w"]] == [s["w"] for s in samples]
+    forget = [s for s in samples if s["set"].startswith("forget")]
+    assert all(s["o3_answer"] == "unknown" for s in forget)
+    assert all(s["o3_answer"] == s["truth"] for s in samples if s["set"] == "retain")
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages(small_run):
+    out, first_seconds = small_run
+    before = (out / "request_1" / "STAGE.json").stat().st_mtime
+    start = time.time()
+    run_recipe("o3", "--run.output_dir", str(out), *SMALL)
+    assert time.time() - start < first_seconds / 2
+    assert (out / "request_1" / "STAGE.json").stat().st_mtime == before
+
+
+@pytest.mark.slow
+def test_unlearning_stage_under_zero3_on_two_processes(small_run, tmp_path):
+    out, _ = small_run
+    run = tmp_path / "zero3"
+    shutil.copytree(out / "base", run / "base")  # the base LM stage is done: ZeRO-3 runs the requests
+    args = [*SMALL, "--data.requests", "1", "--detector.train_steps", "2", "--ablations.lambda0", "false",
+            "--ablations.gradient_ascent", "false", "--ablations.per_request_gate", "false"]
+    run_recipe("o3", "--run.output_dir", str(run), *args, launch="zero3-cpu", timeout=900)
+    report = json.loads((run / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert (run / "request_1" / "checkpoints" / "step-30" / "pytorch_model").is_dir()  # DeepSpeed's layout: it ran
+    from safetensors.torch import load_file
+
+    lora = load_file(str(run / "o3" / "adapters" / "request_1" / "adapter_model.safetensors"))
+    assert lora and all(v.numel() > 0 for v in lora.values())  # gathered shards, not empty ZeRO-3 stubs
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    first = report["requests"][0]
+    assert first["forget_acc_train"] <= 0.10 and first["retain_acc"] >= 0.95 * report["base"]["retain_acc"]
+
+
+def test_paper_scale_config_parses():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from o3 import O3Config
+
+    from athanor.config import load_config
+
+    cfg = load_config(O3Config, ["--config", str(ROOT / "recipes/configs/o3/llama2-7b-tofu.yaml")])
+    assert cfg.model.name_or_path == "locuslab/tofu_ft_llama2-7b" and cfg.engine.mixed_precision == "bf16"
+    tiny = load_config(O3Config, ["--config", str(ROOT / "recipes/configs/o3/tiny.yaml")])
+    assert tiny == O3Config()  # the YAML spells out the defaults
