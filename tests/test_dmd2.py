@@ -122,7 +122,7 @@ def test_zero3_is_refused_before_compute(monkeypatch):
 
 
 def test_bad_ablation_exits_2_with_one_line(tmp_path):
-    proc = run_recipe("dmd2", "--evaluation.ablations", "[ratio2]", "--run.output_dir", str(tmp_path / "o"),
+    proc = run_recipe("dmd2", "--evaluation.runs", "[ratio2]", "--run.output_dir", str(tmp_path / "o"),
                       check=False)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "ratio1" in lines[0], proc.stderr
@@ -250,10 +250,38 @@ def test_recipe_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero2_two_processes(tmp_path):
     out = tmp_path / "ds"
-    run_recipe("dmd2", "--run.output_dir", str(out), *TINY, "--evaluation.ablations", "[]", launch="zero2-cpu")
+    run_recipe("dmd2", "--run.output_dir", str(out), *TINY, "--evaluation.runs", "[]", launch="zero2-cpu")
     report = json.loads((out / "report.json").read_text())
     assert report["runs"]["main"]["world_size"] == 2
     checkpoint = out / "dmd2" / "checkpoints" / "step-15"
     assert (checkpoint / "pytorch_model").is_dir() and (checkpoint / "pytorch_model_1").is_dir()  # both engines
     assert all(math.isfinite(r["generator_dm_loss"]) for r in read_metrics(out / "dmd2") if "generator_dm_loss" in r)
     assert math.isfinite(report["fd"]["dmd2@1"])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "configs" / "dmd2").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config):
+    import importlib.util
+
+    from athanor.config import load_config
+    from athanor.data.images import FASHION_MNIST_DIR
+
+    if "fashion" in config.name and not FASHION_MNIST_DIR.is_dir():
+        pytest.skip("needs apt-get install dataset-fashion-mnist")
+    spec = importlib.util.spec_from_file_location("dmd2_recipe", ROOT / "recipes" / "dmd2.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cfg = load_config(recipe.DMD2RecipeConfig, ["--config", str(config)])
+    assert cfg.run.max_steps >= 1000 and cfg.dmd2.generator_steps == 1 and "4step" in cfg.evaluation.runs
+
+
+def test_report_says_what_limited_a_missed_check():
+    from athanor.methods.dmd2 import shortfall_note
+
+    met = {"a": (True, "1 vs 2")}
+    missed = {"a": (True, "1 vs 2"), "b": (False, "9 vs 8")}
+    falling = [(0, 200.0), (100, 30.0), (200, 20.0), (300, 15.0), (400, 12.0)]
+    assert shortfall_note(met, falling, 400) == []
+    assert "still falling" in shortfall_note(missed, falling, 400)[0] and "15.00 -> 12.00" in shortfall_note(
+        missed, falling, 400)[0]
+    assert "flat" in shortfall_note(missed, falling[:-1] + [(400, 15.1)], 400)[0]

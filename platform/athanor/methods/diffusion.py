@@ -42,7 +42,7 @@ from ..engine import Engine, Method
 class TeacherConfig:
     name_or_path: str = ""  # an EDM pipeline folder saved by athanor (or a diffusers model folder) instead of training
     arch: str = "dit"  # dit (DiTTransformer2DModel) | unet (UNet2DModel with a class embedding)
-    width: int = 96  # dit: hidden size
+    width: int = 64  # dit: hidden size
     layers: int = 4  # dit: transformer blocks
     heads: int = 4  # dit: attention heads
     patch_size: int = 4  # dit: pixels per patch side (8x8 digits -> 4 tokens)
