@@ -18,7 +18,8 @@ from athanor.methods.o3.lm import ModelConfig
 from athanor.methods.o3.lora import UnlearnConfig
 from athanor.methods.o3.model import O3Model
 from athanor.methods.o3.pipeline import (AblationConfig, EvalSets, adapter_overlap, evaluate_base, evaluate_request,
-                                         load_scores, run_ablations, train_base, train_detector, unlearn_request)
+                                         init_process_state, load_scores, plain_loading, run_ablations, train_base, train_detector,
+                                         unlearn_request)
 from athanor.methods.o3.summary import checks, markdown, plot, plot_gate, publish, samples
 from athanor.methods.o3.world import DataConfig, load_data, request_groups, retained_groups
 from athanor.report import write_report
@@ -50,6 +51,7 @@ def main(argv=None) -> dict:
         data = load_data(cfg.data)
         requests = request_groups(data, cfg.data)
         sets = EvalSets.build(data, requests, retained_groups(data, requests))
+        state = init_process_state(cfg)
         stages = Stages(cfg.run.output_dir)
         base = stages.run("base", lambda d: train_base(cfg, data, d))
     base_dir = str(stages.dir("base") / "model") if base["steps"] else base["model_dir"]  # relative: movable
@@ -60,8 +62,7 @@ def main(argv=None) -> dict:
         forget = [data.records[i] for i in sets.forget_train[t - 1]]  # trained phrasings only
         request = stages.run(f"request_{t}", lambda d: unlearn_request(cfg, data, t, base_dir, adapters, forget, d,
                                                                        cfg.unlearn.orth_lambda))
-        detector = stages.run(f"detector_{t}", lambda d: train_detector(cfg, t, [r.question for r in forget],
-                                                                        base_dir, data, d))
+        detector = stages.run(f"detector_{t}", lambda d: train_detector(cfg, t, forget, base_dir, data, d))
         adapters.append(str(stages.dir(f"request_{t}") / "adapter"))
         detectors.append(str(stages.dir(f"detector_{t}") / "detector"))
         scores.append(str(stages.dir(f"detector_{t}") / "scores.safetensors"))
@@ -76,29 +77,18 @@ def main(argv=None) -> dict:
               "checks": checks(base_eval, results, ablations), "adapter_overlap": adapter_overlap(adapters),
               "adapter_overlap_lambda0": ablations.get("lambda0", {}).get("adapter_overlap"),
               "detector_parts": {k: v for k, v in results[-1].items() if k.startswith("auroc")},
-              "world_size": stages_world_size(), "o3_dir": f"{cfg.run.output_dir}/o3"}
-    if is_main():
+              "world_size": state.num_processes, "o3_dir": f"{cfg.run.output_dir}/o3"}
+    if state.is_main_process:
         folder = publish(stages.root, cfg, base_dir, bool(base["steps"]), adapters, detectors,
                          {k: v for k, v in results[-1].items() if isinstance(v, float)})
-        reloaded = O3Model.from_pretrained(folder)  # the published folder, as a user would load it
-        report["samples"] = samples(reloaded, data, sets)
+        with plain_loading():  # main process only: no ZeRO-3 collectives
+            reloaded = O3Model.from_pretrained(folder)  # the published folder, as a user would load it
+            report["samples"] = samples(reloaded, data, sets)
         plot(stages.root, base_eval, results, ablations)
         plot_gate(stages.root, load_scores(scores)["logit"], sets)
         report["seconds"] = time.time() - start
         write_report(stages.root, report, "O3 continual unlearning", markdown(report))
     return report
-
-
-def stages_world_size() -> int:
-    from accelerate import PartialState
-
-    return PartialState().num_processes
-
-
-def is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 if __name__ == "__main__":

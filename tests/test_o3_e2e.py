@@ -38,7 +38,8 @@ def test_unlearns_requested_facts_and_keeps_the_rest(small_run):
     assert last["retain_acc"] >= 0.95 * base["retain_acc"] and last["utility"] >= 0.95 * base["utility"]
     ablations = report["ablations"]
     assert ablations["always_on"]["retain_acc"] < 0.5 * last["retain_acc"]  # gating is what keeps retain
-    assert set(ablations) == {"always_on", "per_request_gate", "lambda0", "gradient_ascent"}
+    assert set(ablations) == {"always_on", "per_request_gate", "lambda0", "gradient_ascent", "gate_cosine_only",
+                              "gate_mahalanobis_only", "gate_random_folds"}
     assert report["adapter_overlap"] < report["adapter_overlap_lambda0"]  # λ keeps the subspaces apart
     assert all(c["met"] for c in report["checks"].values()), report["checks"]
 
@@ -104,19 +105,24 @@ def test_unlearning_stage_under_zero3_on_two_processes(small_run, tmp_path):
     out, _ = small_run
     run = tmp_path / "zero3"
     shutil.copytree(out / "base", run / "base")  # the base LM stage is done: ZeRO-3 runs the requests
-    args = [*SMALL, "--data.requests", "1", "--detector.train_steps", "2", "--ablations.lambda0", "false",
-            "--ablations.gradient_ascent", "false", "--ablations.per_request_gate", "false"]
+    args = [*SMALL, "--detector.train_steps", "2", "--ablations.lambda0", "false", "--ablations.gradient_ascent", "false",
+            "--ablations.per_request_gate", "false", "--ablations.gate_variants", "false"]
     run_recipe("o3", "--run.output_dir", str(run), *args, launch="zero3-cpu", timeout=900)
     report = json.loads((run / "report.json").read_text())
     assert report["world_size"] == 2
-    assert (run / "request_1" / "checkpoints" / "step-30" / "pytorch_model").is_dir()  # DeepSpeed's layout: it ran
     from safetensors.torch import load_file
 
-    lora = load_file(str(run / "o3" / "adapters" / "request_1" / "adapter_model.safetensors"))
-    assert lora and all(v.numel() > 0 for v in lora.values())  # gathered shards, not empty ZeRO-3 stubs
-    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
-    first = report["requests"][0]
-    assert first["forget_acc_train"] <= 0.10 and first["retain_acc"] >= 0.95 * report["base"]["retain_acc"]
+    from athanor.engine import read_metrics
+
+    for t in (1, 2):
+        assert (run / f"request_{t}" / "checkpoints" / "step-30" / "pytorch_model").is_dir()  # DeepSpeed's layout
+        lora = load_file(str(run / "o3" / "adapters" / f"request_{t}" / "adapter_model.safetensors"))
+        assert lora and all(v.numel() > 0 for v in lora.values())  # gathered shards, not empty ZeRO-3 stubs
+        assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    penalty = [r["orth_penalty"] for r in read_metrics(run / "request_2") if "orth_penalty" in r]
+    assert penalty and penalty[-1] < penalty[0]  # the orthogonality term ran (and fell) inside ZeRO-3 layers
+    for r in report["requests"]:
+        assert r["forget_acc_train"] <= 0.10 and r["retain_acc"] >= 0.95 * report["base"]["retain_acc"], r
 
 
 def test_paper_scale_config_parses():

@@ -23,14 +23,17 @@ Gao et al., ICLR 2025, Sec. 3.3, and their code (GCYZSL/O3-LLM-UNLEARNING, ``ood
   with every layer's similarity; the official code instead fits raw scores and picks the sign by
   looking at OOD data.
 * **Threshold and soft weight**. f is calibrated on forget data the detector did not store:
-  K-fold cross-fitting (bank, μ, Σ and the SVM see the other folds only) gives held-out scores
-  f_cv; τ = their ``threshold_percentile``-th percentile and the spread m = median(f_cv) - τ give
+  K-fold cross-fitting (bank, μ, Σ and the SVM see the other folds only; all phrasings of one
+  fact in the same fold) gives held-out scores f_cv; τ = their ``threshold_percentile``-th
+  percentile and the spread m = median(f_cv) - τ give
 
       w(x) = sigmoid( sharpness · (f(x) - τ) / m )  ∈ [0, 1]
 
-  (w = ½ at the threshold, ≈ 1 for typical forget inputs, ≈ 0 far from them). A threshold fitted
-  on the stored questions themselves let new phrasings through (FINDINGS.md); cross-fitting is
-  what makes it hold for them.
+  (w = ½ at the threshold, ≈ 1 for typical forget inputs, ≈ 0 far from them). The official
+  code calibrates on a held-out split of the forget set; cross-fitting by fact does the same
+  without giving up data. Measured on the tiny world (MiniLM, 3 requests): with random-question
+  folds 12% of new phrasings of forgotten facts fell below w = ½; with folds by fact none did,
+  while every retained question stayed below w = 0.01.
 
 State: ``encoder_lora/`` (peft), ``detector.safetensors`` (banks, means, precisions, SVM weights),
 ``detector.json`` (backbone, layers, scalars). No pickle.
@@ -309,12 +312,19 @@ class Detector:
         return torch.sigmoid(self.logit_from_features(self.features(texts)))
 
     # ---- fitting
-    def fit(self, feats: torch.Tensor, seed: int = 0) -> dict:
-        """Cross-fitted calibration on [L, n, d] forget features, then the final bank on all of them."""
+    def fit(self, feats: torch.Tensor, seed: int = 0, groups: list | None = None) -> dict:
+        """Cross-fitted calibration on [L, n, d] forget features, then the final bank on all of them.
+        ``groups`` (e.g. one per fact) keeps all of a group's rows in the same fold, so that the
+        held-out scores are those of a fact the bank does not hold in any phrasing."""
         from sklearn.svm import OneClassSVM
 
         n = feats.shape[1]
-        folds = np.array_split(np.random.default_rng(seed).permutation(n), min(self.cfg.cv_folds, n))
+        keys = list(range(n)) if groups is None else groups
+        unique = sorted(set(keys), key=keys.index)
+        order = np.random.default_rng(seed).permutation(len(unique))
+        fold_of = {unique[j]: f for f, chunk in enumerate(np.array_split(order, min(self.cfg.cv_folds, len(unique))))
+                   for j in chunk}
+        folds = [np.array([i for i in range(n) if fold_of[keys[i]] == f]) for f in range(min(self.cfg.cv_folds, len(unique)))]
         cv_scores = torch.zeros(n, feats.shape[0])
         cv_parts = [torch.zeros(n, feats.shape[0]), torch.zeros(n, feats.shape[0])]
         for held in folds:

@@ -148,7 +148,7 @@ class UnlearnRequest(Method):
             raise ConfigError(f"{n} forget records cannot be split over {engine.world_size} processes")
         self.model = engine.register("model", peft_model, optim=self.cfg.optim(), max_steps=self.cfg.max_steps,
                                      batch_size=self.batch_size)
-        self.n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        self.n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in peft_model.parameters() if p.requires_grad)
 
     def batches(self, seed: int) -> ShuffledBatches:
         return ShuffledBatches(self.train, self.batch_size, seed, self.engine.rank, self.engine.world_size)

@@ -10,6 +10,7 @@ it trains nothing; detector scores of every record are cached by the detector st
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from .world import QAData, build_word_tokenizer
 class AblationConfig:
     always_on: bool = True  # the same adapters with w = 1 for every input
     per_request_gate: bool = True  # adapter t scaled by w_t(x) only, instead of max_t w_t(x)
+    gate_variants: bool = True  # detectors without Mahalanobis / without cosine / calibrated by random folds
     lambda0: bool = True  # adapters retrained with λ = 0
     gradient_ascent: bool = True  # full-model gradient ascent on each forget set, no gate
     ga_steps: int = 10
@@ -63,16 +65,35 @@ class EvalSets:
         return sets
 
 
+def init_process_state(cfg: TrainConfig) -> PartialState:
+    """Set up accelerate's process state the way ``Engine`` does, before a stage that builds no
+    engine (an evaluation) asks for it: under DeepSpeed on CPU a bare ``PartialState()`` comes up
+    as one process, and every later stage's engine then inherits that (DeepSpeed fails with
+    "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size")."""
+    cpu = cfg.engine.cpu or not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=cpu and not deepspeed, **({"backend": "gloo"} if cpu and distributed else {}))
+
+
 def stage_config(cfg: TrainConfig, max_steps: int, optim: OptimConfig) -> TrainConfig:
     return TrainConfig(run=replace(cfg.run, max_steps=max_steps), optim=optim, engine=cfg.engine)
 
 
+@contextlib.contextmanager
 def plain_loading():
-    """Load models unsharded even when a ZeRO-3 config asks for zero.Init (evaluation, publishing)."""
-    from accelerate.state import AcceleratorState
+    """Load models unsharded on one process (evaluation, publishing) even after a ZeRO-3 stage:
+    once DeepSpeed is set up, ``from_pretrained`` builds models under ``zero.Init``, a collective
+    the other processes would not join."""
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-    plugin = getattr(AcceleratorState(), "deepspeed_plugin", None) if AcceleratorState._shared_state else None
-    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if ref is not None and ref() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(ref())
 
 
 def on_main_then_broadcast(fn):
@@ -130,14 +151,16 @@ def unlearn_request(cfg, data: QAData, t: int, base_dir: str, earlier: list[str]
             "trainable_params": method.n_trainable, "seconds": time.time() - t0}
 
 
-def train_detector(cfg, t: int, texts: list[str], base_dir: str, data: QAData, out: Path) -> dict:
-    """Request t's detector: encoder LoRA, cross-fitted scores on ``texts``; every record scored."""
+def train_detector(cfg, t: int, records, base_dir: str, data: QAData, out: Path) -> dict:
+    """Request t's detector on its forget ``records``: encoder LoRA, calibration cross-fitted by
+    fact (a fact's phrasings share a fold); then every record of ``data`` is scored (cached)."""
     from safetensors.torch import save_file
 
     t0 = time.time()
     dcfg = cfg.detector
     optim = OptimConfig(lr=dcfg.lr, schedule="constant", weight_decay=0.0, grad_clip=1.0)
     engine = Engine(stage_config(cfg, max(1, dcfg.train_steps), optim), output_dir=out)
+    texts = [r.question for r in records]
     method = DetectorTraining(resolve_backbone(dcfg.backbone, base_dir), dcfg, texts)
     method.setup(engine)
     if dcfg.train_steps:
@@ -145,11 +168,16 @@ def train_detector(cfg, t: int, texts: list[str], base_dir: str, data: QAData, o
     encoder = engine.unwrap("encoder")
     detector = Detector(encoder, method.tokenizer, dcfg, dcfg.backbone)
     feats = extract_features(encoder, method.tokenizer, texts, dcfg.max_length)
-    calibration = detector.fit(feats, seed=cfg.run.seed + t)
+    facts = [r.fact for r in records]
+    calibration = detector.fit(feats, seed=cfg.run.seed + t, groups=facts)
     all_feats = extract_features(encoder, method.tokenizer, [r.question for r in data.records], dcfg.max_length)
     cos_dist, maha = detector.stats.parts(all_feats)
     scores = {"logit": detector.logit_from_features(all_feats), "cos_distance": cos_dist.mean(1),
               "mahalanobis": maha.mean(1)}
+    for name, (variant, groups) in GATE_VARIANTS(dcfg, facts).items():  # what carries the gate: same features
+        other = Detector(encoder, method.tokenizer, variant, dcfg.backbone)
+        other.fit(feats, seed=cfg.run.seed + t, groups=groups)
+        scores[f"logit_{name}"] = other.logit_from_features(all_feats)
     lora_state = engine.accelerator.get_state_dict(method.model)  # gathers ZeRO-3 shards: all ranks
     if engine.is_main:
         detector.save(out / "detector", lora_state_dict=lora_state)
@@ -157,6 +185,13 @@ def train_detector(cfg, t: int, texts: list[str], base_dir: str, data: QAData, o
     engine.accelerator.wait_for_everyone()
     return {"detector_dir": str(out / "detector"), "scores": str(out / "scores.safetensors"),
             "steps": engine.step, **calibration, "seconds": time.time() - t0}
+
+
+def GATE_VARIANTS(dcfg, facts: list[str]) -> dict:
+    """Detector variants fitted on the same features, reported as gate ablations."""
+    return {"cosine_only": (replace(dcfg, mahalanobis_weight=0.0), facts),
+            "mahalanobis_only": (replace(dcfg, gamma=0.0), facts),
+            "random_folds": (dcfg, None)}  # calibration folds by question instead of by fact
 
 
 def gradient_ascent(cfg, base_dir: str, t: int, records, out: Path) -> dict:
@@ -222,11 +257,11 @@ def measure(o3: O3Model, data: QAData, sets: EvalSets, t: int, logits: torch.Ten
     return out
 
 
-def detector_metrics(scores: dict[str, torch.Tensor], sets: EvalSets, t: int) -> dict:
+def detector_metrics(scores: dict[str, torch.Tensor], sets: EvalSets, t: int, key: str = "logit") -> dict:
     """AUROC of forget (requests 1..t) vs retain records for the gate and its parts."""
     forget = [i for s in sets.forget_all[:t] for i in s]
     heldout = [i for s in sets.forget_heldout[:t] for i in s]
-    gate = scores["logit"][:, :t].amax(1)  # max over requests, monotone in w(x)
+    gate = scores[key][:, :t].amax(1)  # max over requests, monotone in w(x)
     cosine = -scores["cos_distance"][:, :t].amin(1)
     maha = -scores["mahalanobis"][:, :t].amin(1)
     return {"auroc": auroc(gate[forget], gate[sets.retain]),
@@ -259,13 +294,17 @@ def evaluate_base(cfg, data: QAData, sets: EvalSets, base_dir: str) -> dict:
 
 
 def evaluate_ablation(cfg, data: QAData, sets: EvalSets, base_dir: str, adapters: list[str], gate: str,
-                      score_paths: list[str]) -> dict:
+                      score_paths: list[str], key: str = "logit") -> dict:
+    """Metrics after the last request; ``key`` picks a gate variant's cached logits."""
     def run():
         with plain_loading():
             scores = load_scores(score_paths) if score_paths else None
             o3 = O3Model.from_parts(base_dir, [Path(a) for a in adapters], [], gate, cfg.data.prompt_template,
                                     cfg.data.max_length, cfg.model.dtype, detectors=[])
-            return measure(o3, data, sets, len(sets.forget_train), scores["logit"] if scores else None)
+            t = len(sets.forget_train)
+            if scores is None:
+                return measure(o3, data, sets, t, None)
+            return {**measure(o3, data, sets, t, scores[key]), **detector_metrics(scores, sets, t, key)}
     return on_main_then_broadcast(run)
 
 
@@ -295,6 +334,10 @@ def run_ablations(cfg, stages, data: QAData, sets: EvalSets, base_dir: str, adap
     if ab.per_request_gate:
         out["per_request_gate"] = stages.run("ablation_per_request_gate", lambda d: evaluate_ablation(
             cfg, data, sets, base_dir, adapters, "per_request", score_paths))
+    if ab.gate_variants:
+        for name in GATE_VARIANTS(cfg.detector, []):
+            out[f"gate_{name}"] = stages.run(f"ablation_gate_{name}", lambda d: evaluate_ablation(
+                cfg, data, sets, base_dir, adapters, cfg.unlearn.gate, score_paths, key=f"logit_{name}"))
     if ab.lambda0:
         zero: list[str] = []
         for t, idx in enumerate(sets.forget_train, start=1):

@@ -124,7 +124,8 @@ def _fmt(v) -> str:
 
 def markdown(report: dict) -> list[str]:
     base, requests, ablations = report["base"], report["requests"], report["ablations"]
-    lines = [f"World: {report['world']}. Wall time {report['seconds']:.0f} s on {report['world_size']} process(es).", ""]
+    lines = [f"World: {report['world']}. {report['world_size']} process(es); this invocation took {report['seconds']:.0f} s "
+             "(stages finished by an earlier invocation are skipped).", ""]
     lines += ["## Must show", "", "| check | met | numbers |", "|---|---|---|"]
     for name, c in report["checks"].items():
         nums = ", ".join(f"{k}={_fmt(v)}" for k, v in c.items() if k != "met")
@@ -141,16 +142,22 @@ def markdown(report: dict) -> list[str]:
     for r in requests:
         keys = METRICS + ["auroc", "auroc_heldout_templates", "mean_w_forget", "mean_w_retain"]
         lines.append(f"| request {r['request']} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
-    lines += ["", "## Ablations after the last request", "", "| variant | " + " | ".join(METRICS) + " |",
-              "|---" * (len(METRICS) + 1) + "|"]
-    lines.append("| O3 | " + " | ".join(_fmt(requests[-1].get(k)) for k in METRICS) + " |")
+    columns = METRICS + ["auroc", "mean_w_forget", "mean_w_retain", "mean_w_utility"]
+    lines += ["", "## Ablations after the last request", "",
+              "always_on: w = 1; per_request_gate: adapter t scaled by w_t only; gate_*: detectors refitted on the "
+              "same features without the Mahalanobis part (cosine_only), without the cosine part (mahalanobis_only), "
+              "or calibrated on random question folds instead of folds by fact (random_folds); lambda0: adapters "
+              "retrained with λ = 0; gradient_ascent: full-model GA on each forget set, no gate.", "",
+              "| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines.append("| O3 | " + " | ".join(_fmt(requests[-1].get(k)) for k in columns) + " |")
     for name, res in ablations.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(res.get(k)) for k in METRICS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(res.get(k)) for k in columns) + " |")
     d = report["detector_parts"]
     lines += ["", "## What carries the gate", "",
               f"AUROC forget vs retain after the last request: gate (SVM over layers of −γ·cos-distance − ½·Mahalanobis) "
-              f"{_fmt(d['auroc'])}, max-cosine part alone {_fmt(d['auroc_max_cosine_only'])}, Mahalanobis part alone "
-              f"{_fmt(d['auroc_mahalanobis_only'])}.",
+              f"{_fmt(d['auroc'])}; averaged over layers, the max-cosine part alone {_fmt(d['auroc_max_cosine_only'])}, "
+              f"the Mahalanobis part alone {_fmt(d['auroc_mahalanobis_only'])}. Ranking is not the whole story: "
+              "the gate_* rows above show what each part does to w(x) once calibrated.",
               f"Adapter subspace overlap (mean ‖A_s A_tᵀ‖/(‖A_s‖‖A_t‖)): λ={report['orth_lambda']} "
               f"{_fmt(report['adapter_overlap'])}, λ=0 {_fmt(report.get('adapter_overlap_lambda0'))}.", "",
               "## Samples (reloaded from the published folder, gated generation)", "",

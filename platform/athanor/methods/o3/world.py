@@ -1,7 +1,7 @@
 """Question–answer data for O3: a generated world of fictitious facts, or any QA dataset.
 
-The tiny default is a fictitious-facts world generated from a seed: made-up people (one-word
-names) with four attributes (hometown, job, pet, colour), six question templates per attribute of
+The tiny default is a fictitious-facts world generated from a seed: made-up people (first and
+last name) with four attributes (hometown, job, pet, colour), six question templates per attribute of
 which the last ones are held out (never trained on: they measure whether forgetting generalises to new phrasings, the
 paper's D.U.), plus facts of another kind (made-up countries' languages and currencies) that no
 request ever touches (the paper's utility). Requests are disjoint groups of people.
@@ -62,6 +62,7 @@ class QA:
     kind: str = "fact"  # fact | utility
     heldout: bool = False  # a phrasing never trained on (D.U.)
     attribute: str = ""
+    fact: str = ""  # records of one fact in different phrasings share it
 
 
 @dataclass
@@ -115,21 +116,24 @@ class DataConfig:
                               f"must leave retained people out of data.people={self.people}")
 
 
-def _names(rng: random.Random, n: int) -> list[str]:
-    """Made-up one-word names (one token each for the word-level tokenizer)."""
-    names: list[str] = []
-    while len(names) < n:
-        name = "".join(rng.choice(SYLLABLES) for _ in range(3))
-        if name not in names:
-            names.append(name)
-    return names
+def _words(rng: random.Random, n: int, syllables: int, taken: set[str]) -> list[str]:
+    """``n`` made-up words, distinct from each other and from ``taken``."""
+    words: list[str] = []
+    while len(words) < n:
+        word = "".join(rng.choice(SYLLABLES) for _ in range(syllables))
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
+    return words
 
 
 def generate_world(cfg: DataConfig) -> QAData:
     """People x attributes x templates (the last ``heldout_templates`` held out) + utility facts."""
     rng = random.Random(cfg.seed)
-    names = _names(rng, cfg.people + cfg.countries)
-    people, countries = names[:cfg.people], names[cfg.people:]
+    taken: set[str] = set()
+    # first and last names are each unique (either word identifies a person, as with real names)
+    people = [f"{a} {b}" for a, b in zip(_words(rng, cfg.people, 2, taken), _words(rng, cfg.people, 3, taken))]
+    countries = _words(rng, cfg.countries, 3, taken)
     records, choices = [], {}
     for k, (attr, (noun, values)) in enumerate(list(ATTRIBUTES.items())[:cfg.attributes]):
         choices[attr] = values
@@ -138,12 +142,13 @@ def generate_world(cfg: DataConfig) -> QAData:
             value = rng.choice(values)
             for i, template in enumerate(templates):
                 records.append(QA(template.format(name=person), value, person, "fact",
-                                  i >= cfg.templates - cfg.heldout_templates, attr))
+                                  i >= cfg.templates - cfg.heldout_templates, attr, f"{person}|{attr}"))
     for attr, (templates, values) in UTILITY.items():
         choices[attr] = values
         for country in countries:
             value = rng.choice(values)
-            records += [QA(t.format(name=country), value, country, "utility", False, attr) for t in templates]
+            records += [QA(t.format(name=country), value, country, "utility", False, attr, f"{country}|{attr}")
+                        for t in templates]
     return QAData(records, people, choices)
 
 
@@ -173,9 +178,10 @@ def load_qa_dataset(cfg: DataConfig) -> QAData:
         group = str(row[cfg.group_field]) if cfg.group_field else f"group{i // cfg.group_size}"
         if group not in groups:
             groups.append(group)
-        records.append(QA(str(row[cfg.question_field]), str(row[cfg.answer_field]), group))
+        records.append(QA(str(row[cfg.question_field]), str(row[cfg.answer_field]), group, fact=f"row{i}"))
         if cfg.paraphrase_field and row.get(cfg.paraphrase_field):
-            records.append(QA(str(row[cfg.paraphrase_field]), str(row[cfg.answer_field]), group, heldout=True))
+            records.append(QA(str(row[cfg.paraphrase_field]), str(row[cfg.answer_field]), group, heldout=True,
+                              fact=f"row{i}"))
     if cfg.requests * cfg.groups_per_request >= len(groups):
         raise ConfigError(f"{len(groups)} groups in {cfg.source!r} cannot fill {cfg.requests} requests of "
                           f"{cfg.groups_per_request} and keep some retained")
