@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from athanor.cluster import register_sweep_executor
 from athanor.config import (ConfigError, OptimConfig, RunConfig, TrainConfig, exit_on_config_error, load_config,
                             parse_or_exit, to_dict)
 from athanor.data import TextDataConfig
@@ -26,6 +27,7 @@ from athanor.methods.stability_report import write_stability_report
 from athanor.sweep import Job, make_executor, run_sweep
 from pretrain import PretrainConfig  # every point is exactly this recipe's run
 
+register_sweep_executor()  # --sweep.executor slurm: the sweep as one SLURM job array
 PRETRAIN_SCRIPT = Path(__file__).with_name("pretrain.py")
 
 

@@ -98,20 +98,45 @@ def test_two_by_two_by_two_sweep_end_to_end(tmp_path):
     row = [json.loads(line) for line in (point / "metrics.jsonl").read_text().splitlines()][-1]
     assert {"max_attn_logit", "attn_entropy", "act_rms", "grad_rms", "log_z_mean", "diverged"} <= set(row)
     assert (point / "model" / "config.json").exists() and not (point / "checkpoints").exists()
-    # a second run with other settings into the same folder is refused before any compute
-    proc = run_recipe("stability", "--run.output_dir", str(out), "--sweep.variants", "[baseline]",
-                      "--sweep.widths", "[8,16]", "--sweep.lrs", "[0.01,0.3]", "--optim.eps", "1e-12", *TINY, check=False)
-    assert proc.returncode == 2 and "run with other settings" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_bad_override_exits_2_before_compute(tmp_path):
-    proc = run_recipe("stability", "--run.output_dir", str(tmp_path / "o"), "--sweep.variants", "[baseline,nope]",
-                      check=False)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "nope" in proc.stderr
+def recipe_module():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import stability
+
+    return stability
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--sweep.variants", "[baseline,nope]"], "nope"),
+    (["--sweep.custom_variants", "{odd: {optim.nothing: 1}}", "--sweep.variants", "[odd]"], "optim.nothing"),
+    (["--sweep.widths", "[48]"], "head_dim"),
+])
+def test_bad_override_exits_2_with_one_line_before_compute(tmp_path, capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe_module().main(["--run.output_dir", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and fragment in err[0]
     assert not (tmp_path / "o").exists()
-    proc = run_recipe("stability", "--run.output_dir", str(tmp_path / "o"), "--sweep.custom_variants",
-                      "{odd: {optim.nothing: 1}}", "--sweep.variants", "[odd]", check=False)
-    assert proc.returncode == 2 and "optim.nothing" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_folder_run_with_other_settings_is_refused(tmp_path, capsys):
+    recipe = recipe_module()
+    from athanor.config import load_config, to_dict
+    from athanor.methods import stability
+
+    small = ["--run.output_dir", str(tmp_path), *TINY, "--sweep.widths", "[8]", "--logz_demo.enabled", "false"]
+
+    def jobs(*argv):
+        cfg = load_config(recipe.StabilityConfig, [*small, *argv])
+        base = {k: v for k, v in to_dict(cfg).items() if k in ("run", "optim", "engine", "model", "data")}
+        return recipe.make_jobs(cfg, stability.grid_points(base, cfg.sweep, cfg.logz_demo, cfg.run.output_dir))
+
+    first = jobs()
+    assert [j.name for j in jobs()] == [j.name for j in first]  # same settings: the same jobs again
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main([*small, "--optim.eps", "1e-12"])
+    assert exit_info.value.code == 2 and "run with other settings" in capsys.readouterr().err
 
 
 def children_of(pid: int) -> list[int]:
@@ -162,8 +187,7 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
 def test_gpu_config_scales_the_same_recipe(tmp_path):
     """recipes/configs/stability/gpu.yaml: widths to 2048, the paper's 256 x 512-token batches; every
     point validates as a pretrain config."""
-    sys.path.insert(0, str(ROOT / "recipes"))
-    import stability as recipe
+    recipe = recipe_module()
     from athanor.config import load_config, to_dict
     from athanor.methods import stability
 
@@ -177,3 +201,6 @@ def test_gpu_config_scales_the_same_recipe(tmp_path):
     assert len(jobs) == len(cfg.sweep.variants) * len(cfg.sweep.widths) * len(cfg.sweep.lrs) + len(cfg.logz_demo.z_loss_weights)
     widest = next(p for p in points if p["width"] == 2048)["config"]["model"]
     assert (widest["n_layers"], widest["n_heads"]) == (12, 32)
+    slurm = load_config(recipe.StabilityConfig, ["--sweep.executor", "slurm", "--sweep.workers", "16"]).sweep
+    executor = make_executor(slurm.executor, workers=slurm.workers, threads_per_worker=4, devices=[])
+    assert type(executor).__name__ == "SlurmExecutor" and executor.workers == 16  # athanor.cluster plugs in

@@ -11,10 +11,10 @@ executor (most expensive first) and gathers one ``Outcome`` per job:
 - ``InlineExecutor``: one job after another in this process (debugging, tests).
 - ``LocalExecutor``: persistent worker processes on this machine (spawned once, so torch and the
   recipe import once per worker, not once per run), ``threads_per_worker`` torch threads each,
-  optionally one accelerator each (``devices``).
-- a SLURM executor implements the same ``Executor.run``: submit ``run_job`` for each job with
-  submitit (``AutoExecutor.submit(run_job, job)``; jobs and ``run_job`` are picklable) and yield
-  ``(job, Outcome)`` as the cluster finishes them.
+  optionally one accelerator each (``devices``). Each worker has its own pipe to the sweep, which
+  hands out the jobs; a worker that dies (killed, out of memory) fails only its job and is replaced.
+- ``athanor.cluster.SlurmExecutor`` implements the same ``Executor.run`` as one SLURM job array
+  whose tasks call ``run_job``; ``register_sweep_executor()`` adds it here as ``"slurm"``.
 
 Kill safety: a job holds an exclusive lock on its folder while it runs, so a resumed sweep never
 runs the same job twice at once; a local worker whose parent dies (SIGKILL) sends itself SIGTERM,
@@ -29,7 +29,6 @@ import importlib.util
 import itertools
 import json
 import os
-import queue
 import signal
 import sys
 import threading
@@ -194,7 +193,9 @@ def _watch_parent(parent_pid: int, grace_s: float) -> None:
     os._exit(PREEMPTED_EXIT_CODE)
 
 
-def _worker_main(worker_id: int, tasks, events, threads: int, parent_pid: int, grace_s: float) -> None:
+def _worker_main(conn, threads: int, parent_pid: int, grace_s: float) -> None:
+    """A local worker: receive a job on its own pipe, run it, send the outcome back, repeat.
+    One pipe per worker, so a worker that dies mid-message harms no other worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the sweep, which stops us cleanly
     signal.signal(signal.SIGTERM, _stop_now)
     threading.Thread(target=_watch_parent, args=(parent_pid, grace_s), daemon=True).start()
@@ -202,24 +203,22 @@ def _worker_main(worker_id: int, tasks, events, threads: int, parent_pid: int, g
 
     torch.set_num_threads(threads)
     while not _STOP.is_set():
-        job = tasks.get()
+        try:
+            job = conn.recv()
+        except EOFError:  # the sweep is gone
+            return
         if job is None:
             return
         signal.signal(signal.SIGTERM, _stop_now)  # a finished run's engine leaves its handler behind
-        events.put(("start", worker_id, job.name, None))
         start = time.perf_counter()
         try:
-            result = run_job(job)
-            events.put(("done", worker_id, job.name, {"ok": True, "result": result,
-                                                        "seconds": time.perf_counter() - start}))
-        except SystemExit as exc:  # the engine's preemption exit (SIGTERM): stop this worker
-            events.put(("done", worker_id, job.name, {"ok": False, "error": f"stopped (exit {exc.code})",
-                                                        "seconds": time.perf_counter() - start}))
+            outcome = {"ok": True, "result": run_job(job)}
+        except SystemExit as exc:  # SIGTERM: the engine checkpointed (or the job had not started training)
+            conn.send({"ok": False, "error": f"stopped (exit {exc.code})", "seconds": time.perf_counter() - start})
             sys.exit(exc.code if isinstance(exc.code, int) else 1)
         except Exception as exc:
-            events.put(("done", worker_id, job.name, {"ok": False, "error": _error_text(exc),
-                                                        "seconds": time.perf_counter() - start}))
-        signal.signal(signal.SIGTERM, _stop_now)
+            outcome = {"ok": False, "error": _error_text(exc)}
+        conn.send({**outcome, "seconds": time.perf_counter() - start})
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
@@ -237,8 +236,16 @@ def _environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
+@dataclass
+class _Worker:
+    proc: object
+    conn: object
+    job: Job | None = None
+
+
 class LocalExecutor(Executor):
-    """``workers`` persistent processes on this machine, each running one job at a time."""
+    """``workers`` persistent processes on this machine, each running one job at a time; the
+    sweep hands out the jobs (most expensive first) and replaces a worker that dies."""
 
     def __init__(self, workers: int = 2, threads_per_worker: int = 1, devices: Sequence[str] | None = None,
                  stop_grace_s: float = 60.0):
@@ -247,94 +254,82 @@ class LocalExecutor(Executor):
         self.workers, self.threads, self.devices = workers, threads_per_worker, list(devices or [])
         self.stop_grace_s = stop_grace_s
 
-    def _start(self, ctx, worker_id: int, tasks, events):
+    def _start(self, ctx, index: int) -> _Worker:
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
                "TOKENIZERS_PARALLELISM": "false"}
         if self.devices:
-            env["CUDA_VISIBLE_DEVICES"] = self.devices[worker_id % len(self.devices)]
-        proc = ctx.Process(target=_worker_main, name=f"sweep-worker-{worker_id}", daemon=False,
-                           args=(worker_id, tasks, events, self.threads, os.getpid(), self.stop_grace_s))
+            env["CUDA_VISIBLE_DEVICES"] = self.devices[index % len(self.devices)]
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_worker_main, name=f"sweep-worker-{index}",
+                           args=(theirs, self.threads, os.getpid(), self.stop_grace_s))
         with _environ(env):  # a spawned child reads the environment at start, before importing torch
             proc.start()
-        return proc
+        theirs.close()  # only the worker holds its end: its death reads as EOF here
+        return _Worker(proc, ours)
 
     def run(self, jobs):
         import multiprocessing as mp
+        from multiprocessing.connection import wait
 
-        jobs = list(jobs)
-        if not jobs:
+        pending = list(jobs)
+        if not pending:
             return
         ctx = mp.get_context("spawn")
-        tasks, events = ctx.Queue(), ctx.Queue()
-        for job in jobs:
-            tasks.put(job)
-        n_workers = min(self.workers, len(jobs))
-        for _ in range(n_workers):
-            tasks.put(None)
-        by_name = {job.name: job for job in jobs}
-        procs = {i: self._start(ctx, i, tasks, events) for i in range(n_workers)}
-        next_id, running, ended = n_workers, {}, []
+        workers = [self._start(ctx, i) for i in range(min(self.workers, len(pending)))]
+        next_index = len(workers)
 
-        def handle(received: list) -> None:
-            for kind, worker_id, name, payload in received:
-                if kind == "start":
-                    running[worker_id] = name
-                else:
-                    running.pop(worker_id, None)
-                    ended.append(Outcome(name, payload["ok"], payload.get("result"), payload.get("error"),
-                                         payload["seconds"]))
+        def feed(worker: _Worker) -> None:
+            worker.job = pending.pop(0) if pending else None
+            worker.conn.send(worker.job)  # None: no more work, exit
 
-        stop, remaining = _StopFlag(), len(jobs)
+        for worker in workers:
+            feed(worker)
+        stop = _StopFlag()
         try:
             with stop.installed():
-                while remaining:
+                while any(w.job is not None for w in workers):
                     if stop.signum:
-                        self._stop_workers(procs)
                         raise SystemExit(PREEMPTED_EXIT_CODE)
-                    handle(_drain(events, timeout=0.2))
-                    dead = [i for i, proc in procs.items() if not proc.is_alive() and proc.exitcode != 0]
-                    if dead:
-                        handle(_drain(events, timeout=0.05))  # what they said before dying comes first
-                    for worker_id in dead:
-                        proc = procs.pop(worker_id)
-                        name = running.pop(worker_id, None)
-                        if name is not None:  # died inside a job (killed, out of memory, ...)
-                            ended.append(Outcome(name, False, error=f"worker exited with code {proc.exitcode}"))
-                        if remaining - len(ended) > 0:  # a replacement takes its place (and its sentinel)
-                            procs[next_id] = self._start(ctx, next_id, tasks, events)
-                            next_id += 1
-                    if not ended and not any(proc.is_alive() for proc in procs.values()):
-                        handle(_drain(events, timeout=1.0))
-                        if not ended:
-                            raise RuntimeError(f"every sweep worker exited with {remaining} job(s) unfinished")
-                    while ended:
-                        outcome = ended.pop(0)
-                        remaining -= 1
-                        yield by_name[outcome.name], outcome
+                    busy = {w.conn: w for w in workers if w.job is not None}
+                    for conn in wait(list(busy), timeout=0.5):
+                        worker, job = busy[conn], busy[conn].job
+                        try:
+                            reply = conn.recv()
+                        except (EOFError, OSError):  # died inside the job (killed, out of memory, ...)
+                            worker.proc.join(5)
+                            worker.conn.close()
+                            workers.remove(worker)
+                            yield job, Outcome(job.name, False, error=f"worker exited with code {worker.proc.exitcode}")
+                            if pending:
+                                workers.append(self._start(ctx, next_index))
+                                next_index += 1
+                                feed(workers[-1])
+                            continue
+                        yield job, Outcome(job.name, reply["ok"], reply.get("result"), reply.get("error"),
+                                           reply["seconds"])
+                        if not reply["ok"] and reply.get("error", "").startswith("stopped"):
+                            worker.job = None  # it exits by itself after a stop
+                            continue
+                        feed(worker)
         finally:
-            self._stop_workers(procs)
+            self._stop_workers(workers)
 
-    def _stop_workers(self, procs: dict) -> None:
-        for proc in procs.values():
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)  # the engine checkpoints, then exits 75
+    def _stop_workers(self, workers: list[_Worker]) -> None:
+        for worker in workers:
+            if worker.proc.is_alive() and worker.job is not None:
+                os.kill(worker.proc.pid, signal.SIGTERM)  # in training: checkpoint, then exit 75
+            elif worker.proc.is_alive():
+                try:
+                    worker.conn.send(None)
+                except OSError:
+                    pass
         deadline = time.time() + self.stop_grace_s
-        for proc in procs.values():
-            proc.join(max(0.0, deadline - time.time()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-
-
-def _drain(events, timeout: float) -> list:
-    """Every event now in the queue (waiting up to ``timeout`` for the first)."""
-    out = []
-    try:
-        out.append(events.get(timeout=timeout))
-        while True:
-            out.append(events.get_nowait())
-    except queue.Empty:
-        return out
+        for worker in workers:
+            worker.proc.join(max(0.0, deadline - time.time()))
+            if worker.proc.is_alive():
+                worker.proc.kill()
+                worker.proc.join()
+            worker.conn.close()
 
 
 class _StopFlag:

@@ -69,7 +69,7 @@ class SweepConfig:
     head_dim: int = 32  # heads = width // head_dim
     mup_base_width: int = 0  # µParam's base width (0: the smallest width)
     custom_variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {dotted key: value}
-    executor: str = "local"  # local (worker processes) | inline (this process) | any athanor.sweep.EXECUTORS
+    executor: str = "local"  # local (worker processes) | inline (this process) | slurm (a job array) | ...
     workers: int = 2  # local worker processes
     threads_per_worker: int = 1  # torch threads per worker
     devices: list[str] = field(default_factory=list)  # CUDA devices, one per worker in turn ([] = inherit)
