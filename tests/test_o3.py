@@ -1,5 +1,6 @@
 """O3 pieces on tiny models: world, orthogonality penalty, per-row gating, detector, config errors."""
 import math
+import sys
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from athanor.methods.o3.lm import encode_records
 from athanor.methods.o3.lora import OrthogonalPenalty, UnlearnConfig, earlier_lora_A, lora_config, unlearning_answers
 from athanor.methods.o3.model import O3Model, load_adapted_lm
 from athanor.methods.o3.world import DataConfig, build_word_tokenizer, generate_world, request_groups, retained_groups
-from conftest import run_recipe
+from conftest import ROOT, run_recipe
 
 
 def tiny_lm(vocab=200, hidden=32, layers=2):
@@ -164,15 +165,26 @@ def test_detector_separates_calibrates_and_round_trips(target_backbone, tmp_path
     assert torch.allclose(loaded.weight(others + forget[:5]), torch.cat([w_other, w_forget[:5]]), atol=1e-5)
 
 
+def test_bad_key_exits_2_with_one_line_from_the_command_line(tmp_path):
+    proc = run_recipe("o3", "--unlearn.orth_lamda", "1", "--run.output_dir", str(tmp_path / "o"), check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "unlearn.orth_lambda" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--unlearn.orth_lamda", "1"], "unlearn.orth_lambda"),
     (["--data.requests", "9"], "retained people"),
     (["--data.source", "/nonexistent/qa.jsonl"], "no such file"),
     (["--detector.backbone", "/nonexistent/encoder"], "detector backbone"),
     (["--unlearn.gate", "min"], "unlearn.gate"),
+    (["--data.templates", "7"], "data.templates"),
 ])
-def test_bad_input_exits_2_with_one_line_before_compute(tmp_path, args, message):
-    proc = run_recipe("o3", *args, "--run.output_dir", str(tmp_path / "o"), check=False)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+def test_bad_input_exits_2_with_one_line_before_compute(tmp_path, capsys, args, message):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from o3 import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--run.output_dir", str(tmp_path / "o")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "o").exists()

@@ -24,6 +24,7 @@ import torch
 
 from .detector import Detector
 from .lm import answer_matches, encode_records, load_lm, load_tokenizer
+from .lora import adapter_name
 from .world import QA
 
 GATES = ("max", "per_request", "always_on", "off")
@@ -132,7 +133,7 @@ class O3Model:
     def from_parts(cls, base: str | Path, adapter_dirs: list[Path], detector_dirs: list[Path], gate: str = "max",
                    prompt_template: str = "{question}", max_length: int = 64, dtype: str = "float32",
                    detectors: list[Detector] | None = None) -> "O3Model":
-        names = [f"request_{t + 1}" for t in range(len(adapter_dirs))]
+        names = [adapter_name(t + 1) for t in range(len(adapter_dirs))]
         lm = load_adapted_lm(load_lm(base, dtype), [Path(d) for d in adapter_dirs], names)
         if detectors is None:
             detectors = [Detector.load(d, target_dir=base) for d in detector_dirs]

@@ -23,7 +23,7 @@ from ...config import OptimConfig, TrainConfig, positive
 from ...engine import Engine
 from .detector import Detector, DetectorTraining, extract_features, resolve_backbone
 from .lm import AnswerLM, build_lm, encode_records, load_lm, load_tokenizer
-from .lora import GradientAscent, UnlearnRequest, adapter_name, save_adapter, unlearning_answers
+from .lora import GradientAscent, UnlearnRequest, save_adapter, unlearning_answers
 from .model import O3Model
 from .world import QAData, build_word_tokenizer
 
@@ -113,7 +113,7 @@ def train_base(cfg, data: QAData, out: Path) -> dict:
         return {"model_dir": cfg.model.name_or_path, "steps": 0, "seconds": 0.0}
     engine = Engine(stage_config(cfg, cfg.run.max_steps, cfg.optim), output_dir=out)
     tokenizer = load_tokenizer(cfg.model.name_or_path) if cfg.model.name_or_path else build_word_tokenizer(
-        data, extra_words=[cfg.unlearn.refusal])
+        data, extra_words=cfg.unlearn.refusal.split())
     enc = lambda records: encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length)  # noqa: E731
     trained = [r for r in data.records if not r.heldout]
     evals = {"train": enc(trained), "heldout": enc([r for r in data.records if r.heldout])}
@@ -360,4 +360,4 @@ def run_ablations(cfg, stages, data: QAData, sets: EvalSets, base_dir: str, adap
 
 
 __all__ = ["AblationConfig", "EvalSets", "train_base", "unlearn_request", "train_detector", "gradient_ascent",
-           "evaluate_request", "evaluate_base", "evaluate_ablation", "adapter_overlap", "run_ablations", "adapter_name"]
+           "evaluate_request", "evaluate_base", "evaluate_ablation", "adapter_overlap", "run_ablations"]

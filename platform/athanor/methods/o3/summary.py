@@ -69,28 +69,29 @@ def samples(o3: O3Model, data: QAData, sets, per_set: int = 2) -> list[dict]:
 def plot(out: Path, base: dict, requests: list[dict], ablations: dict) -> Path:
     from ...report import plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     xs = [0] + [r["request"] for r in requests]
     nan = float("nan")
     series = {  # forget: the facts of the request just made (base: before any request)
         "forget (trained phrasings)": [base["forget_acc_train"][0]] + [r["forget_acc_train"] for r in requests],
         "forget (held-out phrasings)": [base["forget_acc_heldout_templates"][0]]
         + [r["forget_acc_heldout_templates"] for r in requests],
+        "earlier requests' facts": [None] + [r["earlier_requests_forget_acc"] for r in requests],
         "retain": [base["retain_acc"]] + [r["retain_acc"] for r in requests],
         "utility": [base["utility"]] + [r["utility"] for r in requests],
     }
     for label, ys in series.items():
         ax.plot(xs, [nan if y is None else y for y in ys], marker="o", label=label)
     markers = {"always_on": "x", "lambda0": "s", "gradient_ascent": "^", "per_request_gate": "d"}
-    for name, res in ablations.items():
-        ax.scatter([xs[-1] + 0.15], [res["retain_acc"]], marker=markers.get(name, "*"), s=60,
-                   label=f"{name}: retain", zorder=3)
+    for i, (name, res) in enumerate(ablations.items()):  # spread out so equal values stay visible
+        ax.scatter([xs[-1] + 0.12 + 0.06 * i], [res["retain_acc"]], marker=markers.get(name, "*"), s=50,
+                   label=f"ablation {name}: retain", zorder=3)
     ax.set_xticks(xs, ["base"] + [f"after {x}" for x in xs[1:]])
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("O3: accuracy after each unlearning request (forget = current request)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = out / "o3_requests.png"
     fig.savefig(path, dpi=110)
