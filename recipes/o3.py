@@ -18,8 +18,8 @@ from athanor.methods.o3.lm import ModelConfig
 from athanor.methods.o3.lora import UnlearnConfig
 from athanor.methods.o3.model import O3Model
 from athanor.methods.o3.pipeline import (AblationConfig, EvalSets, adapter_overlap, evaluate_base, evaluate_request,
-                                         init_process_state, load_scores, plain_loading, run_ablations, train_base, train_detector,
-                                         unlearn_request)
+                                         init_process_state, load_scores, plain_loading, run_ablations, train_base,
+                                         train_detector, unlearn_request)
 from athanor.methods.o3.summary import checks, markdown, plot, plot_gate, publish, samples
 from athanor.methods.o3.world import DataConfig, load_data, request_groups, retained_groups
 from athanor.report import write_report
@@ -67,12 +67,13 @@ def main(argv=None) -> dict:
         detectors.append(str(stages.dir(f"detector_{t}") / "detector"))
         scores.append(str(stages.dir(f"detector_{t}") / "scores.safetensors"))
         result = stages.run(f"eval_{t}", lambda d: evaluate_request(cfg, data, sets, t, base_dir, adapters, scores))
-        results.append({**result, "target_rate": request["target_rate"], "orth_penalty_last": request["orth_penalty_last"],
-                        "detector_tau": detector["tau"]})
+        results.append({**result, "target_rate": request["target_rate"], "detector_tau": detector["tau"],
+                        "orth_penalty_last": request["orth_penalty_last"]})
 
     ablations = run_ablations(cfg, stages, data, sets, base_dir, adapters, scores)
     report = {"world": f"{len(data.groups)} groups, {len(data.records)} records, {len(requests)} requests of "
-                       f"{cfg.data.groups_per_request}", "gate": cfg.unlearn.gate, "orth_lambda": cfg.unlearn.orth_lambda,
+                       f"{cfg.data.groups_per_request}", "gate": cfg.unlearn.gate,
+              "orth_lambda": cfg.unlearn.orth_lambda,
               "base": {**base_eval, "steps": base["steps"]}, "requests": results, "ablations": ablations,
               "checks": checks(base_eval, results, ablations), "adapter_overlap": adapter_overlap(adapters),
               "adapter_overlap_lambda0": ablations.get("lambda0", {}).get("adapter_overlap"),

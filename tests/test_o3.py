@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from athanor.methods.o3.detector import DetectorConfig, DetectorTraining, Detector, entropy_contrastive, extract_features
+from athanor.methods.o3.detector import (Detector, DetectorConfig, DetectorTraining, entropy_contrastive,
+                                          extract_features)
 from athanor.methods.o3.lm import encode_records
 from athanor.methods.o3.lora import OrthogonalPenalty, UnlearnConfig, earlier_lora_A, lora_config, unlearning_answers
 from athanor.methods.o3.model import O3Model, load_adapted_lm
@@ -76,7 +77,8 @@ def test_orthogonal_penalty_is_the_sum_of_squared_overlaps(tmp_path):
     current(input_ids=torch.randint(0, 200, (2, 5)))
     value = penalty.pop()
     modules = dict(current.named_modules())
-    expected = sum((a_prev @ modules[f"{path}.lora_A.default"].weight.T).pow(2).sum() for path, a_prev in earlier.items())
+    expected = sum((a_prev @ modules[f"{path}.lora_A.default"].weight.T).pow(2).sum()
+                   for path, a_prev in earlier.items())
     assert torch.allclose(value, expected)
     value.backward()
     grads = {n for n, p in current.named_parameters() if p.grad is not None}

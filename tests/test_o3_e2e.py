@@ -51,8 +51,10 @@ def test_outputs_are_publishable_without_pickle(small_run):
     meta = json.loads((o3 / "o3.json").read_text())
     assert meta["adapters"] == ["adapters/request_1", "adapters/request_2"]
     for t in (1, 2):
-        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (o3 / f"adapters/request_{t}").iterdir()}
-        assert {"detector.json", "detector.safetensors", "encoder_lora"} <= {p.name for p in (o3 / f"detectors/request_{t}").iterdir()}
+        adapter = {p.name for p in (o3 / f"adapters/request_{t}").iterdir()}
+        detector = {p.name for p in (o3 / f"detectors/request_{t}").iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= adapter
+        assert {"detector.json", "detector.safetensors", "encoder_lora"} <= detector
     assert not [p for p in o3.rglob("*") if p.suffix in (".pkl", ".pt", ".bin", ".pickle")]
     assert "library_name: peft" in (o3 / "README.md").read_text()
     for png in ("o3_requests.png", "gate_scores.png"):
@@ -73,7 +75,8 @@ questions = {[s['question'] for s in samples]!r}
 w = o3.weights_for(questions)
 data = load_data(DataConfig(people=30, requests=2, groups_per_request=5, countries=8))
 index = {{r.question: i for i, r in enumerate(data.records)}}
-cached = load_scores([{str(out / 'detector_1' / 'scores.safetensors')!r}, {str(out / 'detector_2' / 'scores.safetensors')!r}])["logit"]
+paths = [{str(out / 'detector_1' / 'scores.safetensors')!r}, {str(out / 'detector_2' / 'scores.safetensors')!r}]
+cached = load_scores(paths)["logit"]
 expected = torch.sigmoid(cached[[index[q] for q in questions]]).amax(1)
 print(json.dumps({{"answers": o3.generate(questions, max_new_tokens=4), "w": w.amax(1).tolist(),
                   "max_diff": (w.amax(1) - expected).abs().max().item()}}))
@@ -105,8 +108,9 @@ def test_unlearning_stage_under_zero3_on_two_processes(small_run, tmp_path):
     out, _ = small_run
     run = tmp_path / "zero3"
     shutil.copytree(out / "base", run / "base")  # the base LM stage is done: ZeRO-3 runs the requests
-    args = [*SMALL, "--detector.train_steps", "2", "--ablations.lambda0", "false", "--ablations.gradient_ascent", "false",
-            "--ablations.per_request_gate", "false", "--ablations.gate_variants", "false"]
+    args = [*SMALL, "--detector.train_steps", "2", "--ablations.lambda0", "false",
+            "--ablations.gradient_ascent", "false", "--ablations.per_request_gate", "false",
+            "--ablations.gate_variants", "false"]
     run_recipe("o3", "--run.output_dir", str(run), *args, launch="zero3-cpu", timeout=900)
     report = json.loads((run / "report.json").read_text())
     assert report["world_size"] == 2

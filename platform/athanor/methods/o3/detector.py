@@ -172,7 +172,8 @@ def extract_features(model, tokenizer, texts: list[str], max_length: int, batch_
     chunks = []
     for start in range(0, len(order), batch_size):
         batch = tokenize(tokenizer, [texts[i] for i in order[start:start + batch_size]], max_length)
-        chunks.append(torch.stack([z.float().cpu() for z in pooled_layers(model, {k: v.to(device) for k, v in batch.items()})]))
+        pooled = pooled_layers(model, {k: v.to(device) for k, v in batch.items()})
+        chunks.append(torch.stack([z.float().cpu() for z in pooled]))
     feats = torch.cat(chunks, dim=1)
     return feats[:, torch.argsort(torch.tensor(order))]
 
@@ -329,7 +330,8 @@ class Detector:
         order = np.random.default_rng(seed).permutation(len(unique))
         fold_of = {unique[j]: f for f, chunk in enumerate(np.array_split(order, min(self.cfg.cv_folds, len(unique))))
                    for j in chunk}
-        folds = [np.array([i for i in range(n) if fold_of[keys[i]] == f]) for f in range(min(self.cfg.cv_folds, len(unique)))]
+        folds = [np.array([i for i in range(n) if fold_of[keys[i]] == f])
+                 for f in range(min(self.cfg.cv_folds, len(unique)))]
         cv_scores = torch.zeros(n, feats.shape[0])
         cv_parts = [torch.zeros(n, feats.shape[0]), torch.zeros(n, feats.shape[0])]
         for held in folds:

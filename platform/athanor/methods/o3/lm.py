@@ -31,7 +31,8 @@ class ModelConfig:
         for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             positive(getattr(self, key), f"model.{key}")
         if not self.name_or_path and self.hidden_size % self.num_heads:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
+                              f"model.num_heads={self.num_heads}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.dtype={self.dtype!r} is not one of: float32, bfloat16")
 

@@ -77,7 +77,8 @@ def unlearning_answers(records: list[QA], cfg: UnlearnConfig, data: QAData, seed
 def lora_config(cfg: UnlearnConfig):
     from peft import LoraConfig
 
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
+    targets = (cfg.target_modules if cfg.target_modules == "all-linear"
+               else [t.strip() for t in cfg.target_modules.split(",")])
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM")
 

@@ -122,7 +122,8 @@ class O3Model:
         device = next(self.lm.parameters()).device
         generate_kwargs.setdefault("synced_gpus", False)  # an O3Model is whole on each process, never ZeRO-3 sharded
         with self.gated(weights):
-            out = self.lm.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+            out = self.lm.generate(input_ids=enc["input_ids"].to(device),
+                                   attention_mask=enc["attention_mask"].to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         new = out[:, enc["input_ids"].shape[1]:]

@@ -114,7 +114,9 @@ def train_base(cfg, data: QAData, out: Path) -> dict:
     engine = Engine(stage_config(cfg, cfg.run.max_steps, cfg.optim), output_dir=out)
     tokenizer = load_tokenizer(cfg.model.name_or_path) if cfg.model.name_or_path else build_word_tokenizer(
         data, extra_words=cfg.unlearn.refusal.split())
-    enc = lambda records: encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length)  # noqa: E731
+    def enc(records):
+        return encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length)
+
     trained = [r for r in data.records if not r.heldout]
     evals = {"train": enc(trained), "heldout": enc([r for r in data.records if r.heldout])}
     method = AnswerLM(build_lm(cfg.model, len(tokenizer), cfg.data.max_length), enc(trained), evals,
@@ -275,8 +277,8 @@ def evaluate_request(cfg, data: QAData, sets: EvalSets, t: int, base_dir: str, a
     def run():
         with plain_loading():
             scores = load_scores(score_paths)
-            o3 = O3Model.from_parts(base_dir, [Path(a) for a in adapters], [], cfg.unlearn.gate, cfg.data.prompt_template,
-                                    cfg.data.max_length, cfg.model.dtype, detectors=[])
+            o3 = O3Model.from_parts(base_dir, [Path(a) for a in adapters], [], cfg.unlearn.gate,
+                                    cfg.data.prompt_template, cfg.data.max_length, cfg.model.dtype, detectors=[])
             return {**measure(o3, data, sets, t, scores["logit"]), **detector_metrics(scores, sets, t)}
     return on_main_then_broadcast(run)
 
@@ -286,7 +288,10 @@ def evaluate_base(cfg, data: QAData, sets: EvalSets, base_dir: str) -> dict:
         with plain_loading():
             o3 = O3Model.from_parts(base_dir, [], [], "off", cfg.data.prompt_template, cfg.data.max_length,
                                     cfg.model.dtype, detectors=[])
-        acc = lambda idx: o3.answer_matches([data.records[i] for i in idx]).float().mean().item() if idx else None  # noqa: E731
+
+        def acc(idx):
+            return o3.answer_matches([data.records[i] for i in idx]).float().mean().item() if idx else None
+
         return {"forget_acc_train": [acc(s) for s in sets.forget_train],
                 "forget_acc_heldout_templates": [acc(s) for s in sets.forget_heldout],
                 "retain_acc": acc(sets.retain), "utility": acc(sets.utility)}

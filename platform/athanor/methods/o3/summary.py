@@ -22,10 +22,12 @@ def checks(base: dict, requests: list[dict], ablations: dict) -> dict:
     retain_ratio = last["retain_acc"] / base["retain_acc"] if base["retain_acc"] else 0.0
     out = {
         "forget_acc_le_10pct": {"met": forget_after <= 0.10 and base_forget >= 0.90,
-                                "max_forget_acc_any_request": forget_after, "min_base_acc_on_forget_facts": base_forget},
+                                "max_forget_acc_any_request": forget_after,
+                                "min_base_acc_on_forget_facts": base_forget},
         "retain_ge_95pct_of_base": {"met": retain_ratio >= 0.95, "retain_acc": last["retain_acc"],
                                     "base_retain_acc": base["retain_acc"], "ratio": retain_ratio},
-        "auroc_ge_0_95": {"met": min(r["auroc"] for r in requests) >= 0.95, "min_auroc": min(r["auroc"] for r in requests)},
+        "auroc_ge_0_95": {"met": min(r["auroc"] for r in requests) >= 0.95,
+                          "min_auroc": min(r["auroc"] for r in requests)},
         "earlier_requests_stay_forgotten": {"met": bool(earlier) and max(earlier) <= 0.10,
                                             "max_earlier_requests_forget_acc": max(earlier) if earlier else None},
     }
@@ -125,16 +127,17 @@ def _fmt(v) -> str:
 
 def markdown(report: dict) -> list[str]:
     base, requests, ablations = report["base"], report["requests"], report["ablations"]
-    lines = [f"World: {report['world']}. {report['world_size']} process(es); this invocation took {report['seconds']:.0f} s "
-             "(stages finished by an earlier invocation are skipped).", ""]
+    lines = [f"World: {report['world']}. {report['world_size']} process(es); this invocation took "
+             f"{report['seconds']:.0f} s (stages finished by an earlier invocation are skipped).", ""]
     lines += ["## Must show", "", "| check | met | numbers |", "|---|---|---|"]
     for name, c in report["checks"].items():
         nums = ", ".join(f"{k}={_fmt(v)}" for k, v in c.items() if k != "met")
         lines.append(f"| {name} | {'yes' if c['met'] else '**NO**'} | {nums} |")
     failed = [n for n, c in report["checks"].items() if not c["met"]]
     lines += ["", f"Not met: {', '.join(failed)} (numbers above)." if failed else "All checks met.", ""]
+    per_request = METRICS + ["auroc", "auroc_heldout_templates", "mean_w_forget", "mean_w_retain"]
     lines += ["## After each request (O3, gate = " + report["gate"] + ")", "",
-              "| after | " + " | ".join(METRICS + ["auroc", "auroc_heldout_templates", "mean_w_forget", "mean_w_retain"]) + " |",
+              "| after | " + " | ".join(per_request) + " |",
               "|---" * (len(METRICS) + 5) + "|"]
     mean = lambda v: sum(v) / len(v) if None not in v else None  # noqa: E731
     base_row = [_fmt(mean(base["forget_acc_train"])), _fmt(mean(base["forget_acc_heldout_templates"])), "–",
@@ -155,14 +158,16 @@ def markdown(report: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(_fmt(res.get(k)) for k in columns) + " |")
     d = report["detector_parts"]
     lines += ["", "## What carries the gate", "",
-              f"AUROC forget vs retain after the last request: gate (SVM over layers of −γ·cos-distance − ½·Mahalanobis) "
-              f"{_fmt(d['auroc'])}; averaged over layers, the max-cosine part alone {_fmt(d['auroc_max_cosine_only'])}, "
+              "AUROC forget vs retain after the last request: gate (SVM over layers of −γ·cos-distance "
+              f"− ½·Mahalanobis) {_fmt(d['auroc'])}; averaged over layers, the max-cosine part alone "
+              f"{_fmt(d['auroc_max_cosine_only'])}, "
               f"the Mahalanobis part alone {_fmt(d['auroc_mahalanobis_only'])}. Ranking is not the whole story: "
               "the gate_* rows above show what each part does to w(x) once calibrated.",
               f"Adapter subspace overlap (mean ‖A_s A_tᵀ‖/(‖A_s‖‖A_t‖)): λ={report['orth_lambda']} "
               f"{_fmt(report['adapter_overlap'])}, λ=0 {_fmt(report.get('adapter_overlap_lambda0'))}.", "",
               "## Samples (reloaded from the published folder, gated generation)", "",
               "| set | question | truth | O3 answer | w(x) |", "|---|---|---|---|---|"]
-    lines += [f"| {s['set']} | {s['question']} | {s['truth']} | {s['o3_answer']} | {s['w']} |" for s in report["samples"]]
+    lines += [f"| {s['set']} | {s['question']} | {s['truth']} | {s['o3_answer']} | {s['w']} |"
+              for s in report["samples"]]
     lines += ["", "Plots: o3_requests.png (accuracies per request), gate_scores.png (detector scores)."]
     return lines

@@ -159,7 +159,8 @@ def load_qa_dataset(cfg: DataConfig) -> QAData:
         if not path.is_file():
             raise ConfigError(f"data.source={cfg.source!r}: no such file")
         text = path.read_text()
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = (json.loads(text) if path.suffix == ".json"
+                else [json.loads(line) for line in text.splitlines() if line.strip()])
     else:
         import datasets
 
@@ -172,7 +173,8 @@ def load_qa_dataset(cfg: DataConfig) -> QAData:
     missing = [f for f in (cfg.question_field, cfg.answer_field, cfg.paraphrase_field, cfg.group_field)
                if f and rows and f not in rows[0]]
     if missing:
-        raise ConfigError(f"data.source={cfg.source!r} has no field(s) {missing}; fields: {sorted(rows[0]) if rows else []}")
+        raise ConfigError(f"data.source={cfg.source!r} has no field(s) {missing}; "
+                          f"fields: {sorted(rows[0]) if rows else []}")
     records, groups = [], []
     for i, row in enumerate(rows):
         group = str(row[cfg.group_field]) if cfg.group_field else f"group{i // cfg.group_size}"
