@@ -356,8 +356,7 @@ class Detector:
         return dict(self.scalars)
 
     # ---- persistence
-    def save(self, folder: str | Path, lora_state_dict: dict | None = None) -> None:
-        """``lora_state_dict``: the encoder's gathered state when it was trained under ZeRO-3."""
+    def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -366,7 +365,7 @@ class Detector:
                    "precision": self.stats.precision.contiguous(), "svm_coef": self.svm_coef.contiguous(),
                    "scale": self.scale.contiguous()}, str(folder / "detector.safetensors"))
         if hasattr(self.model, "peft_config"):
-            self.model.save_pretrained(folder / "encoder_lora", state_dict=lora_state_dict, safe_serialization=True)
+            self.model.save_pretrained(folder / "encoder_lora", safe_serialization=True)
         meta = {"backbone": self.backbone, "config": asdict(self.cfg), "scalars": self.scalars,
                 "encoder_lora": hasattr(self.model, "peft_config")}
         (folder / "detector.json").write_text(json.dumps(meta, indent=2) + "\n")

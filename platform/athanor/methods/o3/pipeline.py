@@ -21,7 +21,7 @@ from accelerate.utils import broadcast_object_list
 
 from ...config import OptimConfig, TrainConfig, positive
 from ...engine import Engine
-from .detector import Detector, DetectorTraining, extract_features, resolve_backbone
+from .detector import Detector, DetectorTraining, extract_features, load_backbone, resolve_backbone
 from .lm import AnswerLM, build_lm, encode_records, load_lm, load_tokenizer
 from .lora import GradientAscent, UnlearnRequest, save_adapter, unlearning_answers
 from .model import O3Model
@@ -154,37 +154,49 @@ def unlearn_request(cfg, data: QAData, t: int, base_dir: str, earlier: list[str]
 
 
 def train_detector(cfg, t: int, records, base_dir: str, data: QAData, out: Path) -> dict:
-    """Request t's detector on its forget ``records``: encoder LoRA, calibration cross-fitted by
-    fact (a fact's phrasings share a fold); then every record of ``data`` is scored (cached)."""
+    """Request t's detector on its forget ``records``: the encoder LoRA is trained on every process
+    (an engine run); calibration (cross-fitted by fact: a fact's phrasings share a fold) and the
+    scores of every record of ``data`` (cached for evaluation) train nothing, so they run on the
+    main process with the saved adapter reloaded, unsharded."""
+    from peft import PeftModel
     from safetensors.torch import save_file
 
     t0 = time.time()
     dcfg = cfg.detector
     optim = OptimConfig(lr=dcfg.lr, schedule="constant", weight_decay=0.0, grad_clip=1.0)
     engine = Engine(stage_config(cfg, max(1, dcfg.train_steps), optim), output_dir=out)
-    texts = [r.question for r in records]
-    method = DetectorTraining(resolve_backbone(dcfg.backbone, base_dir), dcfg, texts)
+    texts, facts = [r.question for r in records], [r.fact for r in records]
+    backbone = resolve_backbone(dcfg.backbone, base_dir)
+    method = DetectorTraining(backbone, dcfg, texts)
     method.setup(engine)
     if dcfg.train_steps:
         engine.fit(method, method.batches(cfg.run.seed + t))
-    encoder = engine.unwrap("encoder")
-    detector = Detector(encoder, method.tokenizer, dcfg, dcfg.backbone)
-    feats = extract_features(encoder, method.tokenizer, texts, dcfg.max_length)
-    facts = [r.fact for r in records]
-    calibration = detector.fit(feats, seed=cfg.run.seed + t, groups=facts)
-    all_feats = extract_features(encoder, method.tokenizer, [r.question for r in data.records], dcfg.max_length)
-    cos_dist, maha = detector.stats.parts(all_feats)
-    scores = {"logit": detector.logit_from_features(all_feats), "cos_distance": cos_dist.mean(1),
-              "mahalanobis": maha.mean(1)}
-    for name, (variant, groups) in GATE_VARIANTS(dcfg, facts).items():  # what carries the gate: same features
-        other = Detector(encoder, method.tokenizer, variant, dcfg.backbone)
-        other.fit(feats, seed=cfg.run.seed + t, groups=groups)
-        scores[f"logit_{name}"] = other.logit_from_features(all_feats)
     lora_state = engine.accelerator.get_state_dict(method.model)  # gathers ZeRO-3 shards: all ranks
     if engine.is_main:
-        detector.save(out / "detector", lora_state_dict=lora_state)
-        save_file({k: v.contiguous() for k, v in scores.items()}, str(out / "scores.safetensors"))
+        engine.unwrap("encoder").save_pretrained(out / "detector" / "encoder_lora", state_dict=lora_state,
+                                                 safe_serialization=True)
     engine.accelerator.wait_for_everyone()
+
+    def fit_and_score() -> dict:
+        with plain_loading():
+            encoder, tokenizer, _ = load_backbone(backbone)
+            encoder = PeftModel.from_pretrained(encoder, out / "detector" / "encoder_lora")
+        detector = Detector(encoder, tokenizer, dcfg, dcfg.backbone)
+        feats = extract_features(encoder, tokenizer, texts, dcfg.max_length)
+        calibration = detector.fit(feats, seed=cfg.run.seed + t, groups=facts)
+        all_feats = extract_features(encoder, tokenizer, [r.question for r in data.records], dcfg.max_length)
+        cos_dist, maha = detector.stats.parts(all_feats)
+        scores = {"logit": detector.logit_from_features(all_feats), "cos_distance": cos_dist.mean(1),
+                  "mahalanobis": maha.mean(1)}
+        for name, (variant, groups) in GATE_VARIANTS(dcfg, facts).items():  # what carries the gate
+            other = Detector(encoder, tokenizer, variant, dcfg.backbone)
+            other.fit(feats, seed=cfg.run.seed + t, groups=groups)
+            scores[f"logit_{name}"] = other.logit_from_features(all_feats)
+        detector.save(out / "detector")
+        save_file({k: v.contiguous() for k, v in scores.items()}, str(out / "scores.safetensors"))
+        return calibration
+
+    calibration = on_main_then_broadcast(fit_and_score)
     return {"detector_dir": str(out / "detector"), "scores": str(out / "scores.safetensors"),
             "steps": engine.step, **calibration, "seconds": time.time() - t0}
 
