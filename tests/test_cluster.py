@@ -23,8 +23,10 @@ from athanor.engine import read_metrics
 from conftest import ROOT
 
 LOCAL_CLUSTER = ROOT / "launch" / "slurm" / "local-cluster.sh"
-# Same tiny run everywhere: two processes (2 nodes x 1, or ddp-cpu's 2 on one machine).
-RUN = ["--run.max_steps", "24", "--model.d_model", "64", "--model.n_layers", "2", "--data.max_chars", "300000",
+# Same tiny run everywhere: two processes (2 nodes x 1, or ddp-cpu's 2 on one machine). Long enough
+# (~10 s of steps on an idle machine) that the preemption signal, sent at step 3, lands mid-run.
+STEPS = 160
+RUN = ["--run.max_steps", str(STEPS), "--model.d_model", "64", "--model.n_layers", "2", "--data.max_chars", "300000",
        "--run.progress", "false", "--run.eval_every", "0"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -149,7 +151,7 @@ def _wait_for_step(output_dir: Path, step: int, job_id: str, timeout: float = 24
 @pytest.fixture(scope="module")
 def runs(slurm, tmp_path_factory):
     """Three runs of the same tiny config, at once: local ddp-cpu (the reference), a 2-node SLURM
-    job (`athanor submit --wait`), and a 2-node job sent SIGUSR1 at step >= 5."""
+    job (`athanor submit --wait`), and a 2-node job sent SIGUSR1 at step >= 3."""
     tmp = tmp_path_factory.mktemp("slurm-runs")
     local, two_node, preempted = tmp / "local", tmp / "two-node", tmp / "preempted"
     with socket.socket() as s:  # a free port: ddp-cpu.yaml's fixed one may be taken by another run on this host
@@ -169,7 +171,7 @@ def runs(slurm, tmp_path_factory):
         proc = athanor(*submit_args, "recipes/pretrain.py", *RUN, "--run.output_dir", preempted)
         assert proc.returncode == 0, proc.stderr
         preempted_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
-        _wait_for_step(preempted, 5, preempted_id)
+        _wait_for_step(preempted, 3, preempted_id)
         signalled = athanor("cancel", "--signal", "USR1", preempted_id)
         assert signalled.returncode == 0, signalled.stderr
         preempted_info = cluster.wait(preempted_id, poll_s=1, timeout_s=300)
@@ -196,7 +198,7 @@ def test_two_node_job_equals_local_ddp(runs):
     for run in ("two_node", "local"):
         assert json.loads((runs[run] / "report.json").read_text())["world_size"] == 2
     reference = losses(runs["local"])
-    assert sorted(reference) == list(range(1, 25))
+    assert sorted(reference) == list(range(1, STEPS + 1))
     assert losses(runs["two_node"]) == reference  # bit for bit, not approximately
 
 
@@ -207,7 +209,7 @@ def test_preempted_job_requeues_and_resumes_exactly(runs):
     log = (runs["preempted"] / "slurm" / f"slurm-{job_id}.out").read_text()
     assert "SIGUSR1 received" in log and f"requeueing job {job_id}" in log
     resumed = [int(s) for s in re.findall(r"resumed from \S+/checkpoints/step-(\d+) at step \d+", log)]
-    assert resumed and len(set(resumed)) == 1 and 5 <= resumed[0] < 24, log[-3000:]  # mid-run
+    assert resumed and len(set(resumed)) == 1 and 3 <= resumed[0] < STEPS, log[-3000:]  # mid-run
     steps = [r["step"] for r in read_metrics(runs["preempted"]) if "loss" in r]
     assert steps == sorted(set(steps)), "redone steps must replace, not duplicate, logged lines"
     assert losses(runs["preempted"]) == losses(runs["local"])
