@@ -1,5 +1,7 @@
 """The engine on toy methods, in process: update rates, accumulation, precision, checkpoints."""
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch import nn
 
 from athanor.config import ConfigError, EngineConfig, OptimConfig, RunConfig, TrainConfig
 from athanor.data import ShuffledBatches
-from athanor.engine import Engine, Method, lr_multiplier, read_metrics
+from athanor.engine import PREEMPTED_EXIT_CODE, Engine, Method, lr_multiplier, read_metrics
 from athanor.engine import checkpoint as ckpt
 
 
@@ -83,6 +85,67 @@ def test_resume_in_process_matches(tmp_path):
     loss = lambda d: [r["loss"] for r in read_metrics(d) if "loss" in r]  # noqa: E731
     assert loss(tmp_path / "full") == loss(tmp_path / "part")
     assert torch.equal(m1.critic.weight, m3.critic.weight)
+
+
+class SignalsItself(TwoModels):
+    """Sends this process a signal in the middle of step ``at`` (or while step ``at``'s checkpoint
+    is being written, after the loop's last look at the flag)."""
+
+    def __init__(self, at, during_save=False):
+        self.at, self.during_save = at, during_save
+
+    def train_step(self, batch):
+        if not self.during_save and self.engine.step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().train_step(batch)
+
+    def state_dict(self):
+        if self.during_save and self.engine.step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().state_dict()
+
+
+@pytest.fixture
+def usr1_recorder():
+    """SIGUSR1 goes to a recorder outside fit; the engine must hand it back afterwards."""
+    class Recorder(list):
+        def __call__(self, signum, _frame):
+            self.append(signum)
+
+    received = Recorder()
+    old = signal.signal(signal.SIGUSR1, received)
+    yield received
+    signal.signal(signal.SIGUSR1, old)
+
+
+def test_signal_mid_run_checkpoints_exits_75_and_resumes_exactly(tmp_path, usr1_recorder):
+    full = make_engine(tmp_path / "full", max_steps=8)
+    method = TwoModels()
+    method.setup(full)
+    full.fit(method, data())
+    stopped = make_engine(tmp_path / "stopped", max_steps=8)
+    method = SignalsItself(at=3)
+    method.setup(stopped)
+    with pytest.raises(SystemExit) as exit_:
+        stopped.fit(method, data())
+    assert exit_.value.code == PREEMPTED_EXIT_CODE
+    assert ckpt.latest_checkpoint(tmp_path / "stopped").name == "step-3"
+    assert usr1_recorder == []  # the engine acted on it; not passed on
+    assert signal.getsignal(signal.SIGUSR1) is usr1_recorder  # handed back
+    again = make_engine(tmp_path / "stopped", max_steps=8)
+    method = TwoModels()
+    method.setup(again)
+    again.fit(method, data())
+    loss = lambda d: [r["loss"] for r in read_metrics(d) if "loss" in r]  # noqa: E731
+    assert loss(tmp_path / "stopped") == loss(tmp_path / "full")
+
+
+def test_signal_after_the_last_check_is_passed_on(tmp_path, usr1_recorder):
+    engine = make_engine(tmp_path, max_steps=4)
+    method = SignalsItself(at=4, during_save=True)
+    method.setup(engine)
+    engine.fit(method, data())  # finishes: the signal came during the final checkpoint
+    assert usr1_recorder == [signal.SIGUSR1]  # ...and reached the handler that was there before fit
 
 
 class Regression(Method):

@@ -209,7 +209,6 @@ def _worker_main(conn, threads: int, parent_pid: int, grace_s: float) -> None:
             return
         if job is None:
             return
-        signal.signal(signal.SIGTERM, _stop_now)  # a finished run's engine leaves its handler behind
         start = time.perf_counter()
         try:
             outcome = {"ok": True, "result": run_job(job)}

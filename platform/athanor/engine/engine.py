@@ -94,6 +94,7 @@ class Engine:
         self.step = 0
         self.history: dict[str, Any] = {}  # initial/final eval metrics, carried across resumes
         self._stop_signal = None
+        self._installed_for: set = set()
         set_seed(run.seed)
 
     # ---------------------------------------------------------------- facts
@@ -186,7 +187,7 @@ class Engine:
         if self.step == 0 and "initial_eval" not in self.history:
             self.history["initial_eval"] = self._evaluate(method)
             logger.log(0, {f"eval_{k}": v for k, v in self.history["initial_eval"].items()})
-        self._install_signal_handlers()
+        previous_handlers = self._install_signal_handlers()
         bar = tqdm(total=max_steps, initial=self.step, disable=not (self.is_main and self.run.progress),
                    desc=self.output_dir.name, dynamic_ncols=True)
         window: dict[str, list] = {}
@@ -226,6 +227,8 @@ class Engine:
         finally:
             bar.close()
             logger.close()
+            self._restore_signal_handlers(previous_handlers)
+        self._pass_on_late_signal()
         if "final_eval" not in self.history:  # resumed at max_steps: evaluate the loaded model
             self.history["final_eval"] = self._evaluate(method)
         return self.history["final_eval"]
@@ -273,15 +276,32 @@ class Engine:
         return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
     # ---------------------------------------------------------------- signals
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
+        """SIGUSR1/SIGTERM during ``fit`` mean: checkpoint at the end of this step, exit 75."""
         def handler(signum, _frame):
             self._stop_signal = signum
 
+        previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
-                signal.signal(sig, handler)
+                previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a notebook worker)
                 pass
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict) -> None:
+        """Give the signals back to whoever had them (a later stage's engine, a sweep worker, the
+        default). A signal that came after the last step was checked is then passed on, not lost
+        (``_pass_on_late_signal``): under SLURM the default action ends the process, and the job
+        requeues and resumes from the final checkpoint."""
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._installed_for = set(previous)
+
+    def _pass_on_late_signal(self) -> None:
+        pending, self._stop_signal = self._stop_signal, None
+        if pending and pending in self._installed_for:
+            signal.raise_signal(pending)
 
     def _stop_requested(self) -> int:
         flag = torch.tensor([self._stop_signal or 0], device=self.device)
