@@ -83,9 +83,11 @@ def test_grid_points_cover_the_grid_and_name_their_folders():
     assert models == {(32, 2), (64, 4)}
 
 
-def test_independent_weight_decay_is_lambda_times_schedule_not_times_lr():
-    """θ ← θ − λ·s_t·θ after each step, s_t the multiplier of that step's LR; AdamW's own decay off."""
-    cfg = OptimConfig(lr=0.5, weight_decay=0.1, independent_weight_decay=True, warmup_steps=3, schedule="cosine")
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_independent_weight_decay_is_lambda_times_schedule_not_times_lr(optimizer):
+    """θ ← θ − λ·s_t·θ after each step, s_t the multiplier of that step's LR; the optimizer's own decay off."""
+    cfg = OptimConfig(name=optimizer, lr=0.5, weight_decay=0.1, independent_weight_decay=True, warmup_steps=3,
+                      schedule="cosine")
     model = torch.nn.Linear(4, 4, bias=False)
     norm = torch.nn.LayerNorm(4)
     both = torch.nn.ModuleDict({"w": model, "n": norm})
@@ -97,7 +99,7 @@ def test_independent_weight_decay_is_lambda_times_schedule_not_times_lr():
         assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * lr_multiplier(t, cfg, 10))
         opt.zero_grad()
         for p in both.parameters():
-            p.grad = torch.zeros_like(p)  # Adam's update is exactly 0: only the decay moves θ
+            p.grad = torch.zeros_like(p)  # the update is exactly 0: only the decay moves θ
         opt.step()
         sched.step()
         sched.apply_independent_decay()

@@ -37,14 +37,14 @@ def param_groups(model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, float]
 
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.betas[0], weight_decay=cfg.weight_decay)
-    # Independent decay is applied by the scheduler hook below, so AdamW's own (lr-coupled)
-    # decay must be zero then.
+    # Independent decay is applied by ``Schedule.apply_independent_decay``, so the optimizer's own
+    # (lr-coupled) decay must then be zero, for every group.
     wd = 0.0 if cfg.independent_weight_decay else cfg.weight_decay
-    if isinstance(params, list) and params and isinstance(params[0], dict) and cfg.independent_weight_decay:
-        for g in params:
-            g["weight_decay"] = 0.0
+    if cfg.independent_weight_decay and isinstance(params, list) and params and isinstance(params[0], dict):
+        for group in params:
+            group["weight_decay"] = 0.0
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.betas[0], weight_decay=wd)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd)
 
 
