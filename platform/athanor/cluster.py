@@ -141,6 +141,11 @@ def _run_and_requeue(command: str) -> list[str]:
     ]
 
 
+def _set_options(**options) -> list[str]:
+    """``--gpus-per-node=8``-style sbatch options for the settings that are set (not 0 or "")."""
+    return [f"--{key.replace('_', '-')}={value}" for key, value in options.items() if value]
+
+
 def sbatch_script(spec: JobSpec) -> str:
     """The batch script for ``spec`` (what ``--dry-run`` prints)."""
     name = spec.job_name or f"athanor-{Path(spec.recipe).stem}"
@@ -148,15 +153,8 @@ def sbatch_script(spec: JobSpec) -> str:
     directives = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1",
                   f"--output={log_dir}/slurm-%j.out", "--open-mode=append",  # a requeued run appends
                   f"--chdir={Path.cwd()}", "--requeue", f"--signal=B:USR1@{spec.signal_grace_s}"]
-    if spec.gpus_per_node:
-        directives.append(f"--gpus-per-node={spec.gpus_per_node}")
-    if spec.cpus_per_task:
-        directives.append(f"--cpus-per-task={spec.cpus_per_task}")
-    if spec.partition:
-        directives.append(f"--partition={spec.partition}")
-    if spec.time:
-        directives.append(f"--time={spec.time}")
-    directives += spec.sbatch_args
+    directives += _set_options(gpus_per_node=spec.gpus_per_node, cpus_per_task=spec.cpus_per_task,
+                               partition=spec.partition, time=spec.time) + spec.sbatch_args
 
     launch = [spec.python, "-m", "accelerate.commands.launch", "--config_file", str(spec.resolved_launch_config())]
     if spec.num_processes > 1:
@@ -311,13 +309,8 @@ class SlurmExecutor:
                       f"--cpus-per-task={self.threads_per_worker}",
                       f"--output={log_dir}/sweep-%A_%a.out", "--open-mode=append", f"--chdir={Path.cwd()}",
                       "--requeue", f"--signal=B:USR1@{self.signal_grace_s}"]
-        if self.gpus_per_task:
-            directives.append(f"--gpus-per-task={self.gpus_per_task}")
-        if self.partition:
-            directives.append(f"--partition={self.partition}")
-        if self.time:
-            directives.append(f"--time={self.time}")
-        directives += self.sbatch_args
+        directives += _set_options(gpus_per_task=self.gpus_per_task, partition=self.partition,
+                                   time=self.time) + self.sbatch_args
         run = " ".join(_q(a) for a in [self.python, "-m", "athanor.cluster", "sweep-task", jobs_file])
         return "\n".join([
             "#!/bin/bash", "# Written by athanor.cluster.SlurmExecutor: one array task per sweep run.",
