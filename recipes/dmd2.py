@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
-from accelerate import PartialState
 
 from athanor.config import ConfigError, OptimConfig, RunConfig, TrainConfig, exit_on_config_error, parse_or_exit, positive
+from athanor.engine import process_state
 from athanor.data.images import ImageDataConfig, load_image_data
 from athanor.methods.diffusion import TeacherConfig, train_teacher
 from athanor.methods.dmd2 import VARIANTS, DMD2Config, check_launch, publish, train_dmd2
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
         method_cfg = replace(cfg.dmd2, **VARIANTS.get(name, {}))
         runs[name] = stages.run("dmd2" + (f"-{name}" if name else ""), lambda d: train_dmd2(
             d, cfg, method_cfg, cfg.teacher, teacher["pipeline"], data, evaluator))
-    if not PartialState().is_main_process:
+    if not process_state(cfg.engine.cpu).is_main_process:
         return {}
     report = publish(cfg, data, teacher, classifier, runs, evaluator, stages.root, time.time() - started)
     print(f"report: {stages.root / 'report.md'}")

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import torch
 
 from athanor.config import OptimConfig, RunConfig, TrainConfig, exit_on_config_error, parse_or_exit
+from athanor.engine import process_state
 from athanor.methods.o3.detector import DetectorConfig, check_backbone
 from athanor.methods.o3.lm import ModelConfig
 from athanor.methods.o3.lora import UnlearnConfig
 from athanor.methods.o3.model import O3Model
 from athanor.methods.o3.pipeline import (AblationConfig, EvalSets, adapter_overlap, evaluate_base, evaluate_request,
-                                         init_process_state, load_scores, plain_loading, run_ablations, train_base,
+                                         load_scores, plain_loading, run_ablations, train_base,
                                          train_detector, unlearn_request)
 from athanor.methods.o3.summary import checks, markdown, plot, plot_gate, publish, samples
 from athanor.methods.o3.world import DataConfig, load_data, request_groups, retained_groups
@@ -51,7 +52,7 @@ def main(argv=None) -> dict:
         data = load_data(cfg.data)
         requests = request_groups(data, cfg.data)
         sets = EvalSets.build(data, requests, retained_groups(data, requests))
-        state = init_process_state(cfg)
+        state = process_state(cfg.engine.cpu)
         stages = Stages(cfg.run.output_dir)
         base = stages.run("base", lambda d: train_base(cfg, data, d))
     base_dir = str(stages.dir("base") / "model") if base["steps"] else base["model_dir"]  # relative: movable

@@ -1,7 +1,11 @@
 """The engine on toy methods, in process: update rates, accumulation, precision, checkpoints."""
+import json
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from athanor.config import ConfigError, EngineConfig, OptimConfig, RunConfig, Tr
 from athanor.data import ShuffledBatches
 from athanor.engine import PREEMPTED_EXIT_CODE, Engine, Method, lr_multiplier, read_metrics
 from athanor.engine import checkpoint as ckpt
+from conftest import ROOT
 
 
 class TwoModels(Method):
@@ -238,3 +243,33 @@ def test_lr_schedule_after_warmup(schedule, step, expected):
 def test_warmup_is_linear():
     cfg = OptimConfig(warmup_steps=10)
     assert [lr_multiplier(s, cfg, 110) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+
+
+STAGE_FIRST = """
+import json, sys
+from athanor.config import TrainConfig, RunConfig
+from athanor.engine import Engine
+from athanor.stages import Stages
+
+stages = Stages(sys.argv[1])
+stages.run("evaluate-only", lambda d: {"ok": True})  # the first stage builds no engine
+engine = Engine(TrainConfig(run=RunConfig(output_dir=sys.argv[1] + "/train", progress=False)))
+print(json.dumps({"rank": engine.rank, "processes": engine.world_size}))
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_without_engine_first_keeps_deepspeed_on_all_processes(tmp_path):
+    """Under DeepSpeed on CPU a bare PartialState() before the first engine came up as one
+    process, and the engine after it inherited that (each process believing it was alone)."""
+    script = tmp_path / "stage_first.py"
+    script.write_text(STAGE_FIRST)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "launch" / "zero2-cpu.yaml"), "--main_process_port", str(port), str(script),
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = sorted(json.loads(line)["rank"] for line in proc.stdout.splitlines() if line.startswith("{"))
+    assert seen == [0, 1] and proc.stdout.count('"processes": 2') == 2, proc.stdout

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from accelerate import PartialState
+from .engine import process_state
 
 
 class Stages:
@@ -28,7 +28,7 @@ class Stages:
         else:
             self.dir(name).mkdir(parents=True, exist_ok=True)
             result = fn(self.dir(name))
-            state = PartialState()
+            state = process_state()
             if state.is_main_process:
                 tmp = marker.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"stage": name, "result": result}, indent=2))

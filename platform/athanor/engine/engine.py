@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
@@ -31,6 +31,22 @@ from .schedule import Schedule, build_optimizer, param_groups
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written, run me again (SLURM requeues)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def _launch_settings(cpu_requested: bool) -> tuple[bool, bool, bool]:
+    """(cpu, deepspeed, distributed) for this process, from the config and accelerate's launcher."""
+    cpu = cpu_requested or not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return cpu, deepspeed, int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state(cpu: bool = False) -> PartialState:
+    """accelerate's per-process state, set up exactly as ``Engine`` sets it up. Code that runs
+    before any engine exists (a stage that only evaluates, a resumed recipe whose stages are all
+    done) must use this rather than a bare ``PartialState()``: under DeepSpeed on CPU that comes
+    up as a single process, and every later engine inherits it."""
+    cpu, deepspeed, distributed = _launch_settings(cpu)
+    return PartialState(cpu=cpu and not deepspeed, **({"backend": "gloo"} if cpu and distributed else {}))
 
 
 class Method:
@@ -69,14 +85,12 @@ class Engine:
         ``OUTPUT/config.yaml``. ``output_dir`` overrides ``run.output_dir`` (multi-stage recipes)."""
         run, optim, engine = config.run, config.optim, config.engine
         self.run, self.optim_cfg, self.engine_cfg = run, optim, engine
-        cpu = engine.cpu or not torch.cuda.is_available()
-        # Accelerator(cpu=True) silently drops DeepSpeed; on a GPU-less machine DeepSpeed picks its
-        # CPU accelerator by itself, so cpu=True is only passed when DeepSpeed is not asked for.
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        cpu, deepspeed, distributed = _launch_settings(engine.cpu)
         if cpu and engine.mixed_precision == "fp16":
             raise ConfigError("engine.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+        # Accelerator(cpu=True) silently drops DeepSpeed; on a GPU-less machine DeepSpeed picks its
+        # CPU accelerator by itself, so cpu=True is only passed when DeepSpeed is not asked for.
         # DeepSpeed and DDP on CPU need gloo named explicitly (see ENVIRONMENT.md).
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and distributed else []
         state = AcceleratorState._shared_state
         if state and state.get("_mixed_precision") not in (None, engine.mixed_precision):

@@ -10,7 +10,6 @@ it trains nothing; detector scores of every record are cached by the detector st
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,17 +62,6 @@ class EvalSets:
                    idx(lambda r: r.kind == "fact" and r.group in set(retained)), idx(lambda r: r.kind == "utility"))
         sets.forget_all = [a + b for a, b in zip(sets.forget_train, sets.forget_heldout)]
         return sets
-
-
-def init_process_state(cfg: TrainConfig) -> PartialState:
-    """Set up accelerate's process state the way ``Engine`` does, before a stage that builds no
-    engine (an evaluation) asks for it: under DeepSpeed on CPU a bare ``PartialState()`` comes up
-    as one process, and every later stage's engine then inherits that (DeepSpeed fails with
-    "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size")."""
-    cpu = cfg.engine.cpu or not torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=cpu and not deepspeed, **({"backend": "gloo"} if cpu and distributed else {}))
 
 
 def stage_config(cfg: TrainConfig, max_steps: int, optim: OptimConfig) -> TrainConfig:
