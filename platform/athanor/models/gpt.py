@@ -2,7 +2,7 @@
 
 Pre-LN decoder blocks (post-LN with ``pre_ln=False``); optional per-head qk-layernorm (Dehghani et al. 2023), z-loss
 ``w * mean(log Z^2)`` (Chowdhery et al. 2022), biases, tied embeddings, learned or rotary
-positions. ``AutoModelForCausalLM.from_pretrained`` loads a saved folder after ``import athanor``
+positions. ``AutoModelForCausalLM.from_pretrained`` loads a saved folder after ``import athanor.models``
 (the class is registered) or with ``trust_remote_code=True`` (the code is saved beside it).
 
 µParam (``mup_base_width > 0``; Yang et al. 2022, Table 3 for Adam, in the simple form Wortsman
