@@ -15,6 +15,7 @@ bf16 cases check the kernels' upcast-after-load (the interpreter's bf16 math is 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -44,7 +45,9 @@ def test_kernels_in_interpreter():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and "failed" not in res.stdout, res.stdout[-2000:]
+    # Everything ran in the child: the only skip there is this launcher test itself.
+    last_line = res.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"[1-9]\d* passed, 1 skipped in .*", last_line), res.stdout[-2000:]
 
 
 def assert_close(actual, expected, dtype, what):
