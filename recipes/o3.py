@@ -90,6 +90,9 @@ def main(argv=None) -> dict:
         plot_gate(stages.root, load_scores(scores)["logit"], sets)
         report["seconds"] = time.time() - start
         write_report(stages.root, report, "O3 continual unlearning", markdown(report))
+        unmet = [name for name, check in report["checks"].items() if not check["met"]]
+        print(f"O3: {len(report['checks']) - len(unmet)}/{len(report['checks'])} checks met"
+              + (f" (not met: {', '.join(unmet)})" if unmet else "") + f"; report: {stages.root / 'report.md'}")
     return report
 
 

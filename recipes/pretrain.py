@@ -34,6 +34,9 @@ def main(argv=None) -> dict:
         engine.fit(method, method.batches(cfg.run.seed))
     report = save_pretrain_outputs(engine, method, cfg)
     maybe_publish(cfg.hub, engine.output_dir, is_main=engine.is_main)
+    if engine.is_main:
+        print(f"eval loss {report['initial_eval_loss']:.3f} -> {report['final_eval_loss']:.3f}; "
+              f"report: {engine.output_dir / 'report.md'}")
     return report
 
 

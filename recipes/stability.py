@@ -104,7 +104,9 @@ def main(argv=None) -> dict:
     runs = [{**{k: p[k] for k in ("name", "variant", "width", "depth", "lr", "z_loss_weight")},
              **stability.summarize_run(Path(cfg.run.output_dir) / p["name"], sweep.outcomes[p["name"]].result)}
             for p in points]
-    return write_stability_report(cfg.run.output_dir, runs, cfg.analysis, cfg.logz_demo, describe(cfg))
+    report = write_stability_report(cfg.run.output_dir, runs, cfg.analysis, cfg.logz_demo, describe(cfg))
+    print(f"report: {Path(cfg.run.output_dir) / 'report.md'}")
+    return report
 
 
 if __name__ == "__main__":
