@@ -5,7 +5,7 @@ own folder under ``run.output_dir``; the points run in parallel worker processes
 sweep run again skips the finished points. Then: LR sensitivity, optimal LR and probe scaling
 per variant, a long-run log Z demonstration, report.json/md and plots.
 
-    python recipes/stability.py                                 # CPU default, 4m13s on 2 idle cores
+    python recipes/stability.py                                 # CPU default, 5m20s on 2 idle cores
     python recipes/stability.py --sweep.variants [baseline,qk_layernorm,mup] --sweep.widths [64,128]
     python recipes/stability.py --config recipes/configs/stability/gpu.yaml
 """

@@ -200,4 +200,6 @@ def test_log_z_drift_is_measured_on_window_means_not_the_last_point(tmp_path, ta
     assert (abs(summary["late_drift"]) > DRIFT) == drifts, summary
     assert summary["log_z_final"] == values[-1] and summary["log_z_end_mean"] < values[-1]
     (verdict,) = logz_verdict([summary])
-    assert ("a drift." in verdict) == drifts and ("did NOT drift" in verdict) != drifts
+    assert ("a drift (threshold ±1) away from 0" in verdict) == drifts and ("did NOT drift" in verdict) != drifts
+    stopped = {**summary, "z_loss_weight": 1e-4, "late_drift": 0.1, "log_z_end_mean": 4.5}
+    assert ("z-loss stopped the drift" in logz_verdict([summary, stopped])[1]) == drifts
