@@ -273,7 +273,8 @@ def report_lines(report: dict, analysis: AnalysisConfig, demo: LogZDemoConfig) -
         lines.append(text + ".")
     if report["logz_demo"]:
         lines += ["", f"## Output log Z without weight decay ({demo.steps} steps, LR {demo.lr:g} {demo.schedule}, "
-                  f"qk-layernorm {demo.qk_layernorm}, tied embeddings {demo.tie_embeddings}): `log_z_demo.png`", ""]
+                  f"qk-layernorm {demo.qk_layernorm}, tied embeddings {demo.tie_embeddings}; one training seed, "
+                  "so rerun with another `--run.seed` before leaning on a single drift): `log_z_demo.png`", ""]
         for d in report["logz_demo"]:
             if d.get("log_z_first") is None:
                 continue
