@@ -108,7 +108,6 @@ class Engine:
         self.step = 0
         self.history: dict[str, Any] = {}  # initial/final eval metrics, carried across resumes
         self._stop_signal = None
-        self._installed_for: set = set()
         set_seed(run.seed)
 
     # ---------------------------------------------------------------- facts
@@ -242,7 +241,7 @@ class Engine:
             bar.close()
             logger.close()
             self._restore_signal_handlers(previous_handlers)
-        self._pass_on_late_signal()
+        self._pass_on_late_signal(previous_handlers)
         if "final_eval" not in self.history:  # resumed at max_steps: evaluate the loaded model
             self.history["final_eval"] = self._evaluate(method)
         return self.history["final_eval"]
@@ -310,11 +309,10 @@ class Engine:
         requeues and resumes from the final checkpoint."""
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
-        self._installed_for = set(previous)
 
-    def _pass_on_late_signal(self) -> None:
+    def _pass_on_late_signal(self, handled: dict) -> None:
         pending, self._stop_signal = self._stop_signal, None
-        if pending and pending in self._installed_for:
+        if pending and pending in handled:
             signal.raise_signal(pending)
 
     def _stop_requested(self) -> int:
