@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from athanor import cluster
 from athanor.engine import read_metrics
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 LOCAL_CLUSTER = ROOT / "launch" / "slurm" / "local-cluster.sh"
 # Same tiny run everywhere: two processes (2 nodes x 1, or ddp-cpu's 2 on one machine). Long enough
@@ -154,9 +153,7 @@ def runs(slurm, tmp_path_factory):
     job (`athanor submit --wait`), and a 2-node job sent SIGUSR1 at step >= 3."""
     tmp = tmp_path_factory.mktemp("slurm-runs")
     local, two_node, preempted = tmp / "local", tmp / "two-node", tmp / "preempted"
-    with socket.socket() as s:  # a free port: ddp-cpu.yaml's fixed one may be taken by another run on this host
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # ddp-cpu.yaml's fixed one may be taken by another run on this host
     reference = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                                   str(ROOT / "launch" / "ddp-cpu.yaml"), "--main_process_port", str(port),
                                   str(ROOT / "recipes" / "pretrain.py"),

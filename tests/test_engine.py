@@ -3,7 +3,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from athanor.config import ConfigError, EngineConfig, OptimConfig, RunConfig, Tr
 from athanor.data import ShuffledBatches
 from athanor.engine import PREEMPTED_EXIT_CODE, Engine, Method, lr_multiplier, read_metrics
 from athanor.engine import checkpoint as ckpt
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 
 class TwoModels(Method):
@@ -54,6 +53,10 @@ def make_engine(tmp_path, **run):
     return Engine(cfg)
 
 
+def losses(output_dir):
+    return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
+
+
 def data(seed=0):
     return ShuffledBatches(torch.randn(64, 4, generator=torch.Generator().manual_seed(1)), 8, seed)
 
@@ -87,8 +90,7 @@ def test_resume_in_process_matches(tmp_path):
     m3.setup(again)
     again.fit(m3, data())
     assert m3.updates == {"gen": 3, "critic": 8}  # method state came back from the checkpoint
-    loss = lambda d: [r["loss"] for r in read_metrics(d) if "loss" in r]  # noqa: E731
-    assert loss(tmp_path / "full") == loss(tmp_path / "part")
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
     assert torch.equal(m1.critic.weight, m3.critic.weight)
 
 
@@ -141,8 +143,7 @@ def test_signal_mid_run_checkpoints_exits_75_and_resumes_exactly(tmp_path, usr1_
     method = TwoModels()
     method.setup(again)
     again.fit(method, data())
-    loss = lambda d: [r["loss"] for r in read_metrics(d) if "loss" in r]  # noqa: E731
-    assert loss(tmp_path / "stopped") == loss(tmp_path / "full")
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "full")
 
 
 def test_signal_after_the_last_check_is_passed_on(tmp_path, usr1_recorder):
@@ -265,9 +266,7 @@ def test_a_stage_without_engine_first_keeps_deepspeed_on_all_processes(tmp_path)
     process, and the engine after it inherited that (each process believing it was alone)."""
     script = tmp_path / "stage_first.py"
     script.write_text(STAGE_FIRST)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(ROOT / "launch" / "zero2-cpu.yaml"), "--main_process_port", str(port), str(script),
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -3,7 +3,6 @@ through huggingface_hub (HF_ENDPOINT at a local address) and fail with one clear
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 
 from athanor import hub
 from athanor.config import ConfigError, load_config
-from conftest import ROOT, run_recipe
+from conftest import ROOT, free_port, run_recipe
 
 REPO = "me/tiny-gpt"
 TINY = ["--run.max_steps", "6", "--model.d_model", "32", "--model.n_layers", "1", "--data.max_chars", "100000",
@@ -157,9 +156,7 @@ def test_offline_is_one_line(finished):
 @pytest.mark.slow
 def test_unreachable_endpoint_is_one_line(finished):
     out, _ = finished
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = athanor("publish", out, "--repo-id", REPO, HF_HUB_OFFLINE="0", HF_TOKEN="hf_test",
                    HF_ENDPOINT=f"http://127.0.0.1:{port}")
     assert proc.returncode == 1
