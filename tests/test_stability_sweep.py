@@ -21,6 +21,8 @@ TOY_SCRIPT = textwrap.dedent("""
             raise RuntimeError("boom")
         if mode == "crash":
             os._exit(3)  # dies without a word, like an out-of-memory kill
+        if mode == "exit":
+            sys.exit(2)  # a recipe's own exit (bad config): the worker leaves after reporting it
         time.sleep(float(value) / 10)
         return {"value": int(value), "pid": os.getpid(), "threads": os.environ.get("OMP_NUM_THREADS")}
 """)
@@ -204,3 +206,11 @@ def test_gpu_config_scales_the_same_recipe(tmp_path):
     slurm = load_config(recipe.StabilityConfig, ["--sweep.executor", "slurm", "--sweep.workers", "16"]).sweep
     executor = make_executor(slurm.executor, workers=slurm.workers, threads_per_worker=4, devices=[])
     assert type(executor).__name__ == "SlurmExecutor" and executor.workers == 16  # athanor.cluster plugs in
+
+
+def test_jobs_that_exit_do_not_use_up_the_workers(tmp_path):
+    """Every worker whose job called sys.exit leaves; replacements must run the remaining jobs."""
+    jobs = toy_jobs(tmp_path, ["exit", "exit", "exit", "ok", "ok"])
+    result = run_sweep(jobs, make_executor("local", workers=2, threads_per_worker=1, devices=[]), progress=False)
+    assert [result.outcomes[j.name].ok for j in jobs] == [False, False, False, True, True]
+    assert all("stopped (exit 2)" in result.outcomes[j.name].error for j in jobs[:3])

@@ -213,7 +213,8 @@ def _worker_main(conn, threads: int, parent_pid: int, grace_s: float) -> None:
         try:
             outcome = {"ok": True, "result": run_job(job)}
         except SystemExit as exc:  # SIGTERM: the engine checkpointed (or the job had not started training)
-            conn.send({"ok": False, "error": f"stopped (exit {exc.code})", "seconds": time.perf_counter() - start})
+            conn.send({"ok": False, "error": f"stopped (exit {exc.code})", "seconds": time.perf_counter() - start,
+                       "exiting": True})
             sys.exit(exc.code if isinstance(exc.code, int) else 1)
         except Exception as exc:
             outcome = {"ok": False, "error": _error_text(exc)}
@@ -295,21 +296,23 @@ class LocalExecutor(Executor):
                         try:
                             reply = conn.recv()
                         except (EOFError, OSError):  # died inside the job (killed, out of memory, ...)
+                            reply = None
+                        gone = reply is None or reply.get("exiting")  # died, or leaving after a SystemExit
+                        if gone:
                             worker.proc.join(5)
                             worker.conn.close()
                             workers.remove(worker)
-                            yield job, Outcome(job.name, False, error=f"worker exited with code {worker.proc.exitcode}")
-                            if pending:
-                                workers.append(self._start(ctx, next_index))
-                                next_index += 1
-                                feed(workers[-1])
-                            continue
+                        if reply is None:
+                            reply = {"ok": False, "error": f"worker exited with code {worker.proc.exitcode}",
+                                     "seconds": 0.0}
                         yield job, Outcome(job.name, reply["ok"], reply.get("result"), reply.get("error"),
                                            reply["seconds"])
-                        if not reply["ok"] and reply.get("error", "").startswith("stopped"):
-                            worker.job = None  # it exits by itself after a stop
-                            continue
-                        feed(worker)
+                        if not gone:
+                            feed(worker)
+                        elif pending:  # a replacement keeps the sweep at its width
+                            workers.append(self._start(ctx, next_index))
+                            next_index += 1
+                            feed(workers[-1])
         finally:
             self._stop_workers(workers)
 
