@@ -316,10 +316,10 @@ class Engine:
             signal.raise_signal(pending)
 
     def _stop_requested(self) -> int:
+        if self.world_size == 1:  # no collective to join: skip the tensor and its device sync
+            return int(self._stop_signal or 0)
         flag = torch.tensor([self._stop_signal or 0], device=self.device)
-        if self.world_size > 1:  # one process signalled means all stop at the same step
-            flag = self.accelerator.gather(flag).max()
-        return int(flag.item())
+        return int(self.accelerator.gather(flag).max().item())  # one process signalled: all stop at this step
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, method: Method, data) -> Path:
