@@ -15,11 +15,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from ...config import OptimConfig, TrainConfig, positive
-from ...engine import Engine
+from ...engine import Engine, process_state
 from .detector import Detector, DetectorTraining, extract_features, load_backbone, resolve_backbone
 from .lm import AnswerLM, build_lm, encode_records, load_lm, load_tokenizer
 from .lora import GradientAscent, UnlearnRequest, save_adapter, unlearning_answers
@@ -86,7 +85,7 @@ def plain_loading():
 
 def on_main_then_broadcast(fn):
     """Run ``fn()`` on the main process only; every process gets its (picklable) result."""
-    state = PartialState()
+    state = process_state()
     box = [fn() if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(box)
