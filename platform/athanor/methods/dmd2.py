@@ -54,7 +54,7 @@ from torch import nn
 
 from ..config import ConfigError, OptimConfig, positive
 from ..data.batches import ShuffledBatches
-from ..engine import Engine, Method
+from ..engine import Engine, Method, read_metrics
 from .diffusion import (EDM, EDMClassPipeline, EMA, TeacherConfig, euler_sample, feature_block, guided_nfe,
                         load_denoiser, null_label, save_pipeline, stage_config)
 
@@ -427,8 +427,6 @@ def must_show(table: dict, teacher_n: str) -> dict:
 
 def fd_curve(stage_dir: Path) -> list[tuple[float, float]]:
     """(generator step, FD) points logged by ``DMD2.evaluate`` during a run."""
-    from ..engine import read_metrics
-
     return sorted({r["eval_generator_step"]: r["eval_fd"] for r in read_metrics(stage_dir) if "eval_fd" in r}.items())
 
 
@@ -444,15 +442,14 @@ def shortfall_note(checks: dict, curve: list, updates: int) -> list[str]:
             f"the same recipe for 6000 updates on one GPU."]
 
 
-def plot_fd_curves(stage_dirs: dict, table: dict, path: Path, eval_samples: int) -> Path:
+def plot_fd_curves(curves: dict, table: dict, path: Path, eval_samples: int) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, stage_dir in stage_dirs.items():
-        pts = fd_curve(stage_dir)
+    for name, pts in curves.items():
         if pts:
             ax.plot(*zip(*pts), marker="o", markersize=3, label=f"dmd2@1{':' + name if name else ''}")
     for key, style in zip([k for k in table["fd"] if k.startswith("teacher@")], (":", "--", "-.")):
@@ -491,8 +488,8 @@ def publish(cfg, data, teacher: dict, classifier: dict, runs: dict, evaluator, o
                          title=f"{name}: FD {scores['fd']:.2f}, class acc {scores['class_acc']:.2f}")
     teacher_n = f"teacher@{cfg.teacher.sample_steps}"
     checks = must_show(table, teacher_n)
-    stage_dirs = {name: output_dir / ("dmd2" + (f"-{name}" if name else "")) for name in runs}
-    plot_fd_curves(stage_dirs, table, output_dir / "fd_curve.png", cfg.dmd2.eval_samples)
+    curves = {name: fd_curve(output_dir / ("dmd2" + (f"-{name}" if name else ""))) for name in runs}
+    plot_fd_curves(curves, table, output_dir / "fd_curve.png", cfg.dmd2.eval_samples)
 
     main = runs[""]
     model, edm = load_denoiser(main["generator"])
@@ -515,7 +512,7 @@ def publish(cfg, data, teacher: dict, classifier: dict, runs: dict, evaluator, o
              f"GAN weight {cfg.dmd2.gan_weight}, EMA {cfg.dmd2.ema_decay}); other runs change only: "
              + "; ".join(f"{n}: {VARIANTS[n]}" for n in runs if n) + ". Backward simulation "
              f"{cfg.dmd2.backward_simulation} for multi-step generators.", "", *rows, "", "Acceptance checks:", *verdict,
-             *shortfall_note(checks, fd_curve(stage_dirs[""]), cfg.run.max_steps), "",
+             *shortfall_note(checks, curves[""], cfg.run.max_steps), "",
              "FD vs generator step: fd_curve.png. Sample grids (one row per class): samples/*.png. "
              f"1-step pipeline: {pipe_dir} (DiffusionPipeline.from_pretrained(path, trust_remote_code=True)).",
              f"Wall time of this invocation: {seconds:.0f} s (finished stages are skipped on re-runs)."]
