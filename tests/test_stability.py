@@ -190,13 +190,14 @@ def test_every_variant_builds_a_valid_pretrain_run():
 @pytest.mark.parametrize("tail, drifts", [(lambda i: 5.0, False), (lambda i: 5.0 + 0.02 * i, True)])
 def test_log_z_drift_is_measured_on_window_means_not_the_last_point(tmp_path, tail, drifts):
     """Flat log Z with one spike at the last logged step is no drift; a steady climb is."""
+    from athanor.methods.stability import series
     from athanor.methods.stability_report import DRIFT, logz_summary, logz_verdict
 
     values = [5.0] * 100 + [tail(i) for i in range(100)]
     values[-1] += 4.0  # one spike, as logged probes show
     rows = [{"step": 10 * (i + 1), "log_z_mean": v} for i, v in enumerate(values)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = logz_summary(tmp_path, {"name": "z0", "final_eval_loss": 2.5, "z_loss_weight": 0.0})
+    summary = logz_summary(*series(tmp_path, "log_z_mean"), {"name": "z0", "final_eval_loss": 2.5, "z_loss_weight": 0.0})
     assert (abs(summary["late_drift"]) > DRIFT) == drifts, summary
     assert summary["log_z_final"] == values[-1] and summary["log_z_end_mean"] < values[-1]
     (verdict,) = logz_verdict([summary])

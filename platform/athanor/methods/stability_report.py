@@ -134,11 +134,11 @@ def compare_to_baseline(grid: list[dict], variant: str, sens: dict, top_lrs: lis
                                for m in sens["baseline"] if m in sens.get(variant, {})}}
 
 
-def logz_summary(run_dir: Path, run: dict) -> dict:
+def logz_summary(steps: list[int], values: list[float], run: dict) -> dict:
     """The log Z trajectory of a long demo run: start, end, extremes, and the late-run change
     measured between window means (a tenth of the logged points at mid-run and at the end), so
-    that one spike at the last logged step is not called a drift."""
-    steps, values = series(run_dir, "log_z_mean")
+    that one spike at the last logged step is not called a drift. ``steps``/``values``: the run's
+    ``log_z_mean`` series."""
     if not steps:
         return {"name": run["name"], "final_eval_loss": run["final_eval_loss"], "log_z_first": None}
     half, window = len(steps) // 2, max(1, len(steps) // 10)
@@ -185,9 +185,10 @@ def write_stability_report(root: str | Path, runs: list[dict], analysis: Analysi
               if r["width"] == widest and r["depth"] == depth_of_widest and r["lr"] == high_lr}
     plots.append(plot_series(curves, root / "max_attn_logit_high_lr.png", f"max attention logit, width {widest}",
                              "max attention logit", logy=True).name)
-    demo_summary = [logz_summary(root / r["name"], r) for r in demo_runs]
+    demo_series = {r["name"]: series(root / r["name"], "log_z_mean") for r in demo_runs}
+    demo_summary = [logz_summary(*demo_series[r["name"]], r) for r in demo_runs]
     if demo_runs:
-        curves = {f"z-loss {r['name'].split('/z')[-1]}": series(root / r["name"], "log_z_mean") for r in demo_runs}
+        curves = {f"z-loss {name.split('/z')[-1]}": points for name, points in demo_series.items()}
         plots.append(plot_series(curves, root / "log_z_demo.png",
                                  f"log Z, width {demo_runs[0]['width']}, LR {demo.lr:g} {demo.schedule}, no weight decay",
                                  "mean output log Z", hline=0.0).name)
