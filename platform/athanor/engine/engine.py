@@ -50,7 +50,15 @@ def process_state(cpu: bool = False) -> PartialState:
 
 
 class Method:
-    """What one training step does. Subclasses build models in ``setup`` and register them."""
+    """What one training step does. Subclasses build models in ``setup`` and register them.
+
+    What the engine may ask of a method is declared here: ``flops_per_token`` (for MFU; None when
+    unknown) and ``batches(engine)`` (its stateful training stream, when the caller gives none)."""
+
+    flops_per_token: float | None = None
+
+    def batches(self, engine: "Engine"):
+        raise NotImplementedError(f"{type(self).__name__} has no default batches: pass data to fit")
 
     def setup(self, engine: "Engine") -> None:
         raise NotImplementedError
@@ -186,6 +194,20 @@ class Engine:
     def unwrap(self, name: str) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.slots[name].model)
 
+    def save_pretrained(self, name: str, folder: str | Path, **kwargs) -> Path:
+        """``save_pretrained`` of the registered model ``name`` into ``folder``: ZeRO-3 shards are
+        gathered on every process, the main process writes (safetensors), then all wait."""
+        model = self.slots[name].model if name in self.slots else self.frozen[name]
+        zero3 = self.uses_deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        state_dict = self.accelerator.get_state_dict(model) if zero3 else None  # a collective: all ranks
+        if self.is_main:
+            unwrapped = self.accelerator.unwrap_model(model)
+            if state_dict is not None:
+                kwargs["state_dict"] = state_dict
+            unwrapped.save_pretrained(folder, safe_serialization=True, **kwargs)
+        self.accelerator.wait_for_everyone()
+        return Path(folder)
+
     def lr(self, name: str | None = None) -> float:
         slot = self.slots[name or next(iter(self.slots))]
         return slot.schedule.get_last_lr()[0]
@@ -277,7 +299,7 @@ class Engine:
         for name, lr in lrs.items():
             row["lr" if len(lrs) == 1 else f"lr_{name}"] = lr
         peak = self._peak_flops()
-        flops_per_token = getattr(method, "flops_per_token", None)
+        flops_per_token = method.flops_per_token
         if peak and flops_per_token and "tokens_per_s" in row:
             row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * self.world_size)
         return row

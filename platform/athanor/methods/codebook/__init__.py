@@ -1,0 +1,1 @@
+"""Codebook Features (Tamkin et al., ICML 2024): sparse, discrete, steerable transformer features."""

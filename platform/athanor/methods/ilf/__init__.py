@@ -1,0 +1,1 @@
+"""ILF: inner-loop feedback for diffusion transformers."""

@@ -1,0 +1,1 @@
+"""SeND: sensitive-neuron dropout, with exact and efficient EigenScore."""

@@ -1,0 +1,169 @@
+"""One runner for every paper: a paper declares its stages, the runner does the rest.
+
+A paper (one package under ``athanor.methods``) exports a ``Paper``: its typed config class, a
+function that lists its stages for a config, and a function that writes its report. A recipe
+script is then configuration plus one call::
+
+    from athanor.methods import codebook
+    from athanor.runner import run
+
+    if __name__ == "__main__":
+        run(codebook.PAPER)
+
+For every paper the runner: parses the config (defaults < ``--config`` files < dotted overrides;
+a bad value exits 2 with one line), sets CPU threads, runs ``Paper.check`` before any compute,
+runs each stage in ``OUTPUT/<stage>`` (a finished stage is recorded in ``STAGE.json`` and
+skipped when the recipe runs again, returning its stored result), writes the report on the main
+process, publishes to the Hub when ``hub.push_to_hub`` is set, and prints one closing line.
+
+A stage is one function ``fn(ctx) -> dict`` (a JSON-serialisable result). ``ctx.fit`` trains a
+``Method`` with an ``Engine`` writing into the stage's folder; ``ctx.save_pretrained`` saves a
+trained model there (gathering ZeRO-3 shards, saving on the main process, then a barrier).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .config import ConfigError, TrainConfig, exit_on_config_error, parse_or_exit
+from .engine import Engine, Method, process_state
+
+
+@dataclass
+class Stage:
+    """One step of a paper's pipeline, run once in ``OUTPUT/<name>``."""
+
+    name: str
+    fn: Callable[["StageContext"], dict]
+    needs: tuple[str, ...] = ()  # earlier stages whose results ``fn`` reads from ``ctx.results``
+    describe: str = ""  # one line for the progress log and the report
+
+
+@dataclass
+class Paper:
+    """What a paper declares; ``run(paper)`` does everything else."""
+
+    name: str
+    config: type  # a TrainConfig subclass whose defaults are the tiny CPU run
+    stages: Callable[[Any], Iterable[Stage]]  # cfg -> stages, in order
+    report: Callable[["StageContext", dict], dict]  # (ctx at OUTPUT, {stage: result}) -> report (main process)
+    check: Callable[[Any], None] | None = None  # raise ConfigError before any compute
+    summary: Callable[[dict], str] | None = None  # the closing line printed after the report path
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: the config, its folder, earlier results and engine helpers."""
+
+    cfg: Any
+    root: Path
+    name: str = ""
+    results: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name if self.name else self.root
+
+    def stage_dir(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def state(self):
+        return process_state(self.cfg.engine.cpu)
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    def barrier(self) -> None:
+        self.state.wait_for_everyone()
+
+    def train_config(self, max_steps: int | None = None, optim=None, seed: int | None = None, **run_changes):
+        """The paper's run/optim/engine sections for an engine writing into this stage's folder."""
+        run = dataclasses.replace(self.cfg.run, output_dir=str(self.dir), **run_changes,
+                                  **({} if max_steps is None else {"max_steps": max_steps}),
+                                  **({} if seed is None else {"seed": seed}))
+        return TrainConfig(run=run, optim=optim or self.cfg.optim, engine=self.cfg.engine)
+
+    def engine(self, train: TrainConfig | None = None, **changes) -> Engine:
+        """An engine for this stage (``changes`` as in ``train_config``); its config.yaml is the
+        paper's whole config with this stage's run/optim sections."""
+        train = train or self.train_config(**changes)
+        full = dataclasses.replace(self.cfg, run=train.run, optim=train.optim, engine=train.engine)
+        return Engine(full, output_dir=self.dir)
+
+    def fit(self, method: Method, data=None, *, engine: Engine | None = None, **changes) -> tuple[Engine, dict]:
+        """Set ``method`` up on an engine for this stage and train it; returns (engine, final eval)."""
+        engine = engine or self.engine(**changes)
+        method.setup(engine)
+        final = engine.fit(method, data if data is not None else method.batches(engine))
+        return engine, final
+
+    def save_pretrained(self, engine: Engine, name: str, folder: str | Path, **kwargs) -> Path:
+        return engine.save_pretrained(name, folder, **kwargs)
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Tiny models on a shared CPU: one thread per process is as fast and never oversubscribes
+    (two threads on two loaded cores measured 16× slower per step). ``OMP_NUM_THREADS`` wins."""
+    if threads and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads)
+
+
+def run_stage(ctx: StageContext, stage: Stage) -> dict:
+    """``stage.fn(ctx)`` in ``OUTPUT/<stage>``, unless a ``STAGE.json`` there says it finished."""
+    stage_ctx = dataclasses.replace(ctx, name=stage.name)
+    marker = stage_ctx.dir / "STAGE.json"
+    missing = [n for n in stage.needs if n not in ctx.results]
+    if missing:
+        raise ConfigError(f"stage {stage.name} needs {', '.join(missing)}, which did not run before it")
+    if marker.exists():
+        return json.loads(marker.read_text())["result"]
+    stage_ctx.dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result = stage.fn(stage_ctx)
+    result = {**result, "seconds": result.get("seconds", time.time() - started)}
+    if stage_ctx.is_main:
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stage": stage.name, "result": result}, indent=2, default=str))
+        tmp.replace(marker)
+    stage_ctx.barrier()
+    return result
+
+
+def run(paper: Paper, argv=None) -> dict:
+    """The whole recipe: config, stages, report, publish, one closing line. Returns the report."""
+    started = time.time()
+    cfg = parse_or_exit(paper.config, argv)
+    set_cpu_threads(getattr(cfg.engine, "cpu_threads", 1))
+    ctx = StageContext(cfg=cfg, root=Path(cfg.run.output_dir))
+    with exit_on_config_error():
+        if paper.check:
+            paper.check(cfg)
+        stages = list(paper.stages(cfg))
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{paper.name}: stage names repeat: {names}")
+    for stage in stages:
+        ctx.results[stage.name] = run_stage(ctx, stage)
+    if not ctx.is_main:
+        ctx.barrier()
+        return {}
+    report = paper.report(ctx, ctx.results)
+    report.setdefault("seconds", time.time() - started)
+    hub = getattr(cfg, "hub", None)
+    if hub is not None:
+        from .hub import maybe_publish
+
+        maybe_publish(hub, ctx.root, is_main=True)
+    line = paper.summary(report) + "; " if paper.summary else ""
+    print(f"{paper.name}: {line}report: {ctx.root / 'report.md'}")
+    ctx.barrier()
+    return report
