@@ -405,3 +405,12 @@ def sample_in_batches(sample_fn, labels: torch.Tensor, image_shape, seed: int, d
         noise = torch.randn((len(y), *image_shape), generator=gen)
         out.append(sample_fn(noise.to(device), y.to(device), gen).cpu())
     return torch.cat(out)
+
+
+def teacher_stage(ctx) -> dict:
+    """Runner stage shared by every diffusion paper (DMD2, ILF): train or adopt the EDM teacher.
+    Needs ``ctx.cfg.data`` (an ``ImageDataConfig``) and ``ctx.cfg.teacher`` (a ``TeacherConfig``);
+    the result's ``pipeline`` is the saved ``EDMClassPipeline`` folder."""
+    from ..data.images import load_image_data
+
+    return train_teacher(ctx.dir, ctx.cfg, ctx.cfg.teacher, load_image_data(ctx.cfg.data))
