@@ -21,13 +21,15 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast, set_seed
+from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, OptimConfig, TrainConfig, save_config
 from . import checkpoint as ckpt
 from .metrics import MetricsLogger
 from .schedule import Schedule, build_optimizer, param_groups
+from .state import fsync_path, load_state, rng_state, save_state, set_rng_state, write_json_durably
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written, run me again (SLURM requeues)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -345,25 +347,75 @@ class Engine:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, method: Method, data) -> Path:
+        """Write ``checkpoints/step-N``: the state of every stateful object, with no Python objects.
+
+        - ``model-<name>.safetensors`` and ``optimizer-<name>.safetensors`` + ``.json`` (its tensors;
+          its param groups and plain values) per trained model, from the main process (DDP keeps them
+          equal on all processes). Under DeepSpeed ``deepspeed-<name>/`` instead, in DeepSpeed's own
+          format, each process writing its shards (those ``.pt`` files are the only ones read by
+          ``torch.load``, inside DeepSpeed; see the README);
+        - ``trainer_state.json``: step, world size, eval history, LR schedules, loss scaler;
+        - ``rank<r>/``, what differs between processes: ``rng`` (Python, numpy, torch, CUDA),
+          ``method`` (the method's state dict, its own torch.Generator included), ``data.json``;
+        - ``MANIFEST.json`` (every file's size and sha256), written last, then the rename.
+        """
         tmp = ckpt.temporary_dir(self.output_dir, self.step)
         if self.is_main:
             ckpt.clear_stale_temporaries(self.output_dir)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        own = tmp / f"rank{self.rank}"
+        own.mkdir(parents=True, exist_ok=True)
+        save_state(rng_state(self.device), own, "rng")
+        save_state(method.state_dict(), own, "method")
         if hasattr(data, "state_dict"):
-            ckpt.write_json_atomic(tmp / f"data_state_rank{self.rank}.json", data.state_dict())
+            write_json_durably(own / "data.json", data.state_dict())
+        if self.uses_deepspeed:  # a collective: every process writes its ZeRO shards
+            for name, slot in self.slots.items():
+                slot.model.save_checkpoint(str(tmp), tag=f"deepspeed-{name}", save_latest=False)
+        elif self.is_main:
+            for name, slot in self.slots.items():
+                weights = tmp / f"model-{name}.safetensors"
+                save_model(self.accelerator.unwrap_model(slot.model), str(weights), force_contiguous=True)
+                fsync_path(weights)
+                save_state(slot.optimizer.state_dict(), tmp, f"optimizer-{name}")
         if self.is_main:
-            state = {"step": self.step, "world_size": self.world_size, "history": self.history,
-                     "schedules": {n: s.schedule.state_dict() for n, s in self.slots.items()}}
-            ckpt.write_json_atomic(tmp / "trainer_state.json", state)
-            torch.save(method.state_dict(), tmp / "method_state.pt")
+            scaler = self.accelerator.scaler
+            write_json_durably(tmp / "trainer_state.json", {
+                "step": self.step, "world_size": self.world_size, "history": self.history,
+                "accumulation_counter": self.accelerator.step,
+                "schedules": {n: s.schedule.state_dict() for n, s in self.slots.items()},
+                "scaler": scaler.state_dict() if scaler is not None else None})
         self.accelerator.wait_for_everyone()
         final = tmp.parent / f"step-{self.step}"
         if self.is_main:
+            ckpt.write_manifest(tmp)
             final = ckpt.publish(tmp, self.step)
             ckpt.prune(self.output_dir, self.run.keep_last)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _checkpoint_to_resume(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: with ``auto`` the newest whose manifest verifies (one line
+        per newer one skipped, and why), else the one named. The main process hashes; the others
+        learn its choice by a broadcast."""
+        code, chosen, problem = -1, None, None  # code: step of the chosen, -1 none, -2 the named one is bad
+        if self.is_main:
+            if resume == "auto":
+                chosen, skipped = ckpt.newest_verified(self.output_dir)
+                for path, why in skipped:
+                    instead = f"resuming from {chosen.name} instead" if chosen else "no earlier one verifies: starting afresh"
+                    print(f"skipping checkpoint {path.name} ({path}): {why}; {instead}", flush=True)
+                code = int(chosen.name.split("-")[1]) if chosen else -1
+            else:
+                problem = ckpt.verify(Path(resume))
+                code = -2 if problem else 0
+        if self.world_size > 1:
+            code = int(broadcast(torch.tensor([code], dtype=torch.long, device=self.device), from_process=0).item())
+        if code == -2:
+            raise ConfigError(f"run.resume={resume}: cannot resume from it: {problem or 'it does not verify'}")
+        if resume != "auto":
+            return Path(resume)
+        return ckpt.checkpoint_root(self.output_dir) / f"step-{code}" if code >= 0 else None
 
     def _resume(self, method: Method, data) -> None:
         resume = self.run.resume
@@ -372,19 +424,28 @@ class Engine:
                 raise ConfigError(f"{self.output_dir} already holds checkpoints; use --run.resume auto "
                                   f"to continue or choose another --run.output_dir")
             return
-        path = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+        path = self._checkpoint_to_resume(resume)
         if path is None:
             return
         state = ckpt.read_json(path / "trainer_state.json")
         if state["world_size"] != self.world_size:
             raise ConfigError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
                               f"{self.world_size}; resume with the same world size")
-        self.accelerator.load_state(str(path))
-        for name, sched_state in state["schedules"].items():
-            self.slots[name].schedule.load_state_dict(sched_state)
-        method.load_state_dict(torch.load(path / "method_state.pt", weights_only=False))
-        data_file = path / f"data_state_rank{self.rank}.json"
-        if hasattr(data, "load_state_dict") and data_file.exists():
-            data.load_state_dict(json.loads(data_file.read_text()))
+        for name, slot in self.slots.items():
+            if self.uses_deepspeed:
+                slot.model.load_checkpoint(str(path), tag=f"deepspeed-{name}")
+            else:
+                load_model(self.accelerator.unwrap_model(slot.model), str(path / f"model-{name}.safetensors"),
+                           device=str(self.device))
+                slot.optimizer.load_state_dict(load_state(path, f"optimizer-{name}"))
+            slot.schedule.load_state_dict(state["schedules"][name])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.accelerator.step = state.get("accumulation_counter", 0)
+        own = path / f"rank{self.rank}"
+        method.load_state_dict(load_state(own, "method"))
+        set_rng_state(load_state(own, "rng"), self.device)
+        if hasattr(data, "load_state_dict") and (own / "data.json").exists():
+            data.load_state_dict(json.loads((own / "data.json").read_text()))
         self.step, self.history = state["step"], state["history"]
         self.accelerator.print(f"resumed from {path} at step {self.step}")
