@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,14 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept; older ones are pruned
     resume: str = "auto"  # auto: newest complete checkpoint if any | none: refuse a used dir | a checkpoint path
     progress: bool = True  # tqdm bar on the main process
+    # A NaN/inf loss or gradient: stop (exit 3, no checkpoint written for it) | skip (drop that
+    # step's update and count it; nonfinite_limit dropped steps in a row of one model stop the run)
+    on_nonfinite: str = "stop"
+    nonfinite_limit: int = 5
 
     def validate(self) -> None:
+        choice(self.on_nonfinite, ("stop", "skip"), "run.on_nonfinite")
+        positive(self.nonfinite_limit, "run.nonfinite_limit")
         positive(self.max_steps, "run.max_steps", allow_zero=True)
         positive(self.log_every, "run.log_every")
         positive(self.eval_every, "run.eval_every", allow_zero=True)
@@ -150,6 +157,22 @@ def _load_yaml(path: str) -> Any:
         raise ConfigError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from None
 
 
+def _reject_nonfinite(obj: Any, prefix: str = "") -> None:
+    """No config value may be NaN or inf (``--optim.lr nan`` passes every ``x > 0`` check and
+    trains to NaN); lists and tuples of numbers included."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _reject_nonfinite(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _reject_nonfinite(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _reject_nonfinite(v, f"{prefix}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(f"{prefix}={obj} must be a finite number")
+
+
 def _validate_tree(obj: Any) -> None:
     if dataclasses.is_dataclass(obj):
         if hasattr(obj, "validate"):
@@ -182,6 +205,7 @@ def load_config(cls: type, argv: Sequence[str] | None = None) -> Any:
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
+    _reject_nonfinite(config)
     _validate_tree(config)
     return config
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,17 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast,
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, OptimConfig, TrainConfig, save_config
+from ..config import ConfigError, OptimConfig, TrainConfig
 from . import checkpoint as ckpt
+from . import resume_config
+from .guard import NonFiniteGuard
+from .lock import OutputLock
 from .metrics import MetricsLogger
 from .schedule import Schedule, build_optimizer, param_groups
 from .state import fsync_path, load_state, rng_state, save_state, set_rng_state, write_json_durably
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written, run me again (SLURM requeues)
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (128 + SIGINT), as a shell reports it; the first one checkpoints
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
@@ -111,14 +116,49 @@ class Engine:
                                        gradient_accumulation_steps=engine.grad_accum,
                                        step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
         self.output_dir = Path(output_dir or run.output_dir)
-        if self.is_main:
-            save_config(config, self.output_dir)
+        if run.on_nonfinite == "skip" and self.uses_deepspeed:
+            raise ConfigError("run.on_nonfinite=skip is not supported under DeepSpeed (its optimizer steps "
+                              "inside backward); use stop")
+        self._lock = OutputLock(self.output_dir)
+        self._on_main_then_all(lambda: self._claim_output_dir(config))
+        self.guard = NonFiniteGuard(self)
         self.slots: dict[str, Slot] = {}
         self.frozen: dict[str, torch.nn.Module] = {}
         self.step = 0
         self.history: dict[str, Any] = {}  # initial/final eval metrics, carried across resumes
         self._stop_signal = None
         set_seed(run.seed)
+
+    def _claim_output_dir(self, config: TrainConfig) -> None:
+        """Lock the folder, compare the config with the checkpoint's about to be resumed (a change
+        that shapes the model or data is refused; optimizer/schedule changes are said here and
+        applied in ``fit``), and only then write ``config.yaml`` (the old one kept in its history)."""
+        self._lock.acquire()
+        try:
+            checkpoint = resume_config.checkpoint_to_resume(self.output_dir, self.run.resume)
+            note = resume_config.compare(config, checkpoint) if checkpoint is not None else None
+        except ConfigError:
+            self._lock.release()
+            raise
+        if note:
+            print(note, flush=True)
+        resume_config.save_with_history(config, self.output_dir)
+
+    def _on_main_then_all(self, fn) -> None:
+        """``fn()`` on the main process; a ConfigError it raises is raised on every process (one
+        line from the main one, exit 2 everywhere, nobody left waiting at a barrier)."""
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except ConfigError as e:
+                error = str(e)
+        if self.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise ConfigError(error)
 
     # ---------------------------------------------------------------- facts
     @property
@@ -172,6 +212,10 @@ class Engine:
         """Backward ``loss`` into ``name``'s parameters; on the last micro-batch of a step, clip,
         step the optimizer and the schedule, and zero the gradients. Returns the grad norm."""
         slot = self.slots[name]
+        if self.uses_deepspeed:  # DeepSpeed steps inside backward: the loss is the last thing to check
+            self.guard.check_loss_before_backward(name, loss)
+        else:
+            self.guard.note_loss(name, loss)
         if self.uses_deepspeed and slot.model is not self.accelerator.deepspeed_engine_wrapped.engine:
             # accelerator.backward drives only the first prepared DeepSpeed engine; a second model (a
             # critic beside a generator) drives its own engine the same way: backward, then step at the
@@ -185,8 +229,16 @@ class Engine:
         if not self.accelerator.sync_gradients:
             return None
         norm = None
-        if slot.grad_clip and not self.uses_deepspeed:  # DeepSpeed clips inside its engine step
-            norm = self.accelerator.clip_grad_norm_(slot.model.parameters(), slot.grad_clip)
+        if not self.uses_deepspeed:  # DeepSpeed clips inside its engine step
+            # The norm is taken even without clipping (max_norm=inf): a NaN/inf gradient must be seen
+            # before the optimizer steps. Under fp16 the scaler owns inf gradients (guard.py).
+            fp16 = self.accelerator.scaler is not None
+            if slot.grad_clip or not fp16:
+                norm = self.accelerator.clip_grad_norm_(slot.model.parameters(), slot.grad_clip or float("inf"))
+            if not self.guard.step_is_finite(name, None if fp16 else norm) and not fp16:
+                slot.optimizer.zero_grad(set_to_none=True)  # run.on_nonfinite=skip: drop this update
+                slot.schedule.step()
+                return norm
         slot.optimizer.step()
         slot.schedule.step()
         slot.schedule.apply_independent_decay()
@@ -219,7 +271,10 @@ class Engine:
         """Run ``method`` on ``data`` (a stateful iterator) to ``max_steps``; resumes when asked."""
         max_steps = self.run.max_steps if max_steps is None else max_steps
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._on_main_then_all(self._lock.acquire)  # held since __init__ unless an earlier fit ended
+        config_values = resume_config.optimizer_values(self.slots)
         self._resume(method, data)
+        resume_config.apply_optimizer_values(self.slots, config_values)  # the config's values, not the saved ones
         logger = MetricsLogger(self.output_dir, self.is_main, keep_up_to=self.step)
         if self.step == 0 and "initial_eval" not in self.history:
             self.history["initial_eval"] = self._evaluate(method)
@@ -249,22 +304,27 @@ class Engine:
                     row.update({f"eval_{k}": v for k, v in evals.items()})
                     if is_last:
                         self.history["final_eval"] = evals
+                if row and self.guard.skipped:
+                    row["nonfinite_skipped"] = self.guard.skipped
                 if row:
                     logger.log(self.step, row)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss", "lr")})
                 bar.update(1)
                 stop = self._stop_requested()
                 if (self.run.save_every and self.step % self.run.save_every == 0) or is_last or stop:
+                    self.guard.check_weights()  # no checkpoint of non-finite weights, whatever the policy
                     self.save_checkpoint(method, data)
                 if stop:
                     bar.close()
                     logger.close()
                     self.accelerator.print(f"signal {stop}: checkpoint at step {self.step} written, exiting")
-                    raise SystemExit(PREEMPTED_EXIT_CODE)
+                    raise SystemExit(INTERRUPTED_EXIT_CODE if stop == signal.SIGINT else PREEMPTED_EXIT_CODE)
         finally:
             bar.close()
             logger.close()
             self._restore_signal_handlers(previous_handlers)
+            if self.is_main:
+                self._lock.release()
         self._pass_on_late_signal(previous_handlers)
         if "final_eval" not in self.history:  # resumed at max_steps: evaluate the loaded model
             self.history["final_eval"] = self._evaluate(method)
@@ -314,12 +374,24 @@ class Engine:
 
     # ---------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> dict:
-        """SIGUSR1/SIGTERM during ``fit`` mean: checkpoint at the end of this step, exit 75."""
+        """SIGUSR1/SIGTERM during ``fit`` mean: checkpoint at the end of this step, exit 75. A first
+        SIGINT (Ctrl-C) does the same and exits 130; a second one exits 130 at once, without a
+        checkpoint (one being written stays a ``.tmp-*`` folder, cleared by the next save). SIGINT
+        is only taken over from Python's default handler (a sweep worker that ignores it keeps
+        ignoring it)."""
         def handler(signum, _frame):
+            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
+                os.write(2, b"second interrupt: exiting now, without a checkpoint\n")
+                raise SystemExit(INTERRUPTED_EXIT_CODE)
             self._stop_signal = signum
+            if signum == signal.SIGINT and self.is_main:  # os.write: print is not safe in a handler
+                os.write(2, f"interrupt: checkpoint at the end of step {self.step}, then exit "
+                            f"(Ctrl-C again: exit now)\n".encode())
 
         previous = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
+                continue
             try:
                 previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a notebook worker)

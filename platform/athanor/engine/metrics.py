@@ -3,14 +3,30 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
+def _read_rows(path: Path) -> tuple[list[dict], str | None]:
+    """The rows and, when the last line is torn (a kill mid-write), that line, which is left out.
+    A bad line anywhere else is not a torn write: it is an error naming the line."""
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], None
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if n == len(lines) - 1:
+                return rows, line
+            raise ValueError(f"{path}:{i} is not a JSON line (and not the last line, so not a torn write)") from None
+    return rows, None
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """Every logged row; a torn last line is left out (``MetricsLogger`` says so on resume)."""
+    return _read_rows(Path(output_dir) / "metrics.jsonl")[0]
 
 
 class MetricsLogger:
@@ -22,7 +38,11 @@ class MetricsLogger:
         self.writer = None
         if not enabled:
             return
-        kept = [row for row in read_metrics(output_dir) if row.get("step", 0) <= keep_up_to]
+        rows, torn = _read_rows(self.path)
+        if torn is not None:
+            print(f"warning: {self.path}: dropped a torn last line ({len(torn)} characters; the previous run "
+                  f"was killed while writing it)", file=sys.stderr, flush=True)
+        kept = [row for row in rows if row.get("step", 0) <= keep_up_to]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         tmp.replace(self.path)
