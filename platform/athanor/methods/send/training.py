@@ -1,0 +1,223 @@
+"""Continued training of a converged LM on new facts, normally or with SeND, as one engine ``Method``.
+
+SeND (Mohammadzadeh et al. 2024, Algorithm 1), as run here, counted in optimizer steps:
+- every ``record_every`` steps the chosen layer's embeddings of the tracking split are recorded
+  (full network, no dropout; the last token of the prompt);
+- every ``reestimate_every`` steps, from the last ``points`` records, the sensitivity S_i
+  (athanor.methods.send.neurons) is computed and the top ``fraction`` of neurons are zeroed in
+  training forwards for the next ``drop_window`` steps (deterministic dropout through a hook;
+  evaluation always uses the full network);
+- stopping rule: at a re-estimation point, training stops once the mean training loss since the
+  previous point is ≤ ``stop_loss`` and the tracking split's mean EigenScore is ≤ ``stop_eigenscore``
+  (both must be set; 0 disables). The engine still counts to ``run.max_steps``; later steps do
+  nothing and the report reads ``stopped_at``.
+All of this state (records, dropped neurons, window end, losses, stop step, evaluation memory) is
+tensors or JSON values in ``state_dict``, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ...config import ConfigError, positive
+from ...engine import Engine, Method
+from ..o3.lm import answer_matches, lm_inputs
+from .eigenscore import eigenscore
+from .neurons import decoder_layers, dropped_neurons, layer_embeddings, last_prompt_position, sensitivity, top_sensitive
+
+
+@dataclass
+class SendConfig:
+    layer: int = -2  # decoder layer whose output is tracked and dropped (-2: penultimate, as in the paper)
+    fraction: float = 0.2  # top fraction of that layer's neurons dropped
+    record_every: int = 10  # steps between recorded tracking embeddings
+    reestimate_every: int = 30  # steps between sensitivity re-estimations
+    points: int = 3  # records used per estimate
+    drop_window: int = 30  # steps the chosen neurons stay dropped
+    stop_loss: float = 0.0  # stopping rule: mean training loss <= this ...
+    stop_eigenscore: float = 0.0  # ... and tracking EigenScore <= this (both 0: never stop)
+
+    def validate(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise ConfigError(f"send.fraction={self.fraction} must be in (0, 1)")
+        for key in ("record_every", "reestimate_every", "drop_window"):
+            positive(getattr(self, key), f"send.{key}")
+        if self.points < 2:
+            raise ConfigError(f"send.points={self.points} must be >= 2 (sensitivity compares points)")
+        if (self.stop_loss > 0) != (self.stop_eigenscore != 0):
+            raise ConfigError("send.stop_loss and send.stop_eigenscore must be set together (0 disables both)")
+
+
+@dataclass
+class EigenScoreConfig:
+    samples: int = 10  # K sampled answers per question
+    temperature: float = 1.0
+    alpha: float = 1e-3  # α of log det(C + αI)
+    layer: int = -1  # hidden_states index of the embedding; -1: the middle layer (INSIDE)
+    max_new_tokens: int = 1  # answer tokens sampled (1: the world's one-word answers)
+    questions_per_batch: int = 32
+
+    def validate(self) -> None:
+        if self.samples < 2:
+            raise ConfigError(f"eigenscore.samples={self.samples} must be >= 2")
+        for key in ("temperature", "alpha", "max_new_tokens", "questions_per_batch"):
+            positive(getattr(self, key), f"eigenscore.{key}")
+
+
+@torch.no_grad()
+def sampled_eigenscores(model, batch: dict, cfg: EigenScoreConfig, eos_id: int | None, seed: int) -> torch.Tensor:
+    """EigenScore per question: K answers sampled at ``cfg.temperature`` after each prompt, each
+    embedded as the hidden state (layer ``cfg.layer``) of its last answer token. Questions whose
+    prompts have the same length are batched together (no padding inside a prompt)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    prompt_len = last_prompt_position(batch) + 1
+    n_layers = len(decoder_layers(model))
+    layer = n_layers // 2 if cfg.layer == -1 else cfg.layer
+    scores = torch.zeros(len(prompt_len), dtype=torch.float64)
+    k = cfg.samples
+    for length in sorted(set(prompt_len.tolist())):
+        idx = (prompt_len == length).nonzero().flatten()
+        for start in range(0, len(idx), cfg.questions_per_batch):
+            rows = idx[start:start + cfg.questions_per_batch]
+            ids = batch["input_ids"][rows, :length].repeat_interleave(k, 0).to(device)
+            ended = torch.zeros(len(ids), dtype=torch.bool, device=device)
+            last = torch.full((len(ids),), length - 1, device=device)
+            for _ in range(cfg.max_new_tokens):
+                logits = model(input_ids=ids).logits[:, -1].float() / cfg.temperature
+                probs = torch.softmax(logits, -1).cpu()
+                token = torch.multinomial(probs, 1, generator=gen).to(device)
+                ids = torch.cat([ids, token], 1)
+                last = torch.where(ended, last, torch.full_like(last, ids.shape[1] - 1))
+                if eos_id is not None:
+                    is_eos = token[:, 0] == eos_id
+                    last = torch.where(~ended & is_eos & (last > length), last - 1, last)
+                    ended |= is_eos
+                    if ended.all():
+                        break
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+            emb = hidden[torch.arange(len(ids), device=device), last].float().cpu().view(len(rows), k, -1)
+            for j, row in enumerate(rows.tolist()):
+                scores[row] = eigenscore(emb[j], cfg.alpha)
+    return scores
+
+
+def auroc(scores: torch.Tensor, wrong: torch.Tensor) -> float | None:
+    """AUROC of ``scores`` at flagging wrong answers (None when one class is missing)."""
+    from sklearn.metrics import roc_auc_score
+
+    if wrong.all() or not wrong.any():
+        return None
+    return float(roc_auc_score(wrong.numpy().astype(int), scores.numpy()))
+
+
+class ContinuedTraining(Method):
+    """Answer-only cross-entropy on the open fact pool; with ``send`` set, SeND's dropout schedule.
+
+    ``evals``: encoded ``old``, ``new`` (all additions) and ``tracking`` records; ``new_chunk`` gives
+    each new row its addition index and ``phase_len`` (micro-batches per addition) says which
+    additions are open, so the hallucination rate is measured on the facts taught so far."""
+
+    def __init__(self, model, evals: dict, new_chunk: torch.Tensor, phase_len: int, send: SendConfig | None,
+                 grad_accum: int = 1, batch_size: int = 32):
+        self.model_unprepared, self.evals, self.new_chunk = model, evals, new_chunk
+        self.phase_len, self.send, self.grad_accum, self.batch_size = phase_len, send, grad_accum, batch_size
+        self.records: list[torch.Tensor] = []  # tracking embeddings at recorded points (≤ points kept)
+        self.dropped = torch.zeros(0, dtype=torch.long)
+        self.drop_until = 0
+        self.window_losses: list[float] = []
+        self.stopped_at = -1
+        self.estimates: list[dict] = []  # one entry per re-estimation (for the report)
+        self.previous: torch.Tensor | None = None  # correctness at the previous evaluation (flip rate)
+        self.tracking_positions = last_prompt_position(evals["tracking"])
+
+    def setup(self, engine: Engine) -> None:
+        self.engine = engine
+        self.model = engine.register("model", self.model_unprepared, batch_size=self.batch_size)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, batch: dict) -> dict:
+        if self.stopped_at >= 0:
+            return {"stopped": 1.0}
+        step = self.engine.step
+        active = self.send is not None and step <= self.drop_until and self.dropped.numel() > 0
+        with dropped_neurons(self.model, self.send.layer, self.dropped) if active else contextlib.nullcontext():
+            loss = self.model(**lm_inputs(batch)).loss
+        self.engine.optimize("model", loss)
+        self.window_losses.append(float(loss.detach()))
+        out = {"loss": loss.detach(), "samples": len(batch["input_ids"]), "dropped": float(active) * self.dropped.numel()}
+        if self.send is not None and self.engine.accelerator.sync_gradients:
+            self._send_schedule(step)
+        return out
+
+    def _send_schedule(self, step: int) -> None:
+        cfg = self.send
+        if step % cfg.record_every == 0:
+            self.model.eval()
+            emb = layer_embeddings(self.model, self.evals["tracking"], cfg.layer, self.tracking_positions)
+            self.model.train()
+            self.records = (self.records + [emb])[-cfg.points:]
+        if step % cfg.reestimate_every == 0 and len(self.records) >= cfg.points:
+            scores = sensitivity(torch.stack(self.records))
+            self.dropped = top_sensitive(scores, cfg.fraction)
+            self.drop_until = step + cfg.drop_window
+            mean_loss = sum(self.window_losses) / max(len(self.window_losses), 1)
+            entry = {"step": step, "dropped": self.dropped.tolist(), "mean_loss": mean_loss,
+                     "top_score": float(scores.max()), "median_score": float(scores.median())}
+            if cfg.stop_loss > 0:
+                self.model.eval()
+                es = sampled_eigenscores(self.model, self.evals["tracking"], self.eigenscore_cfg, self.eos_id, step)
+                self.model.train()
+                entry["tracking_eigenscore"] = float(es.mean())
+                if mean_loss <= cfg.stop_loss and entry["tracking_eigenscore"] <= cfg.stop_eigenscore:
+                    self.stopped_at = step
+            self.estimates.append(entry)
+            self.window_losses = []
+
+    # set by the stage when the stopping rule is on
+    eigenscore_cfg: EigenScoreConfig = EigenScoreConfig()
+    eos_id: int | None = None
+
+    # ------------------------------------------------------------------ evaluation
+    def open_chunks(self, step: int) -> int:
+        """Additions whose facts had been trained on by the end of ``step``."""
+        served = step * self.grad_accum
+        return 0 if served == 0 else min(int(self.new_chunk.max()) + 1, (served - 1) // self.phase_len + 1)
+
+    def evaluate(self) -> dict:
+        old = answer_matches(self.model, self.evals["old"])
+        new = answer_matches(self.model, self.evals["new"])
+        opened = self.open_chunks(self.engine.step)
+        taught_new = self.new_chunk < opened
+        correct = torch.cat([old, new])
+        taught = torch.cat([torch.ones_like(old), taught_new])
+        out = {"acc_old": old.float().mean().item(), "acc_new_all": new.float().mean().item(),
+               "halluc": 1 - correct[taught].float().mean().item(), "open": float(opened)}
+        if taught_new.any():
+            out["acc_new"] = new[taught_new].float().mean().item()
+        if self.previous is not None:  # flips among facts taught at both evaluations
+            both = taught & self.previous[1]
+            out["flips"] = (correct[both] != self.previous[0][both]).float().mean().item()
+        self.previous = (correct, taught)
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state = {"records": torch.stack(self.records) if self.records else torch.zeros(0),
+                 "dropped": self.dropped, "drop_until": self.drop_until, "window_losses": list(self.window_losses),
+                 "stopped_at": self.stopped_at, "estimates": list(self.estimates)}
+        if self.previous is not None:
+            state["previous_correct"], state["previous_taught"] = self.previous
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        records = state["records"]
+        self.records = list(records.unbind(0)) if records.numel() else []
+        self.dropped, self.drop_until = state["dropped"].long(), int(state["drop_until"])
+        self.window_losses, self.stopped_at = list(state["window_losses"]), int(state["stopped_at"])
+        self.estimates = list(state["estimates"])
+        if "previous_correct" in state:
+            self.previous = (state["previous_correct"].bool(), state["previous_taught"].bool())
+
