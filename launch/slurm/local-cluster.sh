@@ -7,21 +7,66 @@
 #   launch/slurm/local-cluster.sh status   # sinfo + squeue
 #   launch/slurm/local-cluster.sh stop     # stops only the daemons this script started
 #
-# Env: ATHANOR_SLURM_DIR   state, logs, config, munge key (default /tmp/athanor-slurm)
+# Env: ATHANOR_SLURM_DIR   state, logs, config, munge key (default /run/athanor-slurm)
 #      ATHANOR_SLURM_NODES number of virtual nodes (default 2)
+#      ATHANOR_SLURM_PORT  controller port (default 16817); the nodes listen from PORT+184 up
 # Clients find the cluster through /etc/slurm/slurm.conf (a link this script adds only when no
 # slurm.conf is there, and removes on stop) or `export SLURM_CONF=$ATHANOR_SLURM_DIR/etc/slurm.conf`.
+#
+# The daemons run as root and write into the state folder, so nobody else may be able to plant a
+# link there or swap the folder: it is created by this script (mkdir, no -p, mode 755) or must
+# already be a real folder owned by us and writable by no one else, holding no symbolic links,
+# inside parents that no one else can rename it out of. The default sits in /run, which only
+# root can write (the old default, a fixed name in the world-writable /tmp, could be planted).
 set -euo pipefail
-DIR=${ATHANOR_SLURM_DIR:-/tmp/athanor-slurm}
+DIR=${ATHANOR_SLURM_DIR:-/run/athanor-slurm}
 NODES=${ATHANOR_SLURM_NODES:-2}
-CONF=$DIR/etc/slurm.conf
-SOCKET=$DIR/run/munge.socket
-export SLURM_CONF=$CONF
 # Ports away from SLURM's defaults (6817/6818) so a system SLURM on the same host is untouched.
-CTLD_PORT=16817
-FIRST_NODE_PORT=17001
+CTLD_PORT=${ATHANOR_SLURM_PORT:-16817}
+FIRST_NODE_PORT=$((CTLD_PORT + 184))
 
 log() { echo "local-cluster: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+# A folder nobody but root and us can change: owned by one of us, and writable by others only
+# with the sticky bit (like /tmp: then others cannot rename or delete what is ours in it).
+trusted_folder() {  # path
+  local owner mode
+  owner=$(stat -c %u "$1") mode=$(stat -c %a "$1")
+  [ "$owner" = 0 ] || [ "$owner" = "$(id -u)" ] || return 1
+  (( (8#$mode & 8#022) == 0 || (8#$mode & 8#1000) != 0 ))
+}
+
+# Checks the state folder (creating it when `create` is given) and sets DIR to its real path.
+state_dir() {  # [create]
+  case "$DIR" in /*) ;; *) die "ATHANOR_SLURM_DIR=$DIR: use an absolute path" ;; esac
+  local parent name folder
+  parent=$(dirname "$DIR") name=$(basename "$DIR")
+  [ -d "$parent" ] || die "$parent does not exist (ATHANOR_SLURM_DIR=$DIR)"
+  parent=$(readlink -f "$parent")  # from here on the real path: a link in it cannot be re-pointed later
+  folder=$parent
+  while :; do
+    trusted_folder "$folder" || die "refusing $parent/$name: $folder can be changed by other users"
+    [ "$folder" = / ] && break
+    folder=$(dirname "$folder")
+  done
+  DIR=$parent/$name
+  [ -L "$DIR" ] && die "refusing $DIR: it is a symbolic link (a planted one would redirect root's writes)"
+  if [ ! -e "$DIR" ]; then
+    [ "${1:-}" = create ] || return 1
+    mkdir -m 755 "$DIR" || die "cannot create $DIR"  # no -p: fails if someone made it meanwhile
+  fi
+  [ -d "$DIR" ] && [ ! -L "$DIR" ] || die "refusing $DIR: not a folder"
+  [ "$(stat -c %u "$DIR")" = "$(id -u)" ] || die "refusing $DIR: owned by uid $(stat -c %u "$DIR"), not by us"
+  (( (8#$(stat -c %a "$DIR") & 8#022) == 0 )) || die "refusing $DIR: others may write in it"
+  local link
+  link=$(find "$DIR" -type l -print -quit)
+  [ -z "$link" ] || die "refusing $DIR: it holds a symbolic link ($link)"
+  CONF=$DIR/etc/slurm.conf
+  SOCKET=$DIR/run/munge.socket
+  export SLURM_CONF=$CONF
+  [ ${#SOCKET} -lt 100 ] || die "$SOCKET is too long for a socket path: set ATHANOR_SLURM_DIR to a shorter one"
+}
 
 # A pidfile counts only while its process still runs under the expected name: a stale pidfile
 # whose number was reused by something else is never signalled.
@@ -99,6 +144,7 @@ all_nodes_up() {
 }
 
 start() {
+  state_dir create
   install_packages
   mkdir -p "$DIR"/{etc,state,log,run,munge,spool}
   local node
@@ -113,7 +159,7 @@ start() {
   write_config
   # Plain `sbatch` (no SLURM_CONF) finds this cluster; an existing slurm.conf is left alone.
   mkdir -p /etc/slurm
-  [ -e /etc/slurm/slurm.conf ] || ln -s "$CONF" /etc/slurm/slurm.conf
+  [ -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ] || ln -s "$CONF" /etc/slurm/slurm.conf
   # -c: a fresh controller forgets jobs from an earlier start, whose processes are gone.
   running "$DIR/run/slurmctld.pid" slurmctld || slurmctld -c -f "$CONF"
   wait_until 30 slurmctld scontrol ping
@@ -142,6 +188,7 @@ stop_daemons() {  # pidfile:name ... -> TERM, up to 10 s grace, then KILL
 }
 
 stop() {
+  if ! state_dir; then log "nothing to stop: $DIR does not exist"; return 0; fi
   if running "$DIR/run/slurmctld.pid" slurmctld; then
     # Jobs run as children of our slurmd's: cancel them first so no job process outlives the cluster.
     squeue -h -o %i 2>/dev/null | xargs -r scancel 2>/dev/null || true
@@ -158,6 +205,6 @@ stop() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
-  status) sinfo && squeue ;;
+  status) state_dir || die "not started: $DIR does not exist"; sinfo && squeue ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

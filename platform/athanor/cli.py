@@ -100,7 +100,9 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _fail(error: Exception, code: int) -> int:
-    print(f"error: {error}", file=sys.stderr)
+    from .redact import redact
+
+    print(f"error: {redact(str(error))}", file=sys.stderr)  # no password from a URL, no token
     return code
 
 

@@ -19,6 +19,11 @@ id runs again from the top and ``run.resume auto`` continues from the newest che
 shell decides on the signal rather than on exit code 75 because ``accelerate launch`` turns any
 worker failure into its own exit code 1. ``athanor cancel --signal USR1 JOB`` sends the same
 signal by hand (what a preemption test does); a plain cancel stops the job for good.
+
+Every value that reaches a script is quoted for whoever reads it: ``#SBATCH`` values in double
+quotes as sbatch's own parser reads them (paths with spaces, quotes, ``#``), shell words with
+``shlex.quote``. A line break in any value is refused before anything is written, since it would
+end a comment or directive and start a line of its own.
 """
 from __future__ import annotations
 
@@ -98,6 +103,47 @@ class JobSpec:
                 raise ClusterError(f"--{name.replace('_', '-')} must be >= 0")
         if self.time and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", self.time):
             raise ClusterError(f"--time {self.time!r}: use SLURM's forms, e.g. 30, 4:00:00, 1-12:00:00")
+        check_script_values({"recipe argument": self.recipe_args, "--sbatch-arg": self.sbatch_args,
+                             "--setup": self.setup, "recipe": self.recipe, "--launch-config": self.launch_config,
+                             "--job-name": self.job_name, "--partition": self.partition,
+                             "--log-dir": self.log_dir, "python": self.python, "command": self.command})
+
+
+LINE_BREAKS = ("\n", "\r", "\x00", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+SBATCH_OPTION = re.compile(r"--?[A-Za-z][\w-]*")
+
+
+def check_script_values(values: dict) -> None:
+    """Refuse, on one line, any value holding a line break (it would become a script line of its
+    own), and ``--sbatch-arg`` values that are not one ``--option[=value]``."""
+    for name, value in {**values, "working directory": str(Path.cwd())}.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if any(c in str(item) for c in LINE_BREAKS):
+                raise ClusterError(f"{name} {str(item)!r} holds a line break, which would become a line of "
+                                   f"the sbatch script: remove it")
+    for arg in values.get("--sbatch-arg", []):
+        if not SBATCH_OPTION.fullmatch(arg.split("=", 1)[0]):
+            raise ClusterError(f"--sbatch-arg {arg!r}: expected one sbatch option, --name or --name=value")
+
+
+def sbatch_quote(value) -> str:
+    """A ``#SBATCH`` option value as sbatch reads it back: in double quotes, with backslash and
+    double quote escaped (sbatch's directive parser honours both quote kinds and backslash
+    escapes; ``#`` outside quotes would start a comment). Plain words stay unquoted, readable."""
+    if re.fullmatch(r"[\w@%+=:,./-]+", str(value)):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _directive(option: str) -> str:
+    """``--name=value`` with its value quoted for sbatch; ``--flag`` unchanged."""
+    name, eq, value = option.partition("=")
+    return f"{name}={sbatch_quote(value)}" if eq else name
+
+
+def _log_pattern(folder: Path, name: str) -> str:
+    """An --output value: ``%`` in the folder is literal (``%%``), the file name's ``%j`` is SLURM's."""
+    return str(folder).replace("%", "%%") + "/" + name
 
 
 def recipe_output_dir(args: list[str]) -> str | None:
@@ -150,8 +196,9 @@ def sbatch_script(spec: JobSpec) -> str:
     """The batch script for ``spec`` (what ``--dry-run`` prints)."""
     name = spec.job_name or f"athanor-{Path(spec.recipe).stem}"
     log_dir = spec.resolved_log_dir()
+    spec.validate()  # no line break reaches the script, whoever calls this
     directives = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1",
-                  f"--output={log_dir}/slurm-%j.out", "--open-mode=append",  # a requeued run appends
+                  f"--output={_log_pattern(log_dir, 'slurm-%j.out')}", "--open-mode=append",  # a requeued run appends
                   f"--chdir={Path.cwd()}", "--requeue", f"--signal=B:USR1@{spec.signal_grace_s}"]
     directives += _set_options(gpus_per_node=spec.gpus_per_node, cpus_per_task=spec.cpus_per_task,
                                partition=spec.partition, time=spec.time) + spec.sbatch_args
@@ -176,7 +223,7 @@ def sbatch_script(spec: JobSpec) -> str:
              f"# Written by `athanor submit` on {datetime.datetime.now().isoformat(timespec='seconds')}."]
     if spec.command:
         lines.append(f"# {spec.command}")
-    lines += [f"#SBATCH {d}" for d in directives]
+    lines += [f"#SBATCH {_directive(d)}" for d in directives]
     lines += ["", "set -uo pipefail", "export PYTHONUNBUFFERED=1", *spec.setup, ""]
     lines += [
         '# The first node runs the main process; its NodeAddr is reachable from the others (on a',
@@ -304,17 +351,21 @@ class SlurmExecutor:
     python: str = sys.executable
 
     def script(self, jobs_file: Path, n_jobs: int, log_dir: Path, name: str = "athanor-sweep") -> str:
+        check_script_values({"--sbatch-arg": self.sbatch_args, "setup": self.setup, "partition": self.partition,
+                             "time": self.time, "log dir": str(log_dir), "jobs file": str(jobs_file),
+                             "python": self.python, "job name": name})
         array = f"0-{n_jobs - 1}" + (f"%{self.workers}" if self.workers else "")
         directives = [f"--job-name={name}", f"--array={array}", "--ntasks=1",
                       f"--cpus-per-task={self.threads_per_worker}",
-                      f"--output={log_dir}/sweep-%A_%a.out", "--open-mode=append", f"--chdir={Path.cwd()}",
+                      f"--output={_log_pattern(log_dir, 'sweep-%A_%a.out')}", "--open-mode=append",
+                      f"--chdir={Path.cwd()}",
                       "--requeue", f"--signal=B:USR1@{self.signal_grace_s}"]
         directives += _set_options(gpus_per_task=self.gpus_per_task, partition=self.partition,
                                    time=self.time) + self.sbatch_args
         run = " ".join(_q(a) for a in [self.python, "-m", "athanor.cluster", "sweep-task", jobs_file])
         return "\n".join([
             "#!/bin/bash", "# Written by athanor.cluster.SlurmExecutor: one array task per sweep run.",
-            *(f"#SBATCH {d}" for d in directives), "",
+            *(f"#SBATCH {_directive(d)}" for d in directives), "",
             "set -uo pipefail", "export PYTHONUNBUFFERED=1", *self.setup,
             'export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}',
             'echo "athanor: sweep task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (job $SLURM_JOB_ID, restart '

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,24 @@ def choice(value: Any, options: Sequence[Any], key: str) -> None:
 def positive(value: float, key: str, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _output_dir_problem(output_dir: str) -> str | None:
+    """Why the run could not write into ``output_dir``, else None: checked at parse time so a
+    typo costs one line, not a traceback after the model is built."""
+    if not output_dir:
+        return "is empty"
+    path = Path(output_dir).absolute()
+    if path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # the folder it would be created in
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot be created: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"is not writable ({existing} does not let this user create or change files)"
+    return None
 
 
 @dataclass
@@ -57,6 +76,11 @@ class RunConfig:
         positive(self.eval_every, "run.eval_every", allow_zero=True)
         positive(self.save_every, "run.save_every", allow_zero=True)
         positive(self.keep_last, "run.keep_last")
+        if not 0 <= self.seed < 2**32:  # what numpy (seeded with torch and random) accepts
+            raise ConfigError(f"run.seed={self.seed} must be in [0, 2**32 - 1]")
+        problem = _output_dir_problem(self.output_dir)
+        if problem:
+            raise ConfigError(f"run.output_dir={self.output_dir!r} {problem}")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ConfigError(f"run.resume={self.resume!r}: expected auto, none or an existing checkpoint directory")
 
@@ -228,8 +252,15 @@ def parse_or_exit(cls: type, argv: Sequence[str] | None = None) -> Any:
     try:
         return load_config(cls, args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_redacted(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _redacted(error: Exception) -> str:
+    """The message without URL credentials or secret values (a value may be a URL with a password)."""
+    from .redact import redact
+
+    return redact(str(error))
 
 
 class exit_on_config_error:
@@ -240,13 +271,22 @@ class exit_on_config_error:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and issubclass(exc_type, ConfigError):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_redacted(exc)}", file=sys.stderr)
             sys.exit(2)
         return False
 
 
 def save_config(config: Any, output_dir: str | Path) -> Path:
+    """``OUTPUT/config.yaml``. A secret a value holds (``${oc.env:HF_TOKEN}`` resolves to the
+    token) is written back as its ``${oc.env:NAME}`` reference: the file never holds the token
+    and still loads to the same value where the variable is set."""
+    from .redact import secret_values, unresolve_secrets
+
     path = Path(output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(config))
+    text = to_yaml(config)
+    secrets = secret_values()
+    if any(value in text for value in secrets):
+        text = OmegaConf.to_yaml(unresolve_secrets(OmegaConf.to_container(OmegaConf.structured(config)), secrets))
+    path.write_text(text)
     return path

@@ -4,7 +4,9 @@
 a recipe) assembles an upload folder from a finished run (weights, tokenizer/adapter/pipeline,
 resolved config, report and plots, a generated model card) and sends it with
 ``HfApi.upload_folder`` over HTTP. ``HF_TOKEN`` and ``HF_ENDPOINT`` are honoured; offline,
-unreachable or unauthorised ends in one line.
+unreachable, unanswering (``ATHANOR_HUB_TIMEOUT`` seconds per request) or unauthorised ends in
+one line, with credentials in URLs and the token shown as ``***``. The staging folder is one
+publish made itself (marked by ``.athanor-upload``): a folder it did not make is never emptied.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from .config import ConfigError
+from .redact import holds_secret, redact
 
 
 def write_model_card(folder: str | Path, *, title: str, summary: str, metrics: dict | None = None,
@@ -33,7 +36,7 @@ def write_model_card(folder: str | Path, *, title: str, summary: str, metrics: d
     exact command that produced the run."""
     data = ModelCardData(library_name=library, base_model=base_model, datasets=datasets,
                          tags=["athanor", *(tags or [])], pipeline_tag=pipeline_tag)
-    command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    command = redact(" ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in (metrics or {}).items() if isinstance(v, (int, float, str)))
     content = (f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{summary}\n\n"
@@ -54,15 +57,38 @@ RUN_FILES = ("report.md", "report.json", "metrics.jsonl")  # copied beside the w
 # Optimizer state as accelerate and DeepSpeed write it into checkpoints; uploaded only when asked.
 OPTIMIZER_PATTERNS = ("optimizer*", "*optim_states*", "scheduler*")
 BOOKKEEPING_KEYS = {"steps", "n_params", "world_size", "seed"}  # report.json numbers that are not metrics
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+STAGING_MARKER = ".athanor-upload"  # in a staging folder publish made: only such a folder is ever emptied
+# Seconds one Hub request may wait for the server (connect, send, each read); huggingface_hub's own
+# client waits forever, so a black-holed endpoint would hang the end of a run.
+HUB_TIMEOUT_S = 60.0
 
 
 class HubError(RuntimeError):
-    """A Hub call failed (offline, unreachable, unauthorised, ...); printed as one line."""
+    """A Hub call failed (offline, unreachable, unauthorised, ...); printed as one line, with
+    credentials in URLs and secret values hidden."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 class PublishInputError(HubError):
     """Bad input to publish (no such run, no saved model, bad repo id): exit code 2."""
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` is not a Hub ``user/name`` (or ``org/name``), else None. huggingface_hub's
+    own validator decides; a namespace is required since a run is published to someone's account."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        return "expected user/name or org/name"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return f"expected user/name or org/name ({str(e).splitlines()[0].split(':')[0]})"
+    if not repo_id.isprintable() or any(c.isspace() for c in repo_id):  # belt and braces: no newline, tab, ...
+        return "expected user/name or org/name (no spaces or control characters)"
+    return None
 
 
 @dataclass
@@ -76,8 +102,9 @@ class HubConfig:
     def validate(self) -> None:
         if self.push_to_hub and not self.repo_id:
             raise ConfigError("hub.push_to_hub=true needs hub.repo_id (user/name)")
-        if self.repo_id and not REPO_ID.match(self.repo_id):
-            raise ConfigError(f"hub.repo_id={self.repo_id!r}: expected user/name or org/name")
+        problem = repo_id_problem(self.repo_id) if self.repo_id else None
+        if problem:
+            raise ConfigError(f"hub.repo_id={self.repo_id!r}: {problem}")
 
 
 @dataclass
@@ -99,7 +126,8 @@ def find_artifacts(output_dir: Path) -> list[Path]:
             found.append(folder)  # a pipeline's unet/ or vae/ belongs to it: do not descend
             return
         for child in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if child.name not in NOT_ARTIFACTS and not child.name.startswith("."):
+            if (child.name not in NOT_ARTIFACTS and not child.name.startswith(".")
+                    and not (child / STAGING_MARKER).exists()):  # an earlier upload folder is no artifact
                 visit(child)
 
     visit(output_dir)
@@ -121,6 +149,38 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)  # weights can be large: a hard link costs nothing
     except OSError:
         shutil.copy2(src, dst)
+
+
+def _copy_text_without_secrets(src: Path, dst: Path) -> None:
+    """Run files (config, report, metrics) go to the Hub: a secret in one (a config.yaml written
+    before secrets were kept out, a URL with a password) is uploaded as ``***``."""
+    text = src.read_text(encoding="utf-8", errors="replace")
+    if not holds_secret(text):
+        _link_or_copy(src, dst)
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(redact(text), encoding="utf-8")
+
+
+def _prepare_staging(stage: Path, out: Path) -> None:
+    """Make ``stage`` an empty upload folder. Only a folder an earlier publish made (it holds
+    ``STAGING_MARKER``) is emptied; an empty folder is taken; anything else is refused, so a
+    mistaken ``--staging-dir`` (the run's checkpoints, a home folder) loses nothing."""
+    if stage == out or out.is_relative_to(stage):
+        raise PublishInputError(f"staging folder {stage} must not contain the run folder")
+    if stage.is_symlink() or (stage.exists() and not stage.is_dir()):
+        raise PublishInputError(f"staging folder {stage} is not a folder publish made; choose a new path")
+    if stage.exists() and any(stage.iterdir()):
+        if not (stage / STAGING_MARKER).is_file():
+            raise PublishInputError(f"staging folder {stage} exists and was not made by athanor publish "
+                                    f"(no {STAGING_MARKER}); nothing in it was touched: choose a new or empty folder")
+        for child in stage.iterdir():  # our own earlier upload folder: replace its contents
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / STAGING_MARKER).write_text("made by athanor publish; emptied by the next publish into it\n")
 
 
 def _copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
@@ -192,7 +252,7 @@ def build_model_card(output_dir: Path, main_artifact: Path, repo_id: str, files:
     if (output_dir / "report.md").is_file():  # the report's first paragraph, without its title
         paragraphs = [p.strip() for p in (output_dir / "report.md").read_text().split("\n\n")]
         summary = next((p for p in paragraphs if p and not p.startswith(("#", "|"))), "")
-    command = command or _recorded_command(old) or "(not recorded; see training_config.yaml)"
+    command = redact(command or _recorded_command(old) or "(not recorded; see training_config.yaml)")
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in metrics.items())
     facts = "\n".join(f"| {k} | {report[k]} |" for k in sorted(BOOKKEEPING_KEYS & report.keys()))
     listing = "\n".join(f"- `{f}`" for f in files)
@@ -220,20 +280,21 @@ def build_upload_folder(output_dir: str | Path, repo_id: str, staging_dir: str |
     if not artifacts:
         raise PublishInputError(f"{output_dir} holds no saved model (config.json, adapter_config.json or "
                                 f"model_index.json): has the run finished?")
-    stage = Path(staging_dir).resolve() if staging_dir else out / HUB_UPLOAD_DIR
-    if stage == out or out.is_relative_to(stage):
-        raise PublishInputError(f"staging folder {stage} must not contain the run folder")
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
+    stage = Path(staging_dir).absolute() if staging_dir else out / HUB_UPLOAD_DIR
+    stage = stage.parent.resolve() / stage.name  # the folder itself, if a link, is refused rather than followed
+    if any(a == stage or a.is_relative_to(stage) or stage.is_relative_to(a) for a in artifacts):
+        raise PublishInputError(f"staging folder {stage} must not be or hold a saved model of the run")
+    _prepare_staging(stage, out)
     main = artifacts[0]
     for artifact in artifacts:
         _copy_tree(artifact, stage if artifact == main else stage / artifact.relative_to(out))
     if (out / "config.yaml").is_file():
-        _link_or_copy(out / "config.yaml", stage / "training_config.yaml")
-    for path in [*(out / f for f in RUN_FILES), *sorted(out.glob("*.png"))]:
+        _copy_text_without_secrets(out / "config.yaml", stage / "training_config.yaml")
+    for path in (out / f for f in RUN_FILES):
         if path.is_file():
-            _link_or_copy(path, stage / path.name)
+            _copy_text_without_secrets(path, stage / path.name)
+    for path in sorted(out.glob("*.png")):
+        _link_or_copy(path, stage / path.name)
     if include_checkpoint or include_optimizer_state:
         from .engine.checkpoint import latest_checkpoint
 
@@ -241,7 +302,8 @@ def build_upload_folder(output_dir: str | Path, repo_id: str, staging_dir: str |
         if ckpt is None:
             raise PublishInputError(f"{output_dir} has no checkpoint to include")
         _copy_tree(ckpt, stage / "checkpoint" / ckpt.name, skip=() if include_optimizer_state else OPTIMIZER_PATTERNS)
-    files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file() and p.name != "README.md")
+    files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*")
+                   if p.is_file() and p.name not in ("README.md", STAGING_MARKER))
     card = build_model_card(out, main, repo_id, ["README.md", *files], command)
     (stage / "README.md").unlink(missing_ok=True)  # may be a hard link to the run's own card
     card.save(stage / "README.md")
@@ -262,6 +324,9 @@ def _hub_error(error: Exception, endpoint: str, repo_id: str) -> HubError:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return HubError(f"the Hub at {endpoint} answered {status} for {repo_id}: {first}")
     names = " ".join(cls.__name__ for cls in type(error).__mro__)
+    if "Timeout" in names and "Connect" not in names:
+        return HubError(f"the Hub at {endpoint} did not answer within {hub_timeout():g} s ({type(error).__name__}); "
+                        f"check the network or HF_ENDPOINT (ATHANOR_HUB_TIMEOUT sets the wait)")
     if isinstance(error, (ConnectionError, TimeoutError)) or "Connect" in names or "Timeout" in names:
         return HubError(f"cannot reach the Hub at {endpoint} ({type(error).__name__}); check the network "
                         f"or HF_ENDPOINT")
@@ -275,8 +340,9 @@ def publish(output_dir: str | Path, repo_id: str, *, private: bool = False, dry_
             command: str | None = None) -> PublishResult:
     """Build the upload folder and, unless ``dry_run``, create the repo and ``upload_folder`` it
     (HTTP). ``HF_TOKEN`` and ``HF_ENDPOINT`` are honoured; failures raise ``HubError``."""
-    if not REPO_ID.match(repo_id or ""):
-        raise PublishInputError(f"--repo-id {repo_id!r}: expected user/name or org/name")
+    problem = repo_id_problem(repo_id or "")
+    if problem:
+        raise PublishInputError(f"--repo-id {repo_id!r}: {problem}")
     folder, card = build_upload_folder(output_dir, repo_id, staging_dir, include_checkpoint=include_checkpoint,
                                        include_optimizer_state=include_optimizer_state, command=command)
     if dry_run:
@@ -289,6 +355,7 @@ def publish(output_dir: str | Path, repo_id: str, *, private: bool = False, dry_
     token = token or get_token()
     if not token:
         raise HubError("no Hugging Face token: set HF_TOKEN (with write access) or run `hf auth login`")
+    _bound_hub_requests()
     api = HfApi(endpoint=endpoint, token=token)
     # Belt and braces: the folder holds no optimizer state unless asked, and the upload skips it too.
     ignore = None if include_optimizer_state else [f"**/{p}" for p in OPTIMIZER_PATTERNS]
@@ -299,6 +366,32 @@ def publish(output_dir: str | Path, repo_id: str, *, private: bool = False, dry_
     except Exception as e:  # every failure becomes one line; the folder stays for a retry
         raise _hub_error(e, endpoint, repo_id) from None
     return PublishResult(folder, repo_id, getattr(info, "commit_url", None) or str(info), card)
+
+
+def hub_timeout() -> float:
+    try:
+        value = float(os.environ.get("ATHANOR_HUB_TIMEOUT", HUB_TIMEOUT_S))
+    except ValueError:
+        raise PublishInputError(f"ATHANOR_HUB_TIMEOUT={os.environ['ATHANOR_HUB_TIMEOUT']!r}: expected seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise PublishInputError(f"ATHANOR_HUB_TIMEOUT={value}: expected seconds > 0")
+    return value
+
+
+def _bound_hub_requests() -> None:
+    """Give huggingface_hub's shared HTTP client (its default has no timeout at all) a timeout on
+    every request, keeping the rest of its default set-up (request hooks, redirects)."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    seconds = hub_timeout()
+
+    def client():
+        session = _http.default_client_factory()
+        session.timeout = httpx2.Timeout(seconds)
+        return session
+
+    _http.set_client_factory(client)
 
 
 def maybe_publish(hub: HubConfig, output_dir: str | Path, *, is_main: bool | None = None) -> PublishResult | None:

@@ -16,8 +16,11 @@ class ShuffledBatches:
         self.n = len(next(iter(data.values()))) if isinstance(data, dict) else len(data)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.global_batch = batch_size * world_size
-        if self.n < self.global_batch:
-            raise ValueError(f"{self.n} samples cannot fill one global batch of {self.global_batch}")
+        if self.n < self.global_batch:  # a config mistake (batch size too large): one line, exit 2
+            from ..config import ConfigError
+
+            raise ConfigError(f"{self.n} samples cannot fill one global batch of {self.global_batch} "
+                              f"({batch_size} per process x {world_size}): lower the batch size or add data")
         self.epoch, self.index = 0, 0
         self._order = None
 

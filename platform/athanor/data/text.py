@@ -170,5 +170,8 @@ def load_text_data(cfg: TextDataConfig) -> TextData:
     tokenizer = build_tokenizer(cfg)
     blocks = pack(tokenize(docs, tokenizer, cfg.tokenizer == "bytes"), cfg.block_size)
     n_eval = max(1, int(len(blocks) * cfg.eval_fraction))
+    if len(blocks) - n_eval < cfg.batch_size:  # checked here, where the data's size is first known
+        raise ConfigError(f"data.batch_size={cfg.batch_size} is more than the {len(blocks) - n_eval} training "
+                          f"blocks of {cfg.block_size} tokens this corpus gives: lower it (or data.block_size)")
     # The eval tail is contiguous text, so no eval block overlaps a training block.
     return TextData(blocks[:-n_eval], blocks[-n_eval:], tokenizer)

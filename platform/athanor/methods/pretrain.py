@@ -48,7 +48,15 @@ class GPTModelConfig:
         choice(self.position, ("learned", "rotary"), "model.position")
         positive(self.z_loss_weight, "model.z_loss_weight", allow_zero=True)
         positive(self.mup_base_width, "model.mup_base_width", allow_zero=True)
-        if not self.name_or_path and self.d_model % self.n_heads:
+        if not 0 <= self.dropout < 1:  # 1 would zero every activation; > 1 is no probability
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.name_or_path:  # a Hub model brings its own shape
+            return
+        for key in ("d_model", "n_layers", "n_heads"):
+            positive(getattr(self, key), f"model.{key}")
+        positive(self.d_ff, "model.d_ff", allow_zero=True)
+        positive(self.init_std, "model.init_std")
+        if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
 
 
