@@ -1,0 +1,106 @@
+"""The training step of a (codebook) language model: LM loss + w * reconstruction MSE, dead-code
+replacement every ``replace_every`` steps, k-means initialisation of the codebooks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from athanor.data import ShuffledBatches, sharded_batches
+from athanor.engine import Engine, Method
+
+from .layers import CodebookModel
+
+
+class CodebookLM(Method):
+    """One step on a batch of token ids (labels = inputs, shifted inside the LM)."""
+
+    def __init__(self, model: CodebookModel, train: dict, held_out: dict, batch_size: int, *, seed: int,
+                 recon_weight: float = 1.0, replace_every: int = 0, replace_min_uses: float = 1.0,
+                 kmeans_iters: int = 10, kmeans_tokens: int = 4096, eval_batches: int = 4, freeze_lm: bool = False):
+        self.model, self.train, self.held_out = model, train, held_out
+        self.batch_size, self.seed, self.recon_weight = batch_size, seed, recon_weight
+        self.replace_every, self.replace_min_uses = replace_every, replace_min_uses
+        self.kmeans_iters, self.kmeans_tokens = kmeans_iters, kmeans_tokens
+        self.eval_batches, self.freeze_lm = eval_batches, freeze_lm
+        self.replaced_total = 0
+
+    def setup(self, engine: Engine) -> None:
+        self.engine = engine
+        if self.model.codebooks and self.kmeans_iters:
+            self.kmeans_init()
+        if self.freeze_lm:  # only the codebooks train (a pretrained LM probed with a bottleneck)
+            self.model.lm.requires_grad_(False)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.flops_per_token = 6 * n_params
+        self.model = engine.register("model", self.model, batch_size=self.batch_size)
+
+    def batches(self, engine: Engine):
+        return ShuffledBatches(self.train, self.batch_size, self.seed, engine.rank, engine.world_size)
+
+    @torch.no_grad()
+    def kmeans_init(self) -> None:
+        """Layer by layer (a later site's inputs depend on the earlier codebooks): capture the
+        site's inputs on a fixed sample of training sequences, then spherical k-means."""
+        rows = max(1, self.kmeans_tokens // self.train["input_ids"].shape[1])
+        ids = self.train["input_ids"][:rows]
+        layers = list(self.model.codebooks.values())
+        captured = {}
+        for i, layer in enumerate(layers):
+            for later in layers[i:]:
+                later.passthrough = True
+            layer.capture = captured
+            self.model.lm(input_ids=ids)
+            layer.kmeans_init(captured.pop("x"), self.kmeans_iters, seed=self.seed + i)
+            layer.capture = None
+            for later in layers[i:]:
+                later.passthrough = False
+
+    def train_step(self, batch: dict) -> dict:
+        ids = batch["input_ids"]
+        lm_loss = self.model(input_ids=ids, labels=ids).loss
+        model = self.engine.unwrap("model")
+        recon = model.recon_loss()
+        loss = lm_loss + self.recon_weight * recon if model.codebooks else lm_loss
+        self.engine.optimize("model", loss)
+        out = {"loss": loss.detach(), "lm_loss": lm_loss.detach(), "tokens": ids.numel()}
+        if model.codebooks:
+            out["recon"] = recon.detach()
+        if model.codebooks and self.replace_every and self.engine.step % self.replace_every == 0:
+            out["replaced"] = self.replace_dead(model)
+        return out
+
+    def replace_dead(self, model: CodebookModel) -> int:
+        """Deterministic in (seed, step), so a resumed run replaces exactly as an unbroken one."""
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.engine.step)
+        n = sum(layer.replace_dead(self.replace_min_uses, gen) for layer in model.codebooks.values())
+        if self.engine.world_size > 1:  # every process keeps rank 0's codes
+            from accelerate.utils import broadcast
+
+            for layer in model.codebooks.values():
+                layer.codebook.data = broadcast(layer.codebook.data.contiguous(), from_process=0)
+        self.replaced_total += n
+        return n
+
+    def evaluate(self) -> dict:
+        losses = []
+        for batch in sharded_batches(self.held_out, self.batch_size, self.eval_batches,
+                                     self.engine.rank, self.engine.world_size):
+            ids = batch["input_ids"].to(self.engine.device)
+            losses.append(self.model(input_ids=ids, labels=ids).loss.float())
+        loss = torch.stack(losses).mean()
+        return {"loss": self.engine.accelerator.reduce(loss, reduction="mean")}
+
+    def state_dict(self) -> dict:
+        model = self.engine.unwrap("model")
+        return {"usage": {name: layer.usage.clone() for name, layer in model.codebooks.items()},
+                "replaced_total": self.replaced_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        model = self.engine.unwrap("model")
+        for name, usage in state.get("usage", {}).items():
+            model.codebooks[name].usage.copy_(usage)
+        self.replaced_total = int(state.get("replaced_total", 0))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,230 @@
+"""The analysis stage and the report: tables in report.json/report.md, a code-state heat map,
+steering bars, and the Hub-ready model folder."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from athanor.report import plot_metrics, plt, write_report
+from athanor.runner import StageContext
+
+from . import analysis as A
+from .layers import CodebookModel
+
+
+def _median(t: torch.Tensor) -> float:
+    return float(t.median()) if t.numel() else float("nan")
+
+
+def _state_features(model: CodebookModel, baseline: CodebookModel, fsm, ids, walks, batch: int) -> tuple[dict, dict]:
+    """Best single code / code tuple / baseline neuron per state (see ``analysis``), purity and
+    what the heat map and steering need."""
+    ends = fsm.state_end_positions()
+    labels = walks.reshape(-1)  # (n * S,) the state at each state-end position
+    n = len(ids)
+    select = (torch.arange(n) < n // 2)[:, None].expand(n, len(ends)).reshape(-1)  # first half selects
+    codes = A.record_codes(model, ids, batch)
+    S, N = fsm.cfg.states, model.spec["num_codes"]
+    singles, tuples, per_layer, purity = [], [], {}, {}
+    head_keys, head_best = [], []
+    for site, c in codes.items():
+        top1 = c[:, ends, :, 0].reshape(-1, c.shape[2])  # (n*S, G)
+        for g in range(top1.shape[1]):
+            r = A.best_discrete(top1[:, g], labels, select, S)
+            singles.append(r)
+            head_keys.append(f"{site}/{g}")
+            head_best.append(r)
+        tup = A.tuple_ids(top1, N) if top1.shape[1] > 1 else top1[:, 0]
+        r = A.best_discrete(tup, labels, select, S)
+        tuples.append(r)
+        per_layer[site] = {"tuple_precision_median": _median(r["precision"]), "tuple_recall_median": _median(r["recall"]),
+                           "single_code_precision_median": _median(torch.stack([h["precision"] for h in head_best[-top1.shape[1]:]]).max(0).values)}
+        purity[site] = {"code": sum(A.purity(top1[:, g], labels, S) for g in range(top1.shape[1])) / top1.shape[1],
+                        "tuple": A.purity(tup, labels, S)}
+
+    def best_of(results):  # per state, the feature (over heads or layers) with the best select-half F1 proxy:
+        prec = torch.stack([r["precision"] for r in results])  # we report the best measured precision whose
+        rec = torch.stack([r["select_recall"] for r in results])  # feature was chosen on the select half
+        f1 = 2 * prec * rec / (prec + rec).clamp(min=1e-9)
+        pick = f1.argmax(0)
+        cols = torch.arange(prec.shape[1])
+        return prec[pick, cols], torch.stack([r["recall"] for r in results])[pick, cols], pick
+
+    single_p, single_r, single_pick = best_of(singles)
+    tuple_p, tuple_r, _ = best_of(tuples)
+    acts = A.record_neurons(baseline, ids, ends, batch)
+    neuron_single = A.best_neuron(acts, labels, select, single_r, S)
+    neuron_tuple = A.best_neuron(acts, labels, select, tuple_r, S)
+    features = {
+        "code_tuple_precision_median": _median(tuple_p), "code_tuple_recall_median": _median(tuple_r),
+        "single_code_precision_median": _median(single_p), "single_code_recall_median": _median(single_r),
+        "neuron_precision_median": _median(neuron_single["precision"]),  # at the single codes' recall
+        "neuron_precision_at_tuple_recall_median": _median(neuron_tuple["precision"]),
+        "single_code_beats_neuron_fraction": float((single_p > neuron_single["precision"]).float().mean()),
+        "per_layer": per_layer, "purity": purity,
+    }
+    # steering needs, per head, the most common code at each digit of each state
+    state_codes = {}
+    digit_pos = torch.stack([ends - fsm.digits + 1 + d for d in range(fsm.digits)], 1)  # (S_seq, digits)
+    for site, c in codes.items():
+        for g in range(c.shape[2]):
+            at = c[:, :, g, 0][:, digit_pos]  # (n, S_seq, digits)
+            mode = torch.zeros(S, fsm.digits, dtype=torch.long)
+            for d in range(fsm.digits):
+                table = torch.zeros(N, S)
+                table.index_put_((at[..., d].reshape(-1), labels), torch.ones(len(labels)), accumulate=True)
+                mode[:, d] = table.argmax(0)
+            state_codes[f"{site}/{g}"] = mode
+    extra = {"codes": codes, "labels": labels, "ends": ends, "state_codes": state_codes,
+             "head_keys": head_keys, "one_head": single_pick}
+    return features, extra
+
+
+def analysis_stage(ctx: StageContext) -> dict:
+    from .paper import load_data
+
+    cfg, a = ctx.cfg, ctx.cfg.analysis
+    data = load_data(cfg)
+    baseline = CodebookModel.from_pretrained(ctx.results["baseline"]["model"])
+    model = CodebookModel.from_pretrained(ctx.results["codebook"]["model"])
+    no_replace = (CodebookModel.from_pretrained(ctx.results["codebook_no_replace"]["model"])
+                  if "codebook_no_replace" in ctx.results else None)
+    ids = data["held_out"]["input_ids"]
+    out = {"eval_loss": {"baseline": ctx.results["baseline"]["eval_loss"], "codebook": ctx.results["codebook"]["eval_loss"]}}
+    out["lm_loss_cost"] = out["eval_loss"]["codebook"] - out["eval_loss"]["baseline"]
+    dead = {"with_replacement": _dead(model, ids, a.code_batch)}
+    if no_replace is not None:
+        dead["without_replacement"] = _dead(no_replace, ids, a.code_batch)
+    out["dead_code_fraction"] = dead
+    fsm = data["fsm"]
+    if fsm is None:  # text: the LM-loss cost and dead codes are the whole story
+        return out
+    walks = data["walks"]
+    out["transition_acc"] = {name: A.transition_accuracy(m, fsm, walks, a.prompt_states, a.new_states)
+                             for name, m in (("baseline", baseline), ("codebook", model))}
+    features, extra = _state_features(model, baseline, fsm, ids, walks, a.code_batch)
+    out["state_features"] = features
+    S = fsm.cfg.states
+    targets = torch.arange(S) if not a.steering_targets else torch.randperm(
+        S, generator=torch.Generator().manual_seed(cfg.run.seed))[: a.steering_targets]
+    prompts = walks[-a.steering_prompts:]  # measure half
+    out["steering"] = A.steer(model, fsm, prompts, extra["state_codes"], extra["one_head"], a.prompt_states,
+                              targets, seed=cfg.run.seed)
+    _heatmap(ctx, extra, model.spec["num_codes"], S)
+    return out
+
+
+def _dead(model: CodebookModel, ids, batch: int) -> dict:
+    codes = A.record_codes(model, ids, batch)
+    per_site = {site: A.dead_fraction(c, model.spec["num_codes"]) for site, c in codes.items()}
+    return {"mean": sum(per_site.values()) / max(1, len(per_site)), **per_site}
+
+
+def _heatmap(ctx: StageContext, extra: dict, num_codes: int, S: int) -> None:
+    """P(state | code) for the head whose single codes detect states best, codes ordered by
+    their most likely state."""
+    codes, labels, ends = extra["codes"], extra["labels"], extra["ends"]
+    best = torch.bincount(extra["one_head"], minlength=len(extra["head_keys"])).argmax()
+    site, g = extra["head_keys"][best].split("/")
+    top1 = codes[site][:, ends, int(g), 0].reshape(-1)
+    table = torch.zeros(num_codes, S)
+    table.index_put_((top1, labels), torch.ones(len(labels)), accumulate=True)
+    used = table.sum(1) > 0
+    p = table[used] / table[used].sum(1, keepdim=True)
+    order = p.argmax(1).argsort()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    im = ax.imshow(p[order].T, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel(f"code of {site} head {g} (used codes, ordered by their most likely state)")
+    ax.set_ylabel("FSM state")
+    ax.set_title("P(state | code) at the last digit of each state (held-out walks)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(ctx.root / "code_state_heatmap.png", dpi=110)
+    plt.close(fig)
+
+
+def _steering_plot(ctx: StageContext, steering: dict) -> None:
+    names = ["all_heads", "one_head", "random", "none"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.bar(names, [steering[n] for n in names], color=["tab:green", "tab:olive", "tab:gray", "lightgray"])
+    ax.set_ylabel("next state valid for the target")
+    ax.set_ylim(0, 1)
+    ax.set_title("Steering by forcing a target state's codes")
+    fig.tight_layout()
+    fig.savefig(ctx.root / "steering.png", dpi=110)
+    plt.close(fig)
+
+
+def report(ctx: StageContext, results: dict) -> dict:
+    from .paper import publish_folder
+
+    res = dict(results["analysis"])
+    res.pop("seconds", None)
+    steps = {name: results[name]["steps"] for name in results if "steps" in results[name]}
+    s_per_step = {name: results[name]["train_seconds"] / max(1, results[name]["steps"]) for name in steps}
+    lines = [f"Stages: {', '.join(results)}. Training seconds per step (incl. evals; machine load inflates these): "
+             + ", ".join(f"{k} {v:.3f}" for k, v in s_per_step.items()) + ".", ""]
+    checks = {}
+    if "transition_acc" in res:
+        ta, sf, st = res["transition_acc"], res["state_features"], res["steering"]
+        checks = {"codebook_within_3_points": ta["baseline"] - ta["codebook"] <= 0.03,
+                  "code_tuple_precision_at_least_0.9": sf["code_tuple_precision_median"] >= 0.9,
+                  "all_heads_steering_at_least_0.5": st["all_heads"] >= 0.5,
+                  "all_heads_steering_0.25_above_random": st["all_heads"] - st["random"] >= 0.25,
+                  "single_code_precision_at_least_0.9_and_beats_neuron":
+                      sf["single_code_precision_median"] >= 0.9 and sf["single_code_precision_median"] > sf["neuron_precision_median"]}
+        lines += _fsm_lines(res)
+        _steering_plot(ctx, st)
+    else:
+        lines += [f"LM loss on held-out text: baseline {res['eval_loss']['baseline']:.4f}, with codebooks "
+                  f"{res['eval_loss']['codebook']:.4f} (cost {res['lm_loss_cost']:+.4f} nats/token)."]
+    dead = res["dead_code_fraction"]
+    lines += ["", "Dead codes on held-out data (never chosen): with replacement "
+              f"{dead['with_replacement']['mean']:.3f}" + (f", without {dead['without_replacement']['mean']:.3f}"
+                                                          if "without_replacement" in dead else "") + "."]
+    for stage in ("baseline", "codebook"):
+        plot_metrics(ctx.stage_dir(stage), ["loss", "eval_loss"], "loss.png", title=f"{stage} training loss")
+    out = {**res, "checks": checks, "steps": steps, "seconds_per_step": s_per_step, **_headline(res)}
+    write_report(ctx.root, out, "Codebook Features", lines)
+    publish_folder(ctx, out)
+    return out
+
+
+def _headline(res: dict) -> dict:
+    if "transition_acc" not in res:
+        return {"lm_loss_cost": res["lm_loss_cost"]}
+    return {"transition_acc_baseline": res["transition_acc"]["baseline"], "transition_acc_codebook": res["transition_acc"]["codebook"],
+            "code_tuple_precision": res["state_features"]["code_tuple_precision_median"],
+            "single_code_precision": res["state_features"]["single_code_precision_median"],
+            "neuron_precision": res["state_features"]["neuron_precision_median"],
+            "steering_all_heads": res["steering"]["all_heads"], "steering_random": res["steering"]["random"]}
+
+
+def _fsm_lines(res: dict) -> list[str]:
+    ta, sf, st = res["transition_acc"], res["state_features"], res["steering"]
+    rows = ["| | value |", "|---|---|",
+            f"| transition accuracy, baseline | {ta['baseline']:.4f} |", f"| transition accuracy, codebook | {ta['codebook']:.4f} |",
+            f"| best code tuple per state: precision / recall (median) | {sf['code_tuple_precision_median']:.3f} / {sf['code_tuple_recall_median']:.3f} |",
+            f"| best single code per state: precision / recall (median) | {sf['single_code_precision_median']:.3f} / {sf['single_code_recall_median']:.3f} |",
+            f"| best baseline neuron at the single code's recall: precision (median) | {sf['neuron_precision_median']:.3f} |",
+            f"| best baseline neuron at the tuple's recall: precision (median) | {sf['neuron_precision_at_tuple_recall_median']:.3f} |",
+            f"| states where the single code beats the neuron | {sf['single_code_beats_neuron_fraction']:.2f} |"]
+    for site, v in sf["per_layer"].items():
+        rows.append(f"| {site}: tuple precision / single-code precision (median) / purity code, tuple | "
+                    f"{v['tuple_precision_median']:.3f} / {v['single_code_precision_median']:.3f} / "
+                    f"{sf['purity'][site]['code']:.3f}, {sf['purity'][site]['tuple']:.3f} |")
+    rows += ["", "Steering (next generated state valid for the target state): "
+             + ", ".join(f"{k} {v:.3f}" for k, v in st.items()) + ".",
+             "Features are chosen on the first half of the held-out walks and measured on the second half."]
+    if any(isinstance(v, float) and math.isnan(v) for v in st.values()):
+        rows.append("(nan: no head was chosen for any target)")
+    return rows
+
+
+def summary(report: dict) -> str:
+    if "transition_acc" in report:
+        return (f"transition acc {report['transition_acc']['codebook']:.3f} (baseline {report['transition_acc']['baseline']:.3f}), "
+                f"code-tuple precision {report['state_features']['code_tuple_precision_median']:.3f}, "
+                f"steering {report['steering']['all_heads']:.2f} vs random {report['steering']['random']:.2f}")
+    return f"LM-loss cost of the codebooks {report['lm_loss_cost']:+.4f}"
