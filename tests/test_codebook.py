@@ -1,0 +1,182 @@
+"""Codebook Features: the codebook layer (fused == reference), hooks on HF decoders, steering,
+dead-code replacement, the Hub folder, exact resume, bad configs, and the tiny recipe end to end."""
+import json
+
+import pytest
+import torch
+
+from athanor.engine import Engine, read_metrics
+from athanor.kernels import use_backend
+from athanor.methods import codebook
+from athanor.methods.codebook import CodebookLayer, CodebookModel
+from athanor.methods.codebook.method import CodebookLM
+from athanor.methods.codebook.paper import CodebookPaperConfig
+from athanor.methods.codebook.tokfsm import TokFSM, TokFSMConfig
+from athanor.models import AthanorGPT, AthanorGPTConfig
+from athanor.runner import run
+from conftest import run_recipe
+
+
+def tiny_gpt(vocab=11, seq=40, seed=0):
+    torch.manual_seed(seed)
+    return AthanorGPT(AthanorGPTConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, max_seq_len=seq, position="rotary"))
+
+
+def tiny_llama(vocab=64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def grads_after(model, ids):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids)
+    (out.loss + model.recon_loss()).backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("k,reduce", [(1, "sum"), (3, "mean")])
+def test_fused_topk_equals_reference_inside_the_model(k, reduce):
+    """All sites, all heads of a layer in one grouped call: outputs and every gradient match the
+    dense reference (codebooks, the LM's weights, through the straight-through path)."""
+    model = CodebookModel(tiny_gpt(), sites=("heads", "attn", "mlp"), num_codes=24, k=k, reduce=reduce)
+    ids = torch.randint(11, (3, 17))
+    with use_backend("torch"):
+        fused_logits, fused = grads_after(model, ids)
+    with use_backend("reference"):
+        ref_logits, ref = grads_after(model, ids)
+    torch.testing.assert_close(fused_logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert fused.keys() == ref.keys() and any("codebooks" in n for n in fused)
+    for name in fused:
+        torch.testing.assert_close(fused[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_layer_straight_through_and_usage():
+    layer = CodebookLayer(groups=2, dim=8, num_codes=16, k=2)
+    x = torch.randn(2, 10, 8, requires_grad=True)
+    out = layer(x)
+    chosen = layer.last_indices  # (2, 10, 2)
+    want = torch.stack([layer.codebook[g][chosen[g]].sum(1) for g in range(2)])
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # the gradient passes the bottleneck
+    assert layer.usage.sum() == 2 * 10 * 2  # every (token, chosen code) counted, on the device
+
+
+def test_dead_codes_are_replaced_with_inputs():
+    layer = CodebookLayer(groups=1, dim=4, num_codes=8, k=1)
+    with torch.no_grad():
+        layer.codebook.zero_()
+        layer.codebook[0, 0] = torch.tensor([1.0, 0, 0, 0])  # the only direction anything matches
+    layer(torch.tensor([[[1.0, -1.0, 0.5, 0.0]] * 6]))
+    assert layer.usage[0, 0] == 6 and layer.usage[0, 1:].sum() == 0
+    n = layer.replace_dead(1.0, torch.Generator().manual_seed(0))
+    assert n == 7 and layer.usage.sum() == 0
+    # the replaced codes are (layer-normed) inputs now, the used one is kept
+    torch.testing.assert_close(layer.codebook[0, 0], torch.tensor([1.0, 0, 0, 0]))
+    assert torch.allclose(layer.codebook[0, 1:], layer.last_input[0, 0].expand(7, 4))
+
+
+def test_hooks_on_a_hf_decoder_and_the_hub_folder(tmp_path):
+    """Llama (o_proj, grouped-query attention, tuple attention outputs): all sites attach; the folder
+    reloads with the codebooks and gives the same logits; AutoModel alone loads the bare LM."""
+    from transformers import AutoModelForCausalLM
+
+    model = CodebookModel(tiny_llama(), sites=("heads", "attn", "mlp"), num_codes=16, k=2)
+    assert set(model.codebooks) == {f"{s}{i}" for s in ("heads", "attn", "mlp") for i in (0, 1)}
+    assert model.codebooks["heads0"].codebook.shape == (4, 16, 8)
+    ids = torch.randint(64, (2, 12))
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    (out.loss + model.recon_loss()).backward()
+    assert model.codebooks["heads1"].codebook.grad.abs().sum() > 0
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = CodebookModel.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert not torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(input_ids=ids).logits,
+                              model(input_ids=ids).logits)  # the codebooks do change the model
+
+
+def test_steering_changes_generations():
+    model = CodebookModel(tiny_gpt(seed=1), sites=("heads",), num_codes=32).eval()
+    prompt = torch.randint(10, (16, 9))
+    plain = model.generate(prompt, 4)
+    forced_codes = {f"heads{layer}/{h}": 5 + h for layer in (0, 1) for h in range(4)}
+    forced = model.generate(prompt, 4, force_codes=forced_codes, force_at=[7, 8])
+    assert torch.equal(forced[:, :9], prompt)
+    assert (forced[:, 9:] != plain[:, 9:]).any(), "forcing every head's code changed no generation"
+    with model.recording(), model.forcing({"heads1/2": 3}):
+        model(input_ids=prompt)
+    assert (model.codebooks["heads1"].last_indices[2, :, 0] == 3).all()
+    assert not model.codebooks["heads1"].force  # the forcing ends with the block
+
+
+def test_tokfsm_walks_follow_edges():
+    fsm = TokFSM(TokFSMConfig(states=100, edges=10, seq_states=12, train_sequences=8, eval_sequences=4))
+    walks = fsm.walks(6)
+    assert fsm.is_valid(walks[:, :-1], walks[:, 1:]).all()
+    ids = fsm.encode(walks)
+    assert ids.shape == (6, 1 + 12 * 2) and (ids[:, 0] == fsm.bos).all()
+    back = fsm.decode_state(ids[:, 1:].reshape(6, 12, 2))
+    assert torch.equal(back, walks)
+    assert (fsm.valid.sum(1) == 10).all()
+
+
+def test_exact_resume_mid_training(tmp_path):
+    """Interrupted at step 6 and resumed to 12 == straight to 12 (losses, replacement included)."""
+    fsm = TokFSM(TokFSMConfig(states=24, edges=4, seq_states=8, train_sequences=256, eval_sequences=32, batch_size=16))
+    sets = fsm.datasets()
+
+    def fit(out, stop):
+        cfg = CodebookPaperConfig()
+        cfg.run.output_dir, cfg.run.max_steps, cfg.run.progress, cfg.run.log_every = str(out), 12, False, 1
+        engine = Engine(cfg)
+        model = CodebookModel(tiny_gpt(seed=cfg.run.seed), sites=("heads",), num_codes=16)
+        method = CodebookLM(model, sets["train"], {"input_ids": sets["eval"]["input_ids"]}, 16, seed=0,
+                            replace_every=4, eval_batches=1)
+        method.setup(engine)
+        engine.fit(method, method.batches(engine), max_steps=stop)
+        return method
+
+    fit(tmp_path / "split", 6)
+    resumed = fit(tmp_path / "split", 12)
+    straight = fit(tmp_path / "straight", 12)
+    rows = {name: [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r] for name in ("split", "straight")}
+    assert len(rows["straight"]) == 12 and rows["split"] == rows["straight"]
+    assert resumed.replaced_total == straight.replaced_total > 0
+
+
+def test_bad_config_exits_2_before_compute(tmp_path):
+    proc = run_recipe("codebook", "--codebook.sites", "[heads,mlpp]", "--run.output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "codebook.sites" in proc.stderr.strip().splitlines()[-1]
+    proc = run_recipe("codebook", "--analysis.prompt_states", "99", "--run.output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "prompt_states" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+TINY = ["--run.max_steps", "250", "--run.progress", "false", "--data.fsm.states", "24", "--data.fsm.edges", "4",
+        "--data.fsm.train_sequences", "4000", "--data.fsm.eval_sequences", "256", "--data.fsm.seq_states", "24",
+        "--codebook.num_codes", "64", "--codebook.replace_every", "50", "--analysis.steering_prompts", "8"]
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_tiny(tmp_path):
+    out = tmp_path / "run"
+    report = run(codebook.PAPER, ["--run.output_dir", str(out), *TINY])
+    saved = json.loads((out / "report.json").read_text())
+    assert set(saved) >= {"transition_acc", "state_features", "steering", "dead_code_fraction", "checks"}
+    assert set(saved["transition_acc"]) == {"baseline", "codebook"}
+    for png in ("code_state_heatmap.png", "steering.png"):
+        assert (out / png).stat().st_size > 1000
+    loaded = CodebookModel.from_pretrained(out / "model")
+    assert set(loaded.codebooks) == {"heads0", "heads1"} and (out / "model" / "README.md").exists()
+    # the paper's effects, loosely at this size: both models learn the FSM, a layer's code tuple
+    # detects states far above chance (1/24), forcing a state's codes steers far above random codes
+    sf, st = report["state_features"], report["steering"]
+    assert report["transition_acc"]["baseline"] > 0.8 and report["transition_acc"]["codebook"] > 0.7
+    assert sf["code_tuple_precision_median"] > 0.5
+    assert st["all_heads"] > st["random"] + 0.15
