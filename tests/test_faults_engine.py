@@ -247,3 +247,14 @@ def test_second_ctrl_c_exits_at_once_without_a_checkpoint(tmp_path, default_sigi
     assert exit_.value.code == INTERRUPTED_EXIT_CODE and engine.step == 3
     assert ckpt.list_checkpoints(tmp_path) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+
+
+def test_a_requeued_slurm_job_takes_over_the_lock_of_its_killed_earlier_run(tmp_path, monkeypatch):
+    other_node = json.dumps({"host": "node-that-died", "pid": 1, "job": "77", "restart": 0, "token": "x"})
+    (tmp_path / LOCK_NAME).write_text(other_node)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    with pytest.raises(ConfigError, match="node-that-died"):  # same job, same restart: a live twin, refused
+        Engine(config(tmp_path, max_steps=2))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    train(tmp_path, max_steps=2)
+    assert not (tmp_path / LOCK_NAME).exists()

@@ -157,6 +157,8 @@ class Engine:
             from accelerate.utils import broadcast_object_list
 
             error = broadcast_object_list([error])[0]
+        if error is not None and not self.is_main:
+            raise SystemExit(2)  # the main process says it, once
         if error is not None:
             raise ConfigError(error)
 

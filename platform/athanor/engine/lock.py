@@ -4,8 +4,9 @@ Two runs writing one folder interleave their ``metrics.jsonl`` lines and overwri
 checkpoints, so the second is refused (``ConfigError``: one line, exit 2) with the holder named.
 The lock file is created with ``O_EXCL`` and holds host, PID, the process's start time and a
 random token. A lock whose process is gone (same host, PID not running, or running but started
-later: a reused PID) is stale and taken over. A lock from another host cannot be checked; the
-message says which file to delete if that run is known to be dead.
+later: a reused PID) is stale and taken over, as is one left by an earlier run of the same SLURM
+job (a requeued job, possibly on another node, killed before it could let go). Any other lock
+from another host cannot be checked; the message says which file to delete if that run is dead.
 
 Only the main process of a launch takes the lock (the processes of one ``accelerate launch`` share
 the folder by design); the engine tells the others the outcome. The same process may take a lock
@@ -60,7 +61,9 @@ class OutputLock:
     @staticmethod
     def _own_record() -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
-                "token": secrets.token_hex(8), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "job": os.environ.get("SLURM_JOB_ID"), "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+                "token": secrets.token_hex(8),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def _read(self) -> dict | None:
         try:
@@ -92,7 +95,11 @@ class OutputLock:
                 if holder is None:
                     continue
                 same_host = holder.get("host") == record["host"]
-                if not holder or (same_host and not _alive(holder)) or \
+                # A requeued SLURM job keeps its id and counts its restarts: a lock of an earlier restart
+                # is stale, on any node (that run was killed before it could let go)
+                requeued = record["job"] is not None and holder.get("job") == record["job"] and \
+                    int(holder.get("restart") or 0) < record["restart"]
+                if not holder or requeued or (same_host and not _alive(holder)) or \
                         (same_host and holder.get("pid") == record["pid"] and holder.get("started") == record["started"]):
                     self.path.unlink(missing_ok=True)  # stale (its process is gone), or this very process's
                     continue
