@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -240,7 +242,7 @@ def test_sweep_runs_as_a_job_array(slurm, tmp_path):
 
     tiny = ["--run.max_steps", "3", "--model.d_model", "32", "--model.n_layers", "1", "--data.max_chars", "100000",
             "--run.progress", "false", "--data.eval_batches", "1"]
-    jobs = [sweep.Job(name=f"lr{lr}", root=str(tmp_path), script="recipes/pretrain.py",
+    jobs = [sweep.Job(name=f"lr{lr}", root=str(tmp_path), script="", paper="athanor.methods.pretrain",
                 argv=["--optim.lr", str(lr), "--run.output_dir", str(tmp_path / f"lr{lr}"), *tiny])
             for lr in (1e-3, 1e-2)]
     executor = sweep.make_executor("slurm", workers=2, threads_per_worker=1)  # as --sweep.executor slurm would
@@ -252,3 +254,54 @@ def test_sweep_runs_as_a_job_array(slurm, tmp_path):
     assert len(list((tmp_path / "slurm").glob("sweep-*_*.out"))) == 2  # one array task per run
     again = sweep.run_sweep(jobs, executor, progress=False)
     assert again.skipped == 2  # finished runs are recognised, not resubmitted
+
+
+TINY = ["--run.max_steps", "2", "--model.d_model", "32", "--model.n_layers", "1", "--data.max_chars", "100000",
+        "--data.eval_batches", "1", "--run.progress", "false", "--run.eval_every", "0"]
+
+
+@pytest.mark.slow
+def test_job_whose_paths_hold_a_space_and_quotes(slurm, tmp_path):
+    """#SBATCH --output/--chdir once went into the script unquoted: sbatch cut the path at the
+    space (the log went elsewhere, the job could not enter its folder)."""
+    output_dir = tmp_path / "out dir \"q'#x"
+    workdir = tmp_path / "work dir 'w\""
+    workdir.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "athanor.cli", "submit", "--wait", str(ROOT / "recipes" / "pretrain.py"),
+                           *TINY, "--run.output_dir", str(output_dir)], cwd=workdir, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "ended COMPLETED with exit status 0" in proc.stdout, proc.stdout + proc.stderr
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    log = output_dir / "slurm" / f"slurm-{job_id}.out"
+    assert log.is_file() and "athanor: exit 0" in log.read_text(), list(tmp_path.rglob("*.out"))
+    assert (output_dir / "report.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([output_dir.name, workdir.name])  # nothing beside
+
+
+@pytest.mark.slow
+def test_local_cluster_starts_and_stops_only_its_own_daemons(slurm):
+    """A second, one-node cluster in its own state folder and ports: it comes up, and stopping it
+    stops its daemons only (the cluster the other tests use keeps running)."""
+    # munged wants every folder above its socket searchable by all, which pytest's tmp_path is not
+    state = Path(tempfile.mkdtemp(prefix="athanor-slurm-test-"))
+    state.chmod(0o755)
+    env = {**os.environ, "ATHANOR_SLURM_DIR": str(state), "ATHANOR_SLURM_NODES": "1",
+           "ATHANOR_SLURM_PORT": str(free_port())}
+    started = subprocess.run(["bash", str(LOCAL_CLUSTER), "start"], capture_output=True, text=True, timeout=300,
+                             env=env)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        assert stat.S_IMODE(state.stat().st_mode) == 0o755 and not state.is_symlink()
+        conf = {**env, "SLURM_CONF": str(state / "etc" / "slurm.conf")}
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, env=conf,
+                               timeout=60)
+        assert nodes.stdout.split() == ["n1", "idle"], nodes.stdout + nodes.stderr
+        pids = [int(p.read_text()) for p in (state / "run").glob("*.pid")]
+        assert len(pids) == 3  # munged, slurmctld, one slurmd
+    finally:
+        stopped = subprocess.run(["bash", str(LOCAL_CLUSTER), "stop"], capture_output=True, text=True, timeout=120,
+                                 env=env)
+    shutil.rmtree(state, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert _cluster_nodes() >= 2  # the shared cluster is untouched
