@@ -21,11 +21,11 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast, set_seed
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
+from .. import compat
 from ..config import ConfigError, OptimConfig, TrainConfig
 from . import checkpoint as ckpt
 from . import resume_config
@@ -107,11 +107,9 @@ class Engine:
         # CPU accelerator by itself, so cpu=True is only passed when DeepSpeed is not asked for.
         # DeepSpeed and DDP on CPU need gloo named explicitly (see ENVIRONMENT.md).
         handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and distributed else []
-        state = AcceleratorState._shared_state
-        if state and state.get("_mixed_precision") not in (None, engine.mixed_precision):
-            # A multi-stage recipe may change precision between stages; accelerate's state is a
-            # process-wide singleton that refuses that unless reset (the process group survives).
-            AcceleratorState._reset_state(reset_partial_state=False)
+        # A multi-stage recipe may change precision between stages; accelerate's state is a
+        # process-wide singleton that refuses that unless reset (the process group survives).
+        compat.reset_accelerator_state_if_precision_changes(engine.mixed_precision)
         self.accelerator = Accelerator(cpu=cpu and not deepspeed, mixed_precision=engine.mixed_precision,
                                        gradient_accumulation_steps=engine.grad_accum,
                                        step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
@@ -218,7 +216,7 @@ class Engine:
             self.guard.check_loss_before_backward(name, loss)
         else:
             self.guard.note_loss(name, loss)
-        if self.uses_deepspeed and slot.model is not self.accelerator.deepspeed_engine_wrapped.engine:
+        if self.uses_deepspeed and slot.model is not compat.first_deepspeed_engine(self.accelerator):
             # accelerator.backward drives only the first prepared DeepSpeed engine; a second model (a
             # critic beside a generator) drives its own engine the same way: backward, then step at the
             # accumulation boundary (DeepSpeed's step clips, steps the optimizer and zeroes the grads).

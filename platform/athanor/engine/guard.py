@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from .. import compat
+
 NONFINITE_EXIT_CODE = 3  # a non-finite loss/gradient/weight stopped the run; no checkpoint written for it
 
 
@@ -89,8 +91,7 @@ class NonFiniteGuard:
         finite on every process, or stop."""
         bad = []
         for name, slot in self.engine.slots.items():
-            tensors = [getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else p.detach()
-                       for p in slot.model.parameters()]
+            tensors = [compat.local_shard(p) for p in slot.model.parameters()]
             tensors = [t for t in tensors if t.numel()]
             flag = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().float() if tensors else \
                 torch.tensor(0.0)

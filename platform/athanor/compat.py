@@ -1,0 +1,61 @@
+"""Every private or undocumented attribute of accelerate, DeepSpeed and transformers that athanor
+touches, in one place, each behind a function that says what it is for.
+
+These are not public API: a new release may move them. pyproject.toml bounds the three packages
+to the releases these were checked against (accelerate 1.x, deepspeed 0.x from 0.15, transformers
+4.45 to 5.x); when a bound is raised, this module is what to re-check (tests/test_engine.py,
+tests/test_o3_e2e.py and the DeepSpeed tests of tests/test_pretrain.py exercise every function).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def reset_accelerator_state_if_precision_changes(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide ``AcceleratorState`` (a Borg singleton in
+    ``AcceleratorState._shared_state``) and refuses a second ``Accelerator`` with another mixed
+    precision; a multi-stage recipe may change precision between stages. Resetting the state
+    (``_reset_state``) keeps the process group (``reset_partial_state=False``)."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def first_deepspeed_engine(accelerator):
+    """The DeepSpeed engine that ``accelerator.backward`` drives: only the first prepared model's
+    (``Accelerator.deepspeed_engine_wrapped``, set by ``prepare``, undocumented)."""
+    return accelerator.deepspeed_engine_wrapped.engine
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of a parameter as the model defines it: under ZeRO-3 the local tensor is an empty
+    placeholder and DeepSpeed keeps the full size in ``param.ds_numel``."""
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this process holds: under ZeRO-3 DeepSpeed keeps it in
+    ``param.ds_tensor`` (the parameter itself is an empty placeholder outside a forward)."""
+    shard = param.ds_tensor if hasattr(param, "ds_tensor") else None
+    return shard if shard is not None else param.detach()
+
+
+@contextlib.contextmanager
+def plain_loading():
+    """Load models unsharded on one process (evaluation, publishing) even after a ZeRO-3 stage:
+    once DeepSpeed is set up, transformers' ``from_pretrained`` builds models under ``zero.Init``
+    (it sees the config through ``transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref``),
+    a collective the other processes would not join. The config is unset meanwhile, then restored."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if ref is not None and ref() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(ref())
