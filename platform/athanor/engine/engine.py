@@ -507,8 +507,9 @@ class Engine:
             if self.uses_deepspeed:
                 slot.model.load_checkpoint(str(path), tag=f"deepspeed-{name}")
             else:
+                # safetensors knows "cpu" but not DDP-on-CPU's "cpu:0"
                 load_model(self.accelerator.unwrap_model(slot.model), str(path / f"model-{name}.safetensors"),
-                           device=str(self.device))
+                           device="cpu" if self.device.type == "cpu" else str(self.device))
                 slot.optimizer.load_state_dict(load_state(path, f"optimizer-{name}"))
             slot.schedule.load_state_dict(state["schedules"][name])
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
