@@ -28,7 +28,7 @@ class FactsConfig:
     old_people: int = 60  # facts the base LM is trained on to convergence
     new_people: int = 36  # facts added during continued training
     additions: int = 3  # the new people arrive in this many equal chunks
-    replay_fraction: float = 0.5  # fraction of old facts (a fixed subset) mixed into continued training
+    replay_fraction: float = 0.25  # fraction of old facts (a fixed subset) mixed into continued training
     attributes: int = 2  # world: first N of hometown, job, pet, colour
     templates: int = 4  # world: phrasings per fact ...
     tracking_templates: int = 1  # ... of which the last N are never trained (the tracking split)

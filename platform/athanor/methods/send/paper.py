@@ -25,7 +25,7 @@ from .training import ContinuedTraining, EigenScoreConfig, SendConfig, auroc, sa
 
 @dataclass
 class BaseConfig:
-    max_steps: int = 1200  # base LM training on the old facts (0 with model.name_or_path: use it as is)
+    max_steps: int = 400  # base LM training on the old facts (0 with model.name_or_path: use it as is)
     lr: float = 2e-3
     min_accuracy: float = 0.98  # the base must reach this on the old facts (a converged start), else error
 
@@ -36,7 +36,7 @@ class BaseConfig:
 
 @dataclass
 class ExperimentConfig:
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # continued-training seeds (each arm)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # continued-training seeds (each arm)
     arms: list[str] = field(default_factory=lambda: ["normal", "send"])
     save_models: bool = False  # save each arm's final model (paper-scale runs)
 
@@ -52,7 +52,7 @@ class ExperimentConfig:
 class SendPaperConfig(TrainConfig):
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/send", max_steps=300,
                                                              eval_every=10, progress=False))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="constant"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, schedule="constant"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: FactsConfig = field(default_factory=FactsConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
