@@ -82,7 +82,7 @@ def test_nested_state_round_trips_through_safetensors_and_json(tmp_path):
     weight = torch.randn(3, 4)
     state = {"rng": torch.Generator().manual_seed(3).get_state(), "tied": [weight, weight, weight[1]],
              "by_id": {0: {"step": torch.tensor(5.0), "note": "x"}, 1: {"step": 2}},
-             "betas": (0.9, 0.99), "nothing": None, "flag": True, "nan": float("inf")}
+             "betas": (0.9, 0.99), "nothing": None, "flag": True, "nan": float("inf"), "np": np.float64(0.25)}
     save_state(state, tmp_path, "thing")
     back = load_state(tmp_path, "thing")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing.json", "thing.safetensors"]
@@ -90,7 +90,7 @@ def test_nested_state_round_trips_through_safetensors_and_json(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(back["tied"], state["tied"]))
     assert back["by_id"][0]["step"].item() == 5.0 and back["by_id"][0]["note"] == "x" and back["by_id"][1] == {"step": 2}
     assert back["betas"] == (0.9, 0.99) and back["nothing"] is None and back["flag"] is True
-    assert back["nan"] == float("inf")
+    assert back["nan"] == float("inf") and back["np"] == 0.25
 
 
 def test_python_objects_are_refused_with_their_path():

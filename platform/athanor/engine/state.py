@@ -71,6 +71,8 @@ def _split(value, path: str, tensors: dict):
         return [_split(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
     if isinstance(value, JSON_SCALARS):
         return value
+    if isinstance(value, np.generic) and isinstance(value.item(), JSON_SCALARS):  # np.float64(0.5) -> 0.5
+        return value.item()
     raise TypeError(f"{path}: a {type(value).__name__} is neither a tensor nor a JSON value; checkpoint state "
                     f"must be tensors, numbers, strings, lists and dicts (no Python objects)")
 
