@@ -119,7 +119,7 @@ def test_checkpoint_holds_no_python_objects_and_a_manifest_of_every_file(tmp_pat
     run(tmp_path, 2)
     folder = ckpt.checkpoint_root(tmp_path) / "step-2"
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert names == ["MANIFEST.json", "model-critic.safetensors", "model-gen.safetensors", "optimizer-critic.json",
+    assert names == ["MANIFEST.json", "config.yaml", "model-critic.safetensors", "model-gen.safetensors", "optimizer-critic.json",
                      "optimizer-critic.safetensors", "optimizer-gen.json", "optimizer-gen.safetensors",
                      "rank0/data.json", "rank0/method.json", "rank0/method.safetensors", "rank0/rng.json",
                      "rank0/rng.safetensors", "trainer_state.json"]

@@ -426,7 +426,8 @@ class Engine:
           equal on all processes). Under DeepSpeed ``deepspeed-<name>/`` instead, in DeepSpeed's own
           format, each process writing its shards (those ``.pt`` files are the only ones read by
           ``torch.load``, inside DeepSpeed; see the README);
-        - ``trainer_state.json``: step, world size, eval history, LR schedules, loss scaler;
+        - ``trainer_state.json``: step, world size, eval history, LR schedules, loss scaler; and a
+          copy of the run's ``config.yaml`` (what resume compares the new config with);
         - ``rank<r>/``, what differs between processes: ``rng`` (Python, numpy, torch, CUDA),
           ``method`` (the method's state dict, its own torch.Generator included), ``data.json``;
         - ``MANIFEST.json`` (every file's size and sha256), written last, then the rename.
@@ -457,6 +458,8 @@ class Engine:
                 "accumulation_counter": self.accelerator.step,
                 "schedules": {n: s.schedule.state_dict() for n, s in self.slots.items()},
                 "scaler": scaler.state_dict() if scaler is not None else None})
+            if (self.output_dir / "config.yaml").is_file():  # the checkpoint says what wrote it, wherever it goes
+                (tmp / "config.yaml").write_bytes((self.output_dir / "config.yaml").read_bytes())
         self.accelerator.wait_for_everyone()
         final = tmp.parent / f"step-{self.step}"
         if self.is_main:
