@@ -5,7 +5,7 @@ the label is that state s. A discrete feature f (one head's code, or a layer's t
 over its heads) "detects s" with precision P(s | f) and recall P(f | s). For each state the
 best feature is the one with the highest F1 on the *select* half of the held-out walks; its
 precision and recall are then measured on the other (*measure*) half. The baseline's best
-neuron (MLP hidden unit, head output dim or residual dim, either sign) is chosen the same way
+neuron (an MLP hidden unit or a residual-stream dim after a block, either sign) is chosen the same way
 at the code's recall: threshold each unit so it fires on that fraction of state-s positions
 (select half), take the unit with the best precision, measure it on the measure half.
 """
@@ -36,7 +36,7 @@ def record_codes(model: CodebookModel, ids: torch.Tensor, batch: int = 128) -> d
 @torch.no_grad()
 def record_neurons(model: CodebookModel, ids: torch.Tensor, positions: torch.Tensor, batch: int = 128) -> torch.Tensor:
     """(n * len(positions), M) unit activations at ``positions``: each layer's MLP hidden units (the
-    input of the MLP's last linear map), its attention heads' outputs and the residual stream."""
+    input of the MLP's last linear map) and the residual stream after the layer."""
     model.eval()
     grabbed: list[torch.Tensor] = []
     hooks = []
@@ -80,7 +80,9 @@ def best_discrete(values: torch.Tensor, labels: torch.Tensor, select: torch.Tens
     tp = (fires & is_s).sum(0).float()
     precision = tp / fires.sum(0).clamp(min=1)
     recall = tp / is_s.sum(0).clamp(min=1)
-    return {"value": chosen, "precision": precision, "recall": recall, "select_recall": rec[best, torch.arange(n_labels)]}
+    cols = torch.arange(n_labels)
+    return {"value": chosen, "precision": precision, "recall": recall,
+            "select_precision": prec[best, cols], "select_recall": rec[best, cols]}
 
 
 def best_neuron(acts: torch.Tensor, labels: torch.Tensor, select: torch.Tensor, recall: torch.Tensor,

@@ -30,6 +30,7 @@ class CodebookLM(Method):
             self.kmeans_init()
         if self.freeze_lm:  # only the codebooks train (a pretrained LM probed with a bottleneck)
             self.model.lm.requires_grad_(False)
+        self.model.train()  # from_pretrained returns eval mode; a resumed run skips the eval that resets it
         n_params = sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = 6 * n_params
         self.model = engine.register("model", self.model, batch_size=self.batch_size)

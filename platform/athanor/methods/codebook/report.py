@@ -3,6 +3,7 @@ steering bars, and the Hub-ready model folder."""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -43,13 +44,13 @@ def _state_features(model: CodebookModel, baseline: CodebookModel, fsm, ids, wal
         purity[site] = {"code": sum(A.purity(top1[:, g], labels, S) for g in range(top1.shape[1])) / top1.shape[1],
                         "tuple": A.purity(tup, labels, S)}
 
-    def best_of(results):  # per state, the feature (over heads or layers) with the best select-half F1 proxy:
-        prec = torch.stack([r["precision"] for r in results])  # we report the best measured precision whose
-        rec = torch.stack([r["select_recall"] for r in results])  # feature was chosen on the select half
-        f1 = 2 * prec * rec / (prec + rec).clamp(min=1e-9)
-        pick = f1.argmax(0)
-        cols = torch.arange(prec.shape[1])
-        return prec[pick, cols], torch.stack([r["recall"] for r in results])[pick, cols], pick
+    def best_of(results):  # per state, the feature (over heads or layers) with the best F1 on the
+        sp = torch.stack([r["select_precision"] for r in results])  # select half; its precision and
+        sr = torch.stack([r["select_recall"] for r in results])  # recall as measured on the other half
+        pick = (2 * sp * sr / (sp + sr).clamp(min=1e-9)).argmax(0)
+        cols = torch.arange(sp.shape[1])
+        return (torch.stack([r["precision"] for r in results])[pick, cols],
+                torch.stack([r["recall"] for r in results])[pick, cols], pick)
 
     single_p, single_r, single_pick = best_of(singles)
     tuple_p, tuple_r, _ = best_of(tuples)
@@ -64,16 +65,18 @@ def _state_features(model: CodebookModel, baseline: CodebookModel, fsm, ids, wal
         "single_code_beats_neuron_fraction": float((single_p > neuron_single["precision"]).float().mean()),
         "per_layer": per_layer, "purity": purity,
     }
-    # steering needs, per head, the most common code at each digit of each state
+    # steering needs, per head, the most common code at each digit of each state (select half)
     state_codes = {}
+    half = n // 2
     digit_pos = torch.stack([ends - fsm.digits + 1 + d for d in range(fsm.digits)], 1)  # (S_seq, digits)
     for site, c in codes.items():
         for g in range(c.shape[2]):
-            at = c[:, :, g, 0][:, digit_pos]  # (n, S_seq, digits)
+            at = c[:half, :, g, 0][:, digit_pos]  # (half, S_seq, digits)
             mode = torch.zeros(S, fsm.digits, dtype=torch.long)
             for d in range(fsm.digits):
                 table = torch.zeros(N, S)
-                table.index_put_((at[..., d].reshape(-1), labels), torch.ones(len(labels)), accumulate=True)
+                table.index_put_((at[..., d].reshape(-1), labels[:at[..., d].numel()]), torch.ones(at[..., d].numel()),
+                                 accumulate=True)
                 mode[:, d] = table.argmax(0)
             state_codes[f"{site}/{g}"] = mode
     extra = {"codes": codes, "labels": labels, "ends": ends, "state_codes": state_codes,
@@ -85,6 +88,7 @@ def analysis_stage(ctx: StageContext) -> dict:
     from .paper import load_data
 
     cfg, a = ctx.cfg, ctx.cfg.analysis
+    cpu_started = time.process_time()
     data = load_data(cfg)
     baseline = CodebookModel.from_pretrained(ctx.results["baseline"]["model"])
     model = CodebookModel.from_pretrained(ctx.results["codebook"]["model"])
@@ -112,6 +116,7 @@ def analysis_stage(ctx: StageContext) -> dict:
     out["steering"] = A.steer(model, fsm, prompts, extra["state_codes"], extra["one_head"], a.prompt_states,
                               targets, seed=cfg.run.seed)
     _heatmap(ctx, extra, model.spec["num_codes"], S)
+    out["cpu_seconds"] = time.process_time() - cpu_started
     return out
 
 
@@ -163,8 +168,12 @@ def report(ctx: StageContext, results: dict) -> dict:
     res.pop("seconds", None)
     steps = {name: results[name]["steps"] for name in results if "steps" in results[name]}
     s_per_step = {name: results[name]["train_seconds"] / max(1, results[name]["steps"]) for name in steps}
-    lines = [f"Stages: {', '.join(results)}. Training seconds per step (incl. evals; machine load inflates these): "
-             + ", ".join(f"{k} {v:.3f}" for k, v in s_per_step.items()) + ".", ""]
+    cpu = {name: r.get("train_cpu_seconds", r.get("cpu_seconds")) for name, r in results.items()}
+    cpu_total = sum(v for v in cpu.values() if v)
+    lines = [f"Stages: {', '.join(results)}. Training wall seconds per step (incl. evals; load from other processes "
+             "inflates these): " + ", ".join(f"{k} {v:.3f}" for k, v in s_per_step.items()) + ". Process CPU seconds "
+             "(one thread: about the wall time on an idle core): " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if v)
+             + f"; total {cpu_total:.0f} s.", ""]
     checks = {}
     if "transition_acc" in res:
         ta, sf, st = res["transition_acc"], res["state_features"], res["steering"]
@@ -185,7 +194,8 @@ def report(ctx: StageContext, results: dict) -> dict:
                                                           if "without_replacement" in dead else "") + "."]
     for stage in ("baseline", "codebook"):
         plot_metrics(ctx.stage_dir(stage), ["loss", "eval_loss"], "loss.png", title=f"{stage} training loss")
-    out = {**res, "checks": checks, "steps": steps, "seconds_per_step": s_per_step, **_headline(res)}
+    out = {**res, "checks": checks, "steps": steps, "seconds_per_step": s_per_step, "cpu_seconds": cpu,
+           "cpu_seconds_total": cpu_total, **_headline(res)}
     write_report(ctx.root, out, "Codebook Features", lines)
     publish_folder(ctx, out)
     return out

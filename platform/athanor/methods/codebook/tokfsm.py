@@ -4,6 +4,11 @@ S states, each with E distinct out-edges chosen at random; a walk picks one out-
 every step. A state is written as its decimal digits (state 7 of 100 -> tokens "0", "7"), so
 a state spans several tokens and "the model is in state s" is a feature the network has to
 build; a BOS token starts every sequence, and every sequence starts at a state boundary.
+
+``place_tokens`` (default): each decimal place has its own ten digit tokens (tens 0-9, units
+10-19), so where a state starts is visible in the tokens. With plain digits a small model must
+also work out the digit parity from context; measured here (100 states, 10 edges, d=64, 2
+layers, rotary, 1500 steps) that held the baseline at 0.87 transition accuracy.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class TokFSMConfig:
     eval_sequences: int = 512  # held out: analysis, steering and transition accuracy use these
     batch_size: int = 64
     seed: int = 1234  # the FSM and its walks (independent of run.seed, which drives training)
+    place_tokens: bool = True  # a separate set of ten digit tokens per decimal place (false: plain digits)
 
     def validate(self) -> None:
         for key in ("states", "edges", "seq_states", "train_sequences", "eval_sequences", "batch_size"):
@@ -38,8 +44,9 @@ class TokFSM:
     def __init__(self, cfg: TokFSMConfig):
         self.cfg = cfg
         self.digits = max(1, math.ceil(math.log10(cfg.states)))
-        self.bos = 10
-        self.vocab_size = 11
+        self.place = cfg.place_tokens
+        self.bos = 10 * self.digits if self.place else 10
+        self.vocab_size = self.bos + 1
         gen = torch.Generator().manual_seed(cfg.seed)
         # E distinct successors per state (self-loops allowed, as any random graph would have them)
         self.successors = torch.stack([torch.randperm(cfg.states, generator=gen)[: cfg.edges] for _ in range(cfg.states)])
@@ -64,6 +71,8 @@ class TokFSM:
         """(n, S) states -> (n, 1 + S*digits) tokens, BOS first, most significant digit first."""
         powers = 10 ** torch.arange(self.digits - 1, -1, -1)
         digits = (states[..., None] // powers) % 10
+        if self.place:
+            digits = digits + 10 * torch.arange(self.digits)
         tokens = digits.reshape(states.shape[0], -1)
         return torch.cat([torch.full((states.shape[0], 1), self.bos), tokens], dim=1)
 
@@ -71,8 +80,10 @@ class TokFSM:
         """(..., digits) digit tokens -> state index; -1 where a token is no digit or the number
         is no state."""
         powers = 10 ** torch.arange(self.digits - 1, -1, -1, device=digit_tokens.device)
-        ok = (digit_tokens < 10).all(-1)
-        value = (digit_tokens.clamp(max=9) * powers).sum(-1)
+        if self.place:
+            digit_tokens = digit_tokens - 10 * torch.arange(self.digits, device=digit_tokens.device)
+        ok = ((digit_tokens >= 0) & (digit_tokens < 10)).all(-1)
+        value = (digit_tokens.clamp(0, 9) * powers).sum(-1)
         return torch.where(ok & (value < self.cfg.states), value, torch.full_like(value, -1))
 
     def state_end_positions(self) -> torch.Tensor:
