@@ -96,6 +96,7 @@ def test_publish_reuses_its_own_staging_folder_and_takes_an_empty_one(run_dir, t
     for _ in range(2):  # the second publish replaces what the first one made
         proc = cli("publish", run_dir, "--repo-id", "me/x", "--dry-run")
         assert proc.returncode == 0, proc.stderr
+        assert "model.safetensors" in proc.stdout and ".athanor-upload" not in proc.stdout  # the marker stays home
     stage = run_dir / "hub_upload"
     assert (stage / "model.safetensors").is_file() and (stage / ".athanor-upload").is_file()
     empty = tmp_path / "empty"
@@ -253,13 +254,17 @@ def _bad_values(tmp_path):
 
 
 def test_bad_config_values_are_refused_at_parse_time(tmp_path):
-    from athanor.methods.pretrain import PretrainConfig
+    from athanor.methods.pretrain import GPTModelConfig
+
+    @dataclass
+    class ModelRun(TrainConfig):  # pretrain's sections that these values belong to
+        model: GPTModelConfig = field(default_factory=GPTModelConfig)
 
     for name, (args, message) in _bad_values(tmp_path).items():
-        with pytest.raises(ConfigError, match=None) as info:
-            load_config(PretrainConfig, args)
+        with pytest.raises(ConfigError) as info:
+            load_config(ModelRun, args)
         assert message in str(info.value), (name, str(info.value))
-    load_config(PretrainConfig, ["--run.seed", str(2**32 - 1), "--model.dropout", "0.5",
+    load_config(ModelRun, ["--run.seed", str(2**32 - 1), "--model.dropout", "0.5",
                                  "--run.output_dir", str(tmp_path / "new" / "run")])  # the edges pass
 
 

@@ -89,13 +89,16 @@ def _publish(args: argparse.Namespace) -> int:
         return _fail(e, 2)
     except hub.HubError as e:
         return _fail(e, 1)
-    files = sorted(p.relative_to(result.folder).as_posix() for p in result.folder.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(result.folder).as_posix() for p in result.folder.rglob("*")
+                   if p.is_file() and p.name != hub.STAGING_MARKER)  # the marker is not uploaded
     if args.dry_run:
         print(f"dry run: upload folder {result.folder} ({len(files)} files) for {args.repo_id}; nothing uploaded")
         for name in files:
             print(f"  {name}")
     else:
-        print(f"published {len(files)} files to {result.url}")
+        from .redact import redact
+
+        print(f"published {len(files)} files to {redact(result.url)}")  # an endpoint URL may carry a password
     return 0
 
 

@@ -358,7 +358,7 @@ def publish(output_dir: str | Path, repo_id: str, *, private: bool = False, dry_
     _bound_hub_requests()
     api = HfApi(endpoint=endpoint, token=token)
     # Belt and braces: the folder holds no optimizer state unless asked, and the upload skips it too.
-    ignore = None if include_optimizer_state else [f"**/{p}" for p in OPTIMIZER_PATTERNS]
+    ignore = [STAGING_MARKER, *([] if include_optimizer_state else [f"**/{p}" for p in OPTIMIZER_PATTERNS])]
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, ignore_patterns=ignore,
@@ -411,5 +411,5 @@ def maybe_publish(hub: HubConfig, output_dir: str | Path, *, is_main: bool | Non
         print(f"error: publishing to {hub.repo_id} failed: {e} (outputs are in {output_dir}; retry with "
               f"`athanor publish {output_dir} --repo-id {hub.repo_id}`)", file=sys.stderr)
         sys.exit(1)
-    print(f"published {output_dir} to {result.url}")
+    print(f"published {output_dir} to {redact(str(result.url))}")  # an endpoint URL may carry a password
     return result

@@ -40,6 +40,7 @@ class TextDataConfig:
         positive(self.block_size, "data.block_size")
         positive(self.batch_size, "data.batch_size")
         positive(self.eval_batches, "data.eval_batches")
+        positive(self.max_chars, "data.max_chars", allow_zero=True)
         if not 0 < self.eval_fraction < 0.5:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 0.5)")
         if self.source != "shakespeare" and not self.source.startswith("hf:") and not Path(self.source).exists():
