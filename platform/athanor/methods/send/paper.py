@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...config import ConfigError, OptimConfig, RunConfig, TrainConfig, positive
+from ...data import ShuffledBatches
 from ...hub import HubConfig
 from ...runner import Stage, StageContext
 from ..o3.lm import AnswerLM, ModelConfig, answer_matches, build_lm, encode_records, load_lm, load_tokenizer
@@ -94,7 +95,8 @@ def base_stage(ctx: StageContext) -> dict:
     optim = OptimConfig(**{**cfg.optim.__dict__, "lr": cfg.base.lr, "schedule": "cosine", "warmup_steps": 20})
     engine = ctx.engine(max_steps=cfg.base.max_steps, optim=optim, eval_every=0)
     method.setup(engine)
-    final = engine.fit(method, method.batches(cfg.run.seed))
+    batches = ShuffledBatches(old, cfg.data.batch_size, cfg.run.seed, engine.rank, engine.world_size)
+    final = engine.fit(method, batches)
     if final["acc_old"] < cfg.base.min_accuracy:
         raise ConfigError(f"the base LM reached {final['acc_old']:.3f} on the old facts, below base.min_accuracy="
                           f"{cfg.base.min_accuracy}: not converged (raise base.max_steps or base.lr)")

@@ -135,7 +135,23 @@ def report(ctx: StageContext, results: dict) -> dict:
                   f"(paired by seed, same base model and batch stream), SeND vs normal: final accuracy on taught facts "
                   f"{verdicts['acc_taught']}, hallucination-rate oscillation {verdicts['oscillation_std']}, flip rate "
                   f"{verdicts['flip_rate']} (beyond noise = paired mean more than 2 SE from 0)."]
-    lines += ["", f"Base: {results['base'].get('steps')} steps, accuracy on old facts {results['base'].get('acc_old')}.",
+    lines += ["", "Per seed (final accuracy old / new, hallucination-rate std, flip rate, EigenScore AUROC):", "",
+              "| arm | seed | acc old | acc new | oscillation std | diff std | flip rate | AUROC |",
+              "|---|---|---|---|---|---|---|---|"]
+    for arm, entries in arms.items():
+        for e in entries:
+            au = "n/a" if e["eigenscore_auroc"] is None else f"{e['eigenscore_auroc']:.3f}"
+            lines.append(f"| {arm} | {e['seed']} | {e['acc_old']:.3f} | {e['acc_new']:.3f} | {e['oscillation_std']:.4f} "
+                         f"| {e['oscillation_diff_std']:.4f} | {e['flip_rate']:.4f} | {au} |")
+    d, s_ = cfg.data, cfg.send
+    lines += ["", f"Setting: a GPT-NeoX (hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers) trained to "
+              f"convergence on {d.old_people} people's facts ({d.attributes} attributes, {d.templates - d.tracking_templates} "
+              f"trained phrasings each), then continued for {cfg.run.max_steps} steps at lr {cfg.optim.lr} on "
+              f"{d.new_people} new people arriving in {d.additions} additions plus {d.replay_fraction:.0%} of the old "
+              f"facts replayed. SeND: layer {s_.layer}, top {s_.fraction:.0%} neurons, embeddings recorded every "
+              f"{s_.record_every} steps, re-estimated every {s_.reestimate_every} steps from {s_.points} points, "
+              f"dropped for {s_.drop_window} steps. SeND's knobs were set from the paper, not tuned here.",
+              "", f"Base: {results['base'].get('steps')} steps, accuracy on old facts {results['base'].get('acc_old')}.",
               "Plots: accuracy.png (old / new facts over checkpoints), hallucination.png (per arm and seed)."]
     write_report(ctx.root, out, "SeND: sensitive-neuron dropout vs normal continued training", lines)
     return out
