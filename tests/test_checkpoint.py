@@ -222,3 +222,20 @@ def test_interrupted_save_leaves_no_step_folder(tmp_path, monkeypatch):
         run(tmp_path, 4)
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["step-2"]
     assert os.path.isdir(ckpt.temporary_dir(tmp_path, 4))
+
+
+def test_publish_include_checkpoint_uploads_only_the_pickle_free_files(tmp_path):
+    from athanor import hub
+
+    out = tmp_path / "run"
+    run(out, 2)
+    (out / "model").mkdir()  # a saved model folder is what makes a run publishable
+    (out / "model" / "config.json").write_text("{}")
+    folder = ckpt.checkpoint_root(out) / "step-2"
+    for name in ("random_states_0.pkl", "method_state.pt", "optimizer.bin"):
+        (folder / name).write_bytes(b"planted")
+    stage, _ = hub.build_upload_folder(out, "me/tiny", tmp_path / "stage", include_checkpoint=True)
+    names = {p.relative_to(stage / "checkpoint" / "step-2").as_posix()
+             for p in (stage / "checkpoint" / "step-2").rglob("*") if p.is_file()}
+    assert {"model-gen.safetensors", "trainer_state.json", "rank0/rng.safetensors", "MANIFEST.json"} <= names
+    assert not any(n.endswith((".pkl", ".pt", ".bin")) or n.startswith("optimizer") for n in names), names

@@ -56,6 +56,9 @@ NOT_ARTIFACTS = {"checkpoints", "tensorboard", HUB_UPLOAD_DIR, "slurm"}
 RUN_FILES = ("report.md", "report.json", "metrics.jsonl")  # copied beside the weights, with *.png plots
 # Optimizer state as accelerate and DeepSpeed write it into checkpoints; uploaded only when asked.
 OPTIMIZER_PATTERNS = ("optimizer*", "*optim_states*", "scheduler*")
+# Checkpoint files only a Python-object loader reads (DeepSpeed's ZeRO shards, anything planted beside
+# ours): never uploaded, so resuming from a downloaded checkpoint runs no code from it.
+CODE_LOADED_PATTERNS = ("*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt", "zero_to_fp32.py")
 BOOKKEEPING_KEYS = {"steps", "n_params", "world_size", "seed"}  # report.json numbers that are not metrics
 STAGING_MARKER = ".athanor-upload"  # in a staging folder publish made: only such a folder is ever emptied
 # Seconds one Hub request may wait for the server (connect, send, each read); huggingface_hub's own
@@ -296,12 +299,13 @@ def build_upload_folder(output_dir: str | Path, repo_id: str, staging_dir: str |
     for path in sorted(out.glob("*.png")):
         _link_or_copy(path, stage / path.name)
     if include_checkpoint or include_optimizer_state:
-        from .engine.checkpoint import latest_checkpoint
+        from .engine.checkpoint import latest_verified_checkpoint
 
-        ckpt = latest_checkpoint(out)
+        ckpt = latest_verified_checkpoint(out)
         if ckpt is None:
-            raise PublishInputError(f"{output_dir} has no checkpoint to include")
-        _copy_tree(ckpt, stage / "checkpoint" / ckpt.name, skip=() if include_optimizer_state else OPTIMIZER_PATTERNS)
+            raise PublishInputError(f"{output_dir} has no checkpoint (that verifies against its manifest) to include")
+        skip = CODE_LOADED_PATTERNS + (() if include_optimizer_state else OPTIMIZER_PATTERNS)
+        _copy_tree(ckpt, stage / "checkpoint" / ckpt.name, skip=skip)
     files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*")
                    if p.is_file() and p.name not in ("README.md", STAGING_MARKER))
     card = build_model_card(out, main, repo_id, ["README.md", *files], command)
