@@ -124,6 +124,12 @@ def test_submit_refuses_a_line_break_in_any_value(args):
     assert proc.stdout == ""  # no script printed
 
 
+def test_submit_refuses_a_backslash_in_the_log_folder():
+    """sbatch reads a backslash in --output as "substitute nothing": the log would be named slurm-%j.out."""
+    proc = cli("submit", "--dry-run", "recipes/pretrain.py", "--run.output_dir", "/tmp/a\\b")
+    assert proc.returncode == 2 and "holds a backslash" in one_error_line(proc)
+
+
 def test_sbatch_values_are_quoted_as_sbatch_reads_them(tmp_path):
     from athanor.cluster import JobSpec, sbatch_script
 

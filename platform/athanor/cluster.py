@@ -107,6 +107,9 @@ class JobSpec:
                              "--setup": self.setup, "recipe": self.recipe, "--launch-config": self.launch_config,
                              "--job-name": self.job_name, "--partition": self.partition,
                              "--log-dir": self.log_dir, "python": self.python, "command": self.command})
+        if "\\" in str(self.resolved_log_dir()):  # sbatch then leaves %j unexpanded in --output
+            raise ClusterError(f"log folder {str(self.resolved_log_dir())!r} holds a backslash, which sbatch's "
+                               f"--output does not allow beside %j: choose another --run.output_dir or --log-dir")
 
 
 LINE_BREAKS = ("\n", "\r", "\x00", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
