@@ -95,8 +95,11 @@ def test_pretrain_zero2_two_processes_sigkilled_resumes_bit_for_bit(tmp_path):
     assert rows(killed, ("loss", "eval_loss")) == expected
     step = ckpt.checkpoint_root(killed) / "step-8"
     assert ckpt.verify(step) is None
-    # DeepSpeed's own shards (.pt, read by DeepSpeed) and its zero_to_fp32.py converter; everything of
-    # ours beside them is safetensors / JSON
-    ours = [p for p in step.rglob("*") if p.is_file() and p.name != "zero_to_fp32.py"
+    # DeepSpeed's own shards (.pt, read by DeepSpeed) and its zero_to_*.py converters; everything of
+    # ours beside them is safetensors / JSON (and the run's config.yaml)
+    ours = [p for p in step.rglob("*") if p.is_file() and not p.name.startswith("zero_to_")
             and not p.relative_to(step).parts[0].startswith("deepspeed-")]
-    assert all(p.suffix in (".json", ".safetensors") for p in ours), ours
+    assert all(p.suffix in (".json", ".safetensors") or p.name == "config.yaml" for p in ours), ours
+    assert {p.name for p in (step / "deepspeed-model").iterdir()} == {
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # the pickles of a ZeRO-2 checkpoint (README)

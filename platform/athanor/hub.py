@@ -58,7 +58,7 @@ RUN_FILES = ("report.md", "report.json", "metrics.jsonl")  # copied beside the w
 OPTIMIZER_PATTERNS = ("optimizer*", "*optim_states*", "scheduler*")
 # Checkpoint files only a Python-object loader reads (DeepSpeed's ZeRO shards, anything planted beside
 # ours): never uploaded, so resuming from a downloaded checkpoint runs no code from it.
-CODE_LOADED_PATTERNS = ("*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt", "zero_to_fp32.py")
+CODE_LOADED_PATTERNS = ("*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt", "zero_to_*.py")  # and the scripts that read them
 BOOKKEEPING_KEYS = {"steps", "n_params", "world_size", "seed"}  # report.json numbers that are not metrics
 STAGING_MARKER = ".athanor-upload"  # in a staging folder publish made: only such a folder is ever emptied
 # Seconds one Hub request may wait for the server (connect, send, each read); huggingface_hub's own
