@@ -260,17 +260,14 @@ def test_deepspeed_zero2_two_processes(tmp_path):
 
 @pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "configs" / "dmd2").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(config):
-    import importlib.util
-
     from athanor.config import load_config
     from athanor.data.images import FASHION_MNIST_DIR
 
     if "fashion" in config.name and not FASHION_MNIST_DIR.is_dir():
         pytest.skip("needs apt-get install dataset-fashion-mnist")
-    spec = importlib.util.spec_from_file_location("dmd2_recipe", ROOT / "recipes" / "dmd2.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    cfg = load_config(recipe.DMD2RecipeConfig, ["--config", str(config)])
+    from athanor.methods.dmd2 import DMD2RecipeConfig
+
+    cfg = load_config(DMD2RecipeConfig, ["--config", str(config)])
     assert cfg.run.max_steps >= 1000 and cfg.dmd2.generator_steps == 1 and "4step" in cfg.evaluation.runs
 
 

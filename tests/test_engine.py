@@ -247,10 +247,11 @@ STAGE_FIRST = """
 import json, sys
 from athanor.config import TrainConfig, RunConfig
 from athanor.engine import Engine
-from athanor.stages import Stages
+from pathlib import Path
+from athanor.runner import Stage, StageContext, run_stage
 
-stages = Stages(sys.argv[1])
-stages.run("evaluate-only", lambda d: {"ok": True})  # the first stage builds no engine
+ctx = StageContext(cfg=TrainConfig(run=RunConfig(output_dir=sys.argv[1], progress=False)), root=Path(sys.argv[1]))
+run_stage(ctx, Stage("evaluate-only", lambda c: {"ok": True}))  # the first stage builds no engine
 engine = Engine(TrainConfig(run=RunConfig(output_dir=sys.argv[1] + "/train", progress=False)))
 with open(f"{sys.argv[1]}/rank-{engine.rank}.json", "w") as f:  # one file each: shared stdout interleaves
     json.dump({"rank": engine.rank, "processes": engine.world_size}, f)

@@ -45,14 +45,13 @@ def finished(tmp_path_factory):
 # ---------------------------------------------------------------------- the config switch
 
 def test_push_to_hub_needs_a_valid_repo_id_at_parse_time():
-    spec = importlib.util.spec_from_file_location("pretrain_recipe", ROOT / "recipes" / "pretrain.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    assert load_config(recipe.PretrainConfig, []).hub.push_to_hub is False  # off by default
+    from athanor.methods.pretrain import PretrainConfig
+
+    assert load_config(PretrainConfig, []).hub.push_to_hub is False  # off by default
     with pytest.raises(ConfigError, match="hub.push_to_hub=true needs hub.repo_id"):
-        load_config(recipe.PretrainConfig, ["--hub.push_to_hub", "true"])
+        load_config(PretrainConfig, ["--hub.push_to_hub", "true"])
     with pytest.raises(ConfigError, match="expected user/name"):
-        load_config(recipe.PretrainConfig, ["--hub.repo_id", "no-slash"])
+        load_config(PretrainConfig, ["--hub.repo_id", "no-slash"])
 
 
 @pytest.mark.slow

@@ -182,11 +182,11 @@ def test_bad_key_exits_2_with_one_line_from_the_command_line(tmp_path):
     (["--data.templates", "7"], "data.templates"),
 ])
 def test_bad_input_exits_2_with_one_line_before_compute(tmp_path, capsys, args, message):
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from o3 import main
+    from athanor.methods import o3
+    from athanor.runner import run
 
     with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--run.output_dir", str(tmp_path / "o")])
+        run(o3.PAPER, [*args, "--run.output_dir", str(tmp_path / "o")])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "o").exists()

@@ -130,10 +130,8 @@ def test_unlearning_stage_under_zero3_on_two_processes(small_run, tmp_path):
 
 
 def test_paper_scale_config_parses():
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from o3 import O3Config
-
     from athanor.config import load_config
+    from athanor.methods.o3 import O3Config
 
     cfg = load_config(O3Config, ["--config", str(ROOT / "recipes/configs/o3/llama2-7b-tofu.yaml")])
     assert cfg.model.name_or_path == "locuslab/tofu_ft_llama2-7b" and cfg.engine.mixed_precision == "bf16"

@@ -166,14 +166,8 @@ def test_post_ln_normalises_the_residual_stream():
 
 
 def test_every_variant_builds_a_valid_pretrain_run():
-    import sys
-
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "recipes"))
     from athanor.config import load_config
-    from athanor.methods.pretrain import build_model
-    from pretrain import PretrainConfig
+    from athanor.methods.pretrain import PretrainConfig, build_model
 
     base = to_dict(PretrainConfig())
     for name in stability.VARIANTS:

@@ -46,7 +46,7 @@ def test_inline_sweep_records_results_and_skips_finished_jobs(tmp_path):
     assert [o.ok for o in first.outcomes.values()] == [True, True, False, True]
     assert "RuntimeError: boom" in first.failed[0].error
     assert first.outcomes["job3/ok"].result["value"] == 3
-    assert json.loads((jobs[3].output_dir / "STAGE.json").read_text())["result"]["value"] == 3  # athanor.stages format
+    assert json.loads((jobs[3].output_dir / "STAGE.json").read_text())["result"]["value"] == 3  # the runner's stage format
     stamp = (jobs[0].output_dir / "STAGE.json").stat().st_mtime_ns
     again = run_sweep(jobs, InlineExecutor(), progress=False)
     assert again.skipped == 3 and again.ran == 1  # only the failed job runs again
@@ -102,11 +102,11 @@ def test_two_by_two_by_two_sweep_end_to_end(tmp_path):
     assert (point / "model" / "config.json").exists() and not (point / "checkpoints").exists()
 
 
-def recipe_module():
-    sys.path.insert(0, str(ROOT / "recipes"))
-    import stability
+def run_stability(argv):
+    from athanor.methods import stability
+    from athanor.runner import run
 
-    return stability
+    return run(stability.PAPER, argv)
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -116,28 +116,26 @@ def recipe_module():
 ])
 def test_bad_override_exits_2_with_one_line_before_compute(tmp_path, capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_info:
-        recipe_module().main(["--run.output_dir", str(tmp_path / "o"), *argv])
+        run_stability(["--run.output_dir", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and fragment in err[0]
     assert not (tmp_path / "o").exists()
 
 
 def test_a_folder_run_with_other_settings_is_refused(tmp_path, capsys):
-    recipe = recipe_module()
-    from athanor.config import load_config, to_dict
+    from athanor.config import load_config
     from athanor.methods import stability
 
     small = ["--run.output_dir", str(tmp_path), *TINY, "--sweep.widths", "[8]", "--logz_demo.enabled", "false"]
 
     def jobs(*argv):
-        cfg = load_config(recipe.StabilityConfig, [*small, *argv])
-        base = {k: v for k, v in to_dict(cfg).items() if k in ("run", "optim", "engine", "model", "data")}
-        return recipe.make_jobs(cfg, stability.grid_points(base, cfg.sweep, cfg.logz_demo, cfg.run.output_dir))
+        cfg = load_config(stability.StabilityConfig, [*small, *argv])
+        return stability.make_jobs(cfg, stability.sweep_points(cfg))
 
     first = jobs()
     assert [j.name for j in jobs()] == [j.name for j in first]  # same settings: the same jobs again
     with pytest.raises(SystemExit) as exit_info:
-        recipe.main([*small, "--optim.eps", "1e-12"])
+        run_stability([*small, "--optim.eps", "1e-12"])
     assert exit_info.value.code == 2 and "run with other settings" in capsys.readouterr().err
 
 
@@ -189,21 +187,19 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
 def test_gpu_config_scales_the_same_recipe(tmp_path):
     """recipes/configs/stability/gpu.yaml: widths to 2048, the paper's 256 x 512-token batches; every
     point validates as a pretrain config."""
-    recipe = recipe_module()
-    from athanor.config import load_config, to_dict
+    from athanor.config import load_config
     from athanor.methods import stability
 
-    cfg = load_config(recipe.StabilityConfig, ["--config", str(ROOT / "recipes/configs/stability/gpu.yaml"),
+    cfg = load_config(stability.StabilityConfig, ["--config", str(ROOT / "recipes/configs/stability/gpu.yaml"),
                                                "--run.output_dir", str(tmp_path)])
     assert max(cfg.sweep.widths) >= 1024 and cfg.data.block_size == 512
     assert cfg.data.batch_size * cfg.engine.grad_accum == 256 and len(cfg.sweep.devices) == cfg.sweep.workers
-    base = {k: v for k, v in to_dict(cfg).items() if k in ("run", "optim", "engine", "model", "data")}
-    points = stability.grid_points(base, cfg.sweep, cfg.logz_demo, cfg.run.output_dir)
-    jobs = recipe.make_jobs(cfg, points)
+    points = stability.sweep_points(cfg)
+    jobs = stability.make_jobs(cfg, points)
     assert len(jobs) == len(cfg.sweep.variants) * len(cfg.sweep.widths) * len(cfg.sweep.lrs) + len(cfg.logz_demo.z_loss_weights)
     widest = next(p for p in points if p["width"] == 2048)["config"]["model"]
     assert (widest["n_layers"], widest["n_heads"]) == (12, 32)
-    slurm = load_config(recipe.StabilityConfig, ["--sweep.executor", "slurm", "--sweep.workers", "16"]).sweep
+    slurm = load_config(stability.StabilityConfig, ["--sweep.executor", "slurm", "--sweep.workers", "16"]).sweep
     executor = make_executor(slurm.executor, workers=slurm.workers, threads_per_worker=4, devices=[])
     assert type(executor).__name__ == "SlurmExecutor" and executor.workers == 16  # athanor.cluster plugs in
 

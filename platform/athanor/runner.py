@@ -44,6 +44,10 @@ class Stage:
     fn: Callable[["StageContext"], dict]
     needs: tuple[str, ...] = ()  # earlier stages whose results ``fn`` reads from ``ctx.results``
     describe: str = ""  # one line for the progress log and the report
+    folder: str = ""  # its folder under OUTPUT ("": its name; ".": OUTPUT itself, e.g. a one-stage paper)
+    # False: never recorded, so it runs on every invocation (a stage whose engine resumes by itself,
+    # where a second run with more steps must continue training; a sweep that skips finished points).
+    record: bool = True
 
 
 @dataclass
@@ -66,10 +70,12 @@ class StageContext:
     root: Path
     name: str = ""
     results: dict[str, dict] = field(default_factory=dict)
+    folder: str = ""  # the stage's folder under root ("": its name)
+    started: float = field(default_factory=time.time)  # when this invocation of the recipe began
 
     @property
     def dir(self) -> Path:
-        return self.root / self.name if self.name else self.root
+        return self.root / (self.folder or self.name)
 
     def stage_dir(self, name: str) -> Path:
         return self.root / name
@@ -110,6 +116,9 @@ class StageContext:
         return engine.save_pretrained(name, folder, **kwargs)
 
 
+STAGE_FILE = "STAGE.json"
+
+
 def set_cpu_threads(threads: int) -> None:
     """Tiny models on a shared CPU: one thread per process is as fast and never oversubscribes
     (two threads on two loaded cores measured 16× slower per step). ``OMP_NUM_THREADS`` wins."""
@@ -119,30 +128,41 @@ def set_cpu_threads(threads: int) -> None:
 
 def run_stage(ctx: StageContext, stage: Stage) -> dict:
     """``stage.fn(ctx)`` in ``OUTPUT/<stage>``, unless a ``STAGE.json`` there says it finished."""
-    stage_ctx = dataclasses.replace(ctx, name=stage.name)
-    marker = stage_ctx.dir / "STAGE.json"
+    stage_ctx = dataclasses.replace(ctx, name=stage.name, folder=stage.folder)
     missing = [n for n in stage.needs if n not in ctx.results]
     if missing:
         raise ConfigError(f"stage {stage.name} needs {', '.join(missing)}, which did not run before it")
-    if marker.exists():
-        return json.loads(marker.read_text())["result"]
+    if stage.record and finished_stage(stage_ctx.dir) is not None:
+        return finished_stage(stage_ctx.dir)
     stage_ctx.dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     result = stage.fn(stage_ctx)
     result = {**result, "seconds": result.get("seconds", time.time() - started)}
-    if stage_ctx.is_main:
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stage": stage.name, "result": result}, indent=2, default=str))
-        tmp.replace(marker)
+    if stage.record and stage_ctx.is_main:
+        record_stage(stage_ctx.dir, stage.name, result)
     stage_ctx.barrier()
     return result
+
+
+def finished_stage(folder: Path) -> dict | None:
+    """The result recorded in ``folder/STAGE.json`` by a finished stage (or sweep job), else None."""
+    marker = Path(folder) / STAGE_FILE
+    return json.loads(marker.read_text())["result"] if marker.exists() else None
+
+
+def record_stage(folder: Path, name: str, result: dict) -> None:
+    """Write ``folder/STAGE.json`` atomically: from now on the stage counts as finished."""
+    marker = Path(folder) / STAGE_FILE
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"stage": name, "result": result}, indent=2, default=str))
+    tmp.replace(marker)
 
 
 def run(paper: Paper, argv=None) -> dict:
     """The whole recipe: config, stages, report, publish, one closing line. Returns the report."""
     started = time.time()
     cfg = parse_or_exit(paper.config, argv)
-    set_cpu_threads(getattr(cfg.engine, "cpu_threads", 1))
+    set_cpu_threads(cfg.engine.cpu_threads)
     ctx = StageContext(cfg=cfg, root=Path(cfg.run.output_dir))
     with exit_on_config_error():
         if paper.check:
@@ -152,7 +172,8 @@ def run(paper: Paper, argv=None) -> dict:
         if len(set(names)) != len(names):
             raise ConfigError(f"{paper.name}: stage names repeat: {names}")
     for stage in stages:
-        ctx.results[stage.name] = run_stage(ctx, stage)
+        with exit_on_config_error():  # e.g. a data file found missing when the stage loads it
+            ctx.results[stage.name] = run_stage(ctx, stage)
     if not ctx.is_main:
         ctx.barrier()
         return {}
@@ -167,3 +188,12 @@ def run(paper: Paper, argv=None) -> dict:
     print(f"{paper.name}: {line}report: {ctx.root / 'report.md'}")
     ctx.barrier()
     return report
+
+
+if __name__ == "__main__":  # python -m athanor.runner athanor.methods.<paper> [--section.key value ...]
+    import importlib
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit("usage: python -m athanor.runner athanor.methods.<paper> [--config FILE] [--section.key value ...]")
+    run(importlib.import_module(sys.argv[1]).PAPER, sys.argv[2:])

@@ -1,9 +1,11 @@
 """Sweeps: a grid of runs, each an ordinary recipe run in its own folder, on a pluggable executor.
 
-A ``Job`` is one run described as a command line (``python <script> <argv...>``) plus the folder it
-writes to; ``run_job(job)`` executes it *in the calling process* (the script's ``main(argv)``) and
-records the result as ``<folder>/STAGE.json`` (the ``athanor.stages`` format), so a finished job is
-recognised and skipped by any later sweep, whatever executed it.
+A ``Job`` is one run described as a command line plus the folder it writes to: a paper run
+(``python -m athanor.runner <paper module> <argv...>``, e.g. one ``athanor.methods.pretrain`` run
+per grid point) or a script with a ``main(argv)``. ``run_job(job)`` executes it *in the calling
+process* and records the result as ``<folder>/STAGE.json`` (the runner's stage format), so a
+finished job is recognised and skipped by any later sweep, whatever executed it. For a paper,
+``sweep_stage`` makes a whole sweep one stage of the runner (``athanor.methods.stability``).
 
 Executors decide where ``run_job`` runs; ``run_sweep`` skips finished jobs, hands the rest to the
 executor (most expensive first) and gathers one ``Outcome`` per job:
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import importlib
 import importlib.util
 import itertools
 import json
@@ -36,9 +39,9 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-STAGE_FILE = "STAGE.json"  # written by athanor.stages.Stages.run
+STAGE_FILE = "STAGE.json"  # athanor.runner.STAGE_FILE (not imported: the runner imports torch)
 PREEMPTED_EXIT_CODE = 75  # same as athanor.engine: checkpoint written, run again
 
 
@@ -50,13 +53,15 @@ def expand_grid(axes: dict[str, Sequence]) -> list[dict]:
 
 @dataclass
 class Job:
-    """One run: ``python script *argv``, writing into ``root / name``."""
+    """One run writing into ``root / name``: the paper ``paper`` (a module exporting ``PAPER``) run by
+    the runner with ``argv``, or, without ``paper``, the ``main(argv)`` of the Python file ``script``."""
 
     name: str  # path of the run's folder relative to ``root`` (may contain '/')
     root: str
     script: str
     argv: list[str]
     cost: float = 1.0  # relative expected run time: expensive jobs start first
+    paper: str = ""  # e.g. "athanor.methods.pretrain"
 
     @property
     def output_dir(self) -> Path:
@@ -64,6 +69,8 @@ class Job:
 
     def command(self) -> list[str]:
         """The same run as a shell command (what a cluster executor may submit instead)."""
+        if self.paper:
+            return [sys.executable, "-m", "athanor.runner", self.paper, *self.argv]
         return [sys.executable, self.script, *self.argv]
 
     def finished(self) -> bool:
@@ -88,13 +95,11 @@ _SCRIPTS: dict[str, object] = {}
 
 
 def _script_module(script: str):
-    """Import a recipe script once per process (its ``main(argv)`` is what a job calls)."""
+    """Import a job's script once per process (its ``main(argv)`` is what a job calls)."""
     path = str(Path(script).resolve())
     if path not in _SCRIPTS:
         spec = importlib.util.spec_from_file_location(f"_athanor_job_script_{len(_SCRIPTS)}", path)
         module = importlib.util.module_from_spec(spec)
-        if str(Path(path).parent) not in sys.path:  # a recipe may import its sibling scripts
-            sys.path.insert(0, str(Path(path).parent))
         spec.loader.exec_module(module)
         _SCRIPTS[path] = module
     return _SCRIPTS[path]
@@ -138,15 +143,20 @@ def _output_to(log_file: Path):
 
 
 def run_job(job: Job) -> dict:
-    """Run ``job`` in this process (its script's ``main(argv)``) unless it finished before; record
-    and return its result. Output goes to ``<folder>/log.txt``."""
-    from .stages import Stages
+    """Run ``job`` in this process (its paper through the runner, or its script's ``main(argv)``)
+    unless it finished before; record and return its result. Output goes to ``<folder>/log.txt``."""
+    from .runner import record_stage, run
 
     with _folder_lock(job.output_dir):
         if job.finished():  # finished while we waited for the lock
             return job.stored_result()
         with _output_to(job.output_dir / "log.txt"):
-            return Stages(job.root).run(job.name, lambda _folder: _script_module(job.script).main(list(job.argv)))
+            if job.paper:
+                result = run(importlib.import_module(job.paper).PAPER, list(job.argv))
+            else:
+                result = _script_module(job.script).main(list(job.argv))
+            record_stage(job.output_dir, job.name, result)
+            return result
 
 
 def _error_text(exc: BaseException) -> str:
@@ -409,3 +419,28 @@ def make_executor(kind: str, **options) -> Executor:
     cls = EXECUTORS[kind]
     accepted = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in options.items() if k in accepted})
+
+
+def sweep_stage(name: str, jobs: Callable, executor: Callable, desc: str = "sweep", after: Callable | None = None):
+    """A runner stage that runs a sweep: ``jobs(ctx) -> [Job]`` on ``executor(cfg)``; prints one line
+    of counts and one per failed job (then exits 1); ``after(ctx, jobs)`` tidies up (e.g. deletes
+    checkpoints). Its result is ``{"jobs": {job name: job result}}``. The stage lives in OUTPUT itself
+    (the jobs' folders are under it) and runs on every invocation: finished jobs are skipped, new
+    grid points run."""
+    from .runner import Stage
+
+    def fn(ctx) -> dict:
+        todo = jobs(ctx)
+        result = run_sweep(todo, executor(ctx.cfg), desc=desc)
+        print(f"{desc}: {result.ran} run(s) now, {result.skipped} finished earlier, {len(result.failed)} failed")
+        for failed in result.failed:
+            last_line = (failed.error or "").strip().splitlines()[-1:] or [""]
+            folder = next(job.output_dir for job in todo if job.name == failed.name)
+            print(f"FAILED {failed.name}: {last_line[0]} (log: {folder / 'log.txt'})", file=sys.stderr)
+        if result.failed:
+            sys.exit(1)
+        if after is not None:
+            after(ctx, todo)
+        return {"jobs": {job_name: outcome.result for job_name, outcome in result.outcomes.items()}}
+
+    return Stage(name, fn, folder=".", record=False)

@@ -22,9 +22,7 @@ A trained teacher is saved as a diffusers pipeline folder (``EDMClassPipeline``)
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from ..config import ConfigError, OptimConfig, choice, positive
 from ..data.batches import ShuffledBatches
 from ..engine import Engine, Method
+from ..runner import StageContext
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -368,30 +367,26 @@ class DenoiserTraining(Method):
             self.ema.load_state_dict(state["ema"])
 
 
-def stage_config(recipe_cfg, stage_dir: Path, max_steps: int, optim: OptimConfig | None = None, **run_changes):
-    """The recipe's config with this stage's output folder, step count and optimizer (one engine run)."""
-    run = dataclasses.replace(recipe_cfg.run, output_dir=str(stage_dir), max_steps=max_steps, **run_changes)
-    return dataclasses.replace(recipe_cfg, run=run, optim=optim or recipe_cfg.optim)
-
-
 def train_teacher(stage_dir: Path, recipe_cfg, cfg: TeacherConfig, data) -> dict:
-    """Stage: train (or adopt, with ``teacher.name_or_path``) the teacher; returns its pipeline folder."""
+    """Train (or adopt, with ``teacher.name_or_path``) the teacher in ``stage_dir`` outside the runner;
+    ``recipe_cfg`` gives the run/optim/engine sections (see ``teacher_stage``)."""
+    return _teacher(StageContext(cfg=recipe_cfg, root=Path(stage_dir), folder="."), cfg, data)
+
+
+def _teacher(ctx: StageContext, cfg: TeacherConfig, data) -> dict:
     if cfg.name_or_path:
         return {"pipeline": str(Path(cfg.name_or_path).resolve()), "trained_steps": 0}
-    started = time.time()
-    engine = Engine(stage_config(recipe_cfg, stage_dir, cfg.steps, cfg.optim, eval_every=0), output_dir=stage_dir)
     held = {"images": data.held_out_images[:512], "labels": data.held_out_labels[:512]}
-    method = DenoiserTraining(cfg, data.image_shape, data.num_classes, held, recipe_cfg.run.seed)
-    method.setup(engine)
-    batches = ShuffledBatches(data.train_dict(), cfg.batch_size, recipe_cfg.run.seed, engine.rank, engine.world_size)
-    final = engine.fit(method, batches)
-    folder = stage_dir / "pipeline"
-    if engine.is_main:
+    method = DenoiserTraining(cfg, data.image_shape, data.num_classes, held, ctx.cfg.run.seed)
+    engine = ctx.engine(max_steps=cfg.steps, optim=cfg.optim, eval_every=0)
+    batches = ShuffledBatches(data.train_dict(), cfg.batch_size, ctx.cfg.run.seed, engine.rank, engine.world_size)
+    _, final = ctx.fit(method, batches, engine=engine)
+    folder = ctx.dir / "pipeline"
+    if ctx.is_main:  # the EMA weights (the method's, not a registered model) are what samples
         save_pipeline(EDMClassPipeline(denoiser=method.sampling_model(), scheduler=method.edm.scheduler()), folder)
-    engine.accelerator.wait_for_everyone()
+    ctx.barrier()
     return {"pipeline": str(folder), "trained_steps": engine.step, "n_params": method.n_params,
-            "held_out_loss": final["loss"], "initial_held_out_loss": engine.history["initial_eval"]["loss"],
-            "seconds": time.time() - started}
+            "held_out_loss": final["loss"], "initial_held_out_loss": engine.history["initial_eval"]["loss"]}
 
 
 def sample_in_batches(sample_fn, labels: torch.Tensor, image_shape, seed: int, device, batch: int = 1000):
@@ -413,4 +408,4 @@ def teacher_stage(ctx) -> dict:
     the result's ``pipeline`` is the saved ``EDMClassPipeline`` folder."""
     from ..data.images import load_image_data
 
-    return train_teacher(ctx.dir, ctx.cfg, ctx.cfg.teacher, load_image_data(ctx.cfg.data))
+    return _teacher(ctx, ctx.cfg.teacher, load_image_data(ctx.cfg.data))

@@ -11,7 +11,6 @@ generator's teacher never saw: a teacher that memorised its training set must no
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import nn
 from ..config import OptimConfig, positive
 from ..data.batches import ShuffledBatches
 from ..engine import Engine, Method
+from ..runner import StageContext
 
 
 @dataclass
@@ -83,21 +83,17 @@ class ClassifierTraining(Method):
 
 
 def train_classifier(stage_dir: Path, recipe_cfg, cfg: ClassifierConfig, data) -> dict:
-    """Stage: the feature classifier, trained on the training split; accuracy on the held-out split."""
-    from .diffusion import stage_config
-
-    started = time.time()
-    engine = Engine(stage_config(recipe_cfg, stage_dir, cfg.steps, eval_every=0), output_dir=stage_dir)
+    """Stage: the feature classifier, trained on the training split; accuracy on the held-out split.
+    Runs in ``stage_dir`` (a runner stage passes ``ctx.dir``) with ``recipe_cfg``'s run/optim/engine."""
+    ctx = StageContext(cfg=recipe_cfg, root=Path(stage_dir), folder=".")
     held = {"images": data.held_out_images, "labels": data.held_out_labels}
     method = ClassifierTraining(cfg, data.image_shape, data.num_classes, held)
-    method.setup(engine)
-    engine.fit(method, ShuffledBatches(data.train_dict(), cfg.batch_size, recipe_cfg.run.seed + 1,
-                                       engine.rank, engine.world_size))
-    if engine.is_main:
-        engine.unwrap("classifier").save_pretrained(stage_dir / "model")
-    engine.accelerator.wait_for_everyone()
-    return {"model": str(stage_dir / "model"), "held_out_accuracy": engine.history["final_eval"]["accuracy"],
-            "seconds": time.time() - started}
+    engine = ctx.engine(max_steps=cfg.steps, eval_every=0)
+    batches = ShuffledBatches(data.train_dict(), cfg.batch_size, recipe_cfg.run.seed + 1, engine.rank,
+                              engine.world_size)
+    _, final = ctx.fit(method, batches, engine=engine)
+    engine.save_pretrained("classifier", ctx.dir / "model")
+    return {"model": str(ctx.dir / "model"), "held_out_accuracy": final["accuracy"]}
 
 
 def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

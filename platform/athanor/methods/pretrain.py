@@ -16,14 +16,16 @@ al. 2023 on logging steps only, so they cost nothing in between:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ConfigError, choice, positive
-from ..data import ShuffledBatches, TextData, sharded_batches
+from ..config import ConfigError, OptimConfig, RunConfig, TrainConfig, choice, positive
+from ..data import ShuffledBatches, TextData, TextDataConfig, load_text_data, sharded_batches
 from ..engine import Engine, Method
+from ..hub import HubConfig
 from ..models import AthanorGPT, AthanorGPTConfig
+from ..runner import Paper, Stage, StageContext
 
 
 @dataclass
@@ -78,7 +80,7 @@ class Pretrain(Method):
         self.model_cfg, self.data = model_cfg, data
         self.batch_size, self.eval_batches = batch_size, eval_batches
 
-    def setup(self, engine: Engine, lr_scales: dict | None = None) -> None:
+    def setup(self, engine: Engine) -> None:
         self.engine = engine
         seq_len = self.data.train_blocks.shape[1]
         model = build_model(self.model_cfg, len(self.data.tokenizer), seq_len)
@@ -86,13 +88,13 @@ class Pretrain(Method):
         layers, width = model.config.num_hidden_layers, model.config.hidden_size
         self.flops_per_token = 6 * n_params + 12 * layers * width * seq_len  # Kaplan et al. + attention
         self.n_params = n_params
-        if lr_scales is None and hasattr(model, "mup_lr_scales"):
-            lr_scales = model.mup_lr_scales()  # µParam: per-layer LR multipliers (empty when off)
+        # µParam: per-layer LR multipliers (empty when off); a Hub model has none
+        lr_scales = model.mup_lr_scales() if isinstance(model, AthanorGPT) else None
         self.model = engine.register("model", model, lr_scales=lr_scales, batch_size=self.batch_size)
         self.probe_next = False
 
-    def batches(self, seed: int) -> ShuffledBatches:
-        return ShuffledBatches(self.data.train_blocks, self.batch_size, seed, self.engine.rank, self.engine.world_size)
+    def batches(self, engine: Engine) -> ShuffledBatches:
+        return ShuffledBatches(self.data.train_blocks, self.batch_size, engine.run.seed, engine.rank, engine.world_size)
 
     def _unwrapped(self):
         return self.engine.unwrap("model")
@@ -106,8 +108,8 @@ class Pretrain(Method):
         out = self.model(input_ids=batch, labels=batch)
         norm = self.engine.optimize("model", out.loss)
         metrics = {"loss": out.loss.detach(), "tokens": batch[:, 1:].numel()}
-        for k, v in getattr(out, "stats", {}).items():
-            metrics[k] = v
+        if isinstance(self._unwrapped(), AthanorGPT):  # its output carries log Z statistics
+            metrics.update(out.stats)
         if probe:
             model = self._unwrapped()
             probes = {"max_attn_logit": (model.max_attention_logits(), max),
@@ -143,35 +145,62 @@ class Pretrain(Method):
         return {"loss": loss, "ppl": math.exp(min(loss, 50))}
 
 
-def save_pretrain_outputs(engine: Engine, method: Pretrain, cfg) -> dict:
-    """The Hub-ready model folder (``OUTPUT/model``), report.json/md and the loss curve."""
-    from ..hub import write_model_card
-    from ..report import plot_metrics, write_report
+@dataclass
+class PretrainConfig(TrainConfig):
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/pretrain", max_steps=400,
+                                                             eval_every=50, log_every=1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1))
+    model: GPTModelConfig = field(default_factory=GPTModelConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
-    out = engine.output_dir
-    state_dict = engine.accelerator.get_state_dict(method.model)  # gathers ZeRO-3 shards: all ranks
-    report = {
-        "initial_eval_loss": engine.history["initial_eval"]["loss"],
-        "final_eval_loss": engine.history["final_eval"]["loss"],
+
+def train_stage(ctx: StageContext) -> dict:
+    """Train, then save the Hub-ready model folder (``OUTPUT/model``) with its tokenizer and card."""
+    from ..hub import write_model_card
+
+    cfg = ctx.cfg
+    data = load_text_data(cfg.data)
+    method = Pretrain(cfg.model, data, cfg.data.batch_size, cfg.data.eval_batches)
+    engine, final = ctx.fit(method)
+    initial = engine.history["initial_eval"]["loss"]
+    result = {
+        "initial_eval_loss": initial,
+        "final_eval_loss": final["loss"],
         "steps": engine.step,
         "n_params": method.n_params,
-        "diverged": not math.isfinite(engine.history["final_eval"]["loss"])
-        or engine.history["final_eval"]["loss"] > engine.history["initial_eval"]["loss"],
+        "diverged": not math.isfinite(final["loss"]) or final["loss"] > initial,
         "world_size": engine.world_size,
-        "model_dir": str(out / "model"),
+        "model_dir": str(ctx.dir / "model"),
     }
-    if engine.is_main:
-        model = engine.unwrap("model")
-        model.save_pretrained(out / "model", state_dict=state_dict, safe_serialization=True)
-        method.data.tokenizer.save_pretrained(out / "model")
-        write_model_card(out / "model", title=f"{out.name}: causal LM pretrained with athanor",
+    engine.save_pretrained("model", ctx.dir / "model")
+    if ctx.is_main:
+        data.tokenizer.save_pretrained(ctx.dir / "model")
+        write_model_card(ctx.dir / "model", title=f"{ctx.root.name}: causal LM pretrained with athanor",
                          summary=f"{method.n_params:,} parameters, {engine.step} steps.",
-                         metrics={k: v for k, v in report.items() if "loss" in k},
+                         metrics={k: v for k, v in result.items() if "loss" in k},
                          base_model=cfg.model.name_or_path or None, tags=["causal-lm", "pretraining"])
-        plot_metrics(out, ["loss", "eval_loss"], "loss.png", title="pretraining loss")
-        drop = report["initial_eval_loss"] - report["final_eval_loss"]
-        write_report(out, report, "Pretraining report", [
-            f"Eval loss {report['initial_eval_loss']:.3f} at initialisation -> {report['final_eval_loss']:.3f} "
-            f"after {engine.step} steps ({drop:+.3f}). Loss curve: loss.png."])
-    engine.accelerator.wait_for_everyone()
-    return report
+    return result
+
+
+def report(ctx: StageContext, results: dict) -> dict:
+    from ..report import plot_metrics, write_report
+
+    out = {k: v for k, v in results["train"].items() if k != "seconds"}
+    plot_metrics(ctx.root, ["loss", "eval_loss"], "loss.png", title="pretraining loss")
+    drop = out["initial_eval_loss"] - out["final_eval_loss"]
+    write_report(ctx.root, out, "Pretraining report", [
+        f"Eval loss {out['initial_eval_loss']:.3f} at initialisation -> {out['final_eval_loss']:.3f} "
+        f"after {out['steps']} steps ({drop:+.3f}). Loss curve: loss.png."])
+    return out
+
+
+PAPER = Paper(
+    name="pretrain",
+    config=PretrainConfig,
+    # One stage in OUTPUT itself (the model folder users load is OUTPUT/model), run on every invocation:
+    # the engine resumes from its newest checkpoint, so a second run with more steps continues training.
+    stages=lambda cfg: [Stage("train", train_stage, folder=".", record=False)],
+    report=report,
+    summary=lambda r: f"eval loss {r['initial_eval_loss']:.3f} -> {r['final_eval_loss']:.3f}",
+)

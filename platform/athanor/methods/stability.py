@@ -32,14 +32,20 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from ..config import ConfigError, choice, positive
+from ..config import ConfigError, OptimConfig, RunConfig, TrainConfig, choice, load_config, positive, to_dict
+from ..data import TextDataConfig
 from ..engine.metrics import read_metrics
+from ..runner import Paper, StageContext
+from ..sweep import Job, make_executor, sweep_stage
+from .pretrain import GPTModelConfig, PretrainConfig
 
 # Config overrides (dotted keys of the pretrain config) per intervention. The base run is the
 # paper's setting with every fix off: pre-LN, no biases, no qk-layernorm, no z-loss, standard
@@ -76,8 +82,10 @@ class SweepConfig:
     keep_checkpoints: bool = False  # false: delete a finished point's checkpoints (its model/ stays)
 
     def validate(self) -> None:
+        from ..cluster import register_sweep_executor
         from ..sweep import EXECUTORS
 
+        register_sweep_executor()  # --sweep.executor slurm: the sweep as one SLURM job array
         for name in ("variants", "widths", "depths", "lrs"):
             if not getattr(self, name):
                 raise ConfigError(f"sweep.{name} is empty")
@@ -327,3 +335,101 @@ def extrapolate(runs: list[dict], variant: str, lr: float, probe: str, threshold
         w_out, v_out = usable[-1]
         out["held_out"] = {"width": w_out, "observed": v_out, "predicted": math.exp(a) * w_out**b}
     return out
+
+
+# ---------------------------------------------------------------------------- the paper
+@dataclass
+class StabilityConfig(TrainConfig):
+    # run/optim/engine/model/data: the base pretrain config of every point (the paper's defaults,
+    # with every fix off); run.output_dir holds the sweep, one folder per point.
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/stability", max_steps=400,
+                                                             log_every=10, keep_last=1, progress=False))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4, independent_weight_decay=True, warmup_steps=20,
+        schedule="cosine", min_lr_ratio=0.01, grad_clip=1.0))
+    model: GPTModelConfig = field(default_factory=lambda: GPTModelConfig(bias=False, qk_layernorm=False))
+    data: TextDataConfig = field(default_factory=lambda: TextDataConfig(block_size=64, batch_size=16,
+                                                                        eval_batches=16))
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    logz_demo: LogZDemoConfig = field(default_factory=LogZDemoConfig)
+
+
+def sweep_points(cfg: StabilityConfig) -> list[dict]:
+    base = {k: v for k, v in to_dict(cfg).items() if k in ("run", "optim", "engine", "model", "data")}
+    return grid_points(base, cfg.sweep, cfg.logz_demo, cfg.run.output_dir)
+
+
+def check_points(cfg: StabilityConfig, points: list[dict]) -> None:
+    """Before compute: every point must be a valid ``PretrainConfig`` (a bad override exits 2), and
+    a point's folder run with other settings is refused."""
+    from omegaconf import OmegaConf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, point in enumerate(points):
+            path = Path(tmp) / f"{i}.yaml"
+            path.write_text(OmegaConf.to_yaml(point["config"]))
+            try:
+                load_config(PretrainConfig, ["--config", str(path)])
+            except ConfigError as e:
+                raise ConfigError(f"sweep point {point['name']}: {e}") from None
+    for point in points:
+        point_file = Path(cfg.run.output_dir) / point["name"] / "point.yaml"
+        if point_file.exists() and point_file.read_text() != OmegaConf.to_yaml(point["config"]):
+            raise ConfigError(f"{point_file.parent} was run with other settings; choose another --run.output_dir")
+
+
+def make_jobs(cfg: StabilityConfig, points: list[dict]) -> list[Job]:
+    """Every point is one ``athanor.methods.pretrain`` run: its config is written into its folder
+    (``point.yaml``) and the job runs the pretrain paper with ``--config point.yaml``."""
+    from omegaconf import OmegaConf
+
+    check_points(cfg, points)
+    jobs = []
+    for point in points:
+        point_file = Path(cfg.run.output_dir) / point["name"] / "point.yaml"
+        point_file.parent.mkdir(parents=True, exist_ok=True)
+        point_file.write_text(OmegaConf.to_yaml(point["config"]))
+        jobs.append(Job(point["name"], cfg.run.output_dir, "", ["--config", str(point_file)], point["cost"],
+                        paper="athanor.methods.pretrain"))
+    return jobs
+
+
+def describe(cfg: StabilityConfig) -> str:
+    o, m, d = cfg.optim, cfg.model, cfg.data
+    return (f"Base run: {'pre' if m.pre_ln else 'post'}-LN GPT, bias={m.bias}, tied embeddings={m.tie_embeddings}, "
+            f"head dim {cfg.sweep.head_dim}, {cfg.run.max_steps} steps of {d.batch_size}×{d.block_size} tokens "
+            f"({d.source}, {d.tokenizer}); AdamW β={tuple(o.betas)}, ε={o.eps:g}, clip {o.grad_clip:g}, weight decay "
+            f"{o.weight_decay:g} ({'independent' if o.independent_weight_decay else 'LR-coupled'}), warm-up "
+            f"{o.warmup_steps}, {o.schedule} to {o.min_lr_ratio:g}× peak; z-loss {m.z_loss_weight:g}, "
+            f"qk-layernorm {m.qk_layernorm}, µParam base width {m.mup_base_width or 'off'}.")
+
+
+def _executor(cfg: StabilityConfig):
+    return make_executor(cfg.sweep.executor, workers=cfg.sweep.workers,
+                         threads_per_worker=cfg.sweep.threads_per_worker, devices=cfg.sweep.devices)
+
+
+def _drop_checkpoints(ctx: StageContext, jobs: list[Job]) -> None:
+    if not ctx.cfg.sweep.keep_checkpoints:  # finished points are skipped from now on: checkpoints are dead weight
+        for job in jobs:
+            shutil.rmtree(job.output_dir / "checkpoints", ignore_errors=True)
+
+
+def report(ctx: StageContext, results: dict) -> dict:
+    from .stability_report import write_stability_report
+
+    cfg, finished = ctx.cfg, results["sweep"]["jobs"]
+    runs = [{**{k: p[k] for k in ("name", "variant", "width", "depth", "lr", "z_loss_weight")},
+             **summarize_run(ctx.root / p["name"], finished[p["name"]])} for p in sweep_points(cfg)]
+    return write_stability_report(ctx.root, runs, cfg.analysis, cfg.logz_demo, describe(cfg))
+
+
+PAPER = Paper(
+    name="stability",
+    config=StabilityConfig,
+    check=lambda cfg: check_points(cfg, sweep_points(cfg)),
+    stages=lambda cfg: [sweep_stage("sweep", lambda ctx: make_jobs(ctx.cfg, sweep_points(ctx.cfg)), _executor,
+                                    desc="sweep", after=_drop_checkpoints)],
+    report=report,
+)

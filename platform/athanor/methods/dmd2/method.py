@@ -52,11 +52,12 @@ import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..config import ConfigError, OptimConfig, positive
-from ..data.batches import ShuffledBatches
-from ..engine import Engine, Method, read_metrics
-from .diffusion import (EDM, EDMClassPipeline, EMA, TeacherConfig, euler_sample, feature_block, guided_nfe,
-                        load_denoiser, null_label, save_pipeline, stage_config)
+from ...config import ConfigError, OptimConfig, TrainConfig, positive
+from ...data.batches import ShuffledBatches
+from ...engine import Engine, Method
+from ...runner import StageContext
+from ..diffusion import (EDM, EDMClassPipeline, EMA, TeacherConfig, euler_sample, feature_block, guided_nfe,
+                        load_denoiser, null_label)
 
 MULTISTEP = "4step"
 VARIANTS = {  # extra DMD2 runs beside the main one: name -> DMD2Config field changes
@@ -349,29 +350,31 @@ class DMD2Pipeline(EDMClassPipeline):
         return super().__call__(class_labels, num_inference_steps=num_inference_steps, **kwargs)
 
 
-def train_dmd2(stage_dir: Path, recipe_cfg, cfg: DMD2Config, teacher_cfg: TeacherConfig, teacher_dir: str, data,
-               evaluator) -> dict:
+def train_dmd2(stage_dir: Path, recipe_cfg: TrainConfig, cfg: DMD2Config, teacher_cfg: TeacherConfig,
+               teacher_dir: str, data, evaluator) -> dict:
+    """One DMD2 run in ``stage_dir`` (outside the runner: tests; the recipe uses ``dmd2_stage``).
+    ``recipe_cfg`` gives run (``max_steps`` counts generator updates) and optim."""
+    return run_dmd2(StageContext(cfg=recipe_cfg, root=Path(stage_dir), folder="."), cfg, teacher_cfg, teacher_dir,
+                    data, evaluator)
+
+
+def run_dmd2(ctx: StageContext, cfg: DMD2Config, teacher_cfg: TeacherConfig, teacher_dir: str, data,
+             evaluator) -> dict:
     """Stage: one DMD2 run; saves the generator (raw and EMA) as diffusers model folders."""
-    started = time.time()
     ratio = cfg.critic_updates_per_generator_step
-    updates = recipe_cfg.run.max_steps
-    engine = Engine(stage_config(recipe_cfg, stage_dir, updates * ratio, eval_every=recipe_cfg.run.eval_every * ratio,
-                                 save_every=recipe_cfg.run.save_every * ratio), output_dir=stage_dir)
-    method = DMD2(cfg, teacher_cfg, teacher_dir, updates, recipe_cfg.optim, evaluator, data.num_classes,
-                  recipe_cfg.run.seed)
-    method.setup(engine)
-    batches = ShuffledBatches(data.train_dict(), cfg.batch_size, recipe_cfg.run.seed + 2, engine.rank,
-                              engine.world_size)
-    final = engine.fit(method, batches)
-    if engine.is_main:
-        engine.unwrap("generator").save_pretrained(stage_dir / "generator")
-        if method.ema is not None:
-            method.ema.model.save_pretrained(stage_dir / "generator_ema")
-    engine.accelerator.wait_for_everyone()
-    return {"generator": str(stage_dir / ("generator_ema" if method.ema is not None else "generator")),
-            "generator_raw": str(stage_dir / "generator"), "generator_updates": updates,
-            "generator_sigmas": method.sigmas.tolist(), "final_eval": final, "world_size": engine.world_size,
-            "seconds": time.time() - started}
+    run = ctx.cfg.run
+    updates = run.max_steps
+    engine = ctx.engine(max_steps=updates * ratio, eval_every=run.eval_every * ratio, save_every=run.save_every * ratio)
+    method = DMD2(cfg, teacher_cfg, teacher_dir, updates, ctx.cfg.optim, evaluator, data.num_classes, run.seed)
+    batches = ShuffledBatches(data.train_dict(), cfg.batch_size, run.seed + 2, engine.rank, engine.world_size)
+    _, final = ctx.fit(method, batches, engine=engine)
+    engine.save_pretrained("generator", ctx.dir / "generator")
+    if ctx.is_main and method.ema is not None:  # the EMA copy is the method's, not a registered model
+        method.ema.model.save_pretrained(ctx.dir / "generator_ema")
+    ctx.barrier()
+    return {"generator": str(ctx.dir / ("generator_ema" if method.ema is not None else "generator")),
+            "generator_raw": str(ctx.dir / "generator"), "generator_updates": updates,
+            "generator_sigmas": method.sigmas.tolist(), "final_eval": final, "world_size": engine.world_size}
 
 
 def check_launch() -> None:
@@ -380,148 +383,3 @@ def check_launch() -> None:
             and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
         raise ConfigError("DMD2 runs with DDP or DeepSpeed ZeRO-1/2 (launch/zero2*.yaml), not ZeRO-3: ZeRO-3 "
                           "partitions the parameters that the no-grad generator and frozen-critic passes read")
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-def build_samplers(teacher_cfg: TeacherConfig, teacher_dir: str, runs: dict) -> dict:
-    """name -> (sample_fn(noise, labels, generator), NFE). ``runs`` maps "" (the main run) or a variant name
-    to its stage result. Each run gives ``dmd2@1:<run>`` and, for a K-step generator, ``dmd2@K:<run>``; the
-    main run and the 4-step run's 4-step output go without suffix (``dmd2@1``, ``dmd2@4``)."""
-    teacher, edm = load_denoiser(teacher_dir, EDM.from_config(teacher_cfg))
-    w, n = teacher_cfg.guidance, teacher_cfg.sample_steps
-    samplers = {f"teacher@{k}": (lambda noise, y, gen, k=k: euler_sample(edm, teacher, noise, y, k, w), guided_nfe(k, w))
-                for k in dict.fromkeys((1, 4, n))}
-
-    def generator(path: str, sigmas: list, steps: int):
-        model, _ = load_denoiser(path, edm)
-        sigmas = torch.tensor(sigmas[:steps])
-
-        @torch.no_grad()
-        def sample(noise, y, gen):
-            return few_step_sample(edm, model, noise, y, sigmas.to(noise.device), gen)
-        return sample, steps
-
-    for name, result in runs.items():
-        sigmas = result["generator_sigmas"]
-        for steps in dict.fromkeys((1, len(sigmas))):
-            plain = name == "" or (name == MULTISTEP and steps > 1)
-            samplers.setdefault(f"dmd2@{steps}" + ("" if plain else f":{name}"),
-                                generator(result["generator"], sigmas, steps))
-        if name == "" and result["generator_raw"] != result["generator"]:
-            samplers["dmd2@1:no_ema"] = generator(result["generator_raw"], sigmas, 1)
-    return samplers
-
-
-def must_show(table: dict, teacher_n: str) -> dict:
-    """The issue's acceptance checks, each with the numbers it compares."""
-    fd, acc = table["fd"], table["class_acc"]
-    d = fd["dmd2@1"]
-    return {
-        "dmd2@1 FD <= 1/2 teacher@1": (d <= 0.5 * fd["teacher@1"], f"{d:.2f} vs {0.5 * fd['teacher@1']:.2f}"),
-        "dmd2@1 FD < teacher@4": (d < fd["teacher@4"], f"{d:.2f} vs {fd['teacher@4']:.2f}"),
-        f"dmd2@1 FD <= 2x {teacher_n}": (d <= 2 * fd[teacher_n], f"{d:.2f} vs {2 * fd[teacher_n]:.2f}"),
-        f"dmd2@1 class acc within 10 points of {teacher_n}":
-            (acc["dmd2@1"] >= acc[teacher_n] - 0.10, f"{acc['dmd2@1']:.3f} vs {acc[teacher_n]:.3f}"),
-    }
-
-
-def fd_curve(stage_dir: Path) -> list[tuple[float, float]]:
-    """(generator step, FD) points logged by ``DMD2.evaluate`` during a run."""
-    return sorted({r["eval_generator_step"]: r["eval_fd"] for r in read_metrics(stage_dir) if "eval_fd" in r}.items())
-
-
-def shortfall_note(checks: dict, curve: list, updates: int) -> list[str]:
-    """What limited a run that missed a check: the FD trend over its last quarter of updates."""
-    if all(ok for ok, _ in checks.values()) or len(curve) < 3:
-        return []
-    tail = [fd for step, fd in curve if step >= 0.75 * curve[-1][0]]
-    trend = ("still falling: more generator updates should lower it further" if tail[-1] < 0.95 * tail[0]
-             else "flat: more updates alone may not close the gap (teacher quality, FD noise, hyperparameters)")
-    return [f"Not every check was met within {updates} generator updates. The one-step FD over the last quarter "
-            f"of the run went {tail[0]:.2f} -> {tail[-1]:.2f} ({trend}). recipes/configs/dmd2/gpu.yaml runs "
-            f"the same recipe for 6000 updates on one GPU."]
-
-
-def plot_fd_curves(curves: dict, table: dict, path: Path, eval_samples: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, pts in curves.items():
-        if pts:
-            ax.plot(*zip(*pts), marker="o", markersize=3, label=f"dmd2@1{':' + name if name else ''}")
-    for key, style in zip([k for k in table["fd"] if k.startswith("teacher@")], (":", "--", "-.")):
-        ax.axhline(table["fd"][key], color="gray", linestyle=style, label=key)
-    ax.set_xlabel("generator step")
-    ax.set_ylabel("FD vs held-out images")
-    ax.set_title(f"one-step FD during training ({eval_samples} samples, one noise seed)", fontsize=9)
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def publish(cfg, data, teacher: dict, classifier: dict, runs: dict, evaluator, output_dir: Path, seconds: float) -> dict:
-    """Main process: the sampler table (report.json/md), sample grids, FD curves, the 1-step diffusers
-    pipeline of the main run and its model card."""
-    from ..hub import write_model_card
-    from ..report import write_report
-    from .fd import evaluate_sampler, save_sample_grid
-
-    ev = cfg.evaluation
-    samplers = build_samplers(cfg.teacher, teacher["pipeline"], runs)
-    labels = torch.arange(ev.samples) % data.num_classes
-    table = {"fd": {}, "fd_std": {}, "class_acc": {}, "nfe": {}}
-    grids = output_dir / "samples"
-    grids.mkdir(parents=True, exist_ok=True)
-    for name, (fn, nfe) in samplers.items():
-        scores, images = evaluate_sampler(fn, evaluator, labels, data.image_shape, ev.seeds, "cpu")
-        for key in ("fd", "fd_std", "class_acc"):
-            table[key][name] = scores[key]
-        table["nfe"][name] = nfe
-        save_sample_grid(images, labels, grids / f"{name.replace('@', '_at_').replace(':', '_')}.png",
-                         title=f"{name}: FD {scores['fd']:.2f}, class acc {scores['class_acc']:.2f}")
-    teacher_n = f"teacher@{cfg.teacher.sample_steps}"
-    checks = must_show(table, teacher_n)
-    curves = {name: fd_curve(output_dir / ("dmd2" + (f"-{name}" if name else ""))) for name in runs}
-    plot_fd_curves(curves, table, output_dir / "fd_curve.png", cfg.dmd2.eval_samples)
-
-    main = runs[""]
-    model, edm = load_denoiser(main["generator"])
-    pipe_dir = output_dir / "pipeline"
-    save_pipeline(DMD2Pipeline(denoiser=model, scheduler=edm.scheduler(),
-                               generator_sigmas=main["generator_sigmas"]), pipe_dir)
-    report = {**table, "checks": {k: bool(v[0]) for k, v in checks.items()},
-              "held_out_images": len(data.held_out_images), "train_images": len(data.train_images),
-              "teacher": teacher, "classifier_held_out_accuracy": classifier["held_out_accuracy"],
-              "runs": {name or "main": {k: v for k, v in r.items() if k != "final_eval"} for name, r in runs.items()},
-              "pipeline": str(pipe_dir), "seconds_this_invocation": seconds}
-    rows = ["| sampler | NFE | FD vs held-out (mean ± sd over seeds) | class acc |", "|---|---|---|---|"]
-    rows += [f"| {n} | {table['nfe'][n]} | {table['fd'][n]:.2f} ± {table['fd_std'][n]:.2f} | "
-             f"{table['class_acc'][n]:.3f} |" for n in samplers]
-    verdict = [f"- {'met' if ok else 'NOT met'}: {name} ({numbers})" for name, (ok, numbers) in checks.items()]
-    lines = [f"{len(data.train_images)} training / {len(data.held_out_images)} held-out images ({cfg.data.source}); "
-             f"{ev.samples} samples per sampler, {ev.seeds} noise seeds; feature classifier held-out accuracy "
-             f"{classifier['held_out_accuracy']:.3f}. Main run: {cfg.run.max_steps} generator updates of a "
-             f"{cfg.dmd2.generator_steps}-step generator (critic ratio {cfg.dmd2.critic_updates_per_generator_step}, "
-             f"GAN weight {cfg.dmd2.gan_weight}, EMA {cfg.dmd2.ema_decay}); other runs change only: "
-             + "; ".join(f"{n}: {VARIANTS[n]}" for n in runs if n) + ". Backward simulation "
-             f"{cfg.dmd2.backward_simulation} for multi-step generators.", "", *rows, "", "Acceptance checks:", *verdict,
-             *shortfall_note(checks, curves[""], cfg.run.max_steps), "",
-             "FD vs generator step: fd_curve.png. Sample grids (one row per class): samples/*.png. "
-             f"1-step pipeline: {pipe_dir} (DiffusionPipeline.from_pretrained(path, trust_remote_code=True)).",
-             f"Wall time of this invocation: {seconds:.0f} s (finished stages are skipped on re-runs)."]
-    write_report(output_dir, report, "DMD2 distillation report", lines)
-    write_model_card(pipe_dir, title="DMD2 few-step class-conditional generator (athanor)",
-                     summary=(f"Distilled with DMD2 from an EDM teacher trained on {cfg.data.source}. Load with "
-                              f"`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` (needs athanor "
-                              f"installed) and call `pipe(class_labels=[0, 1, 2], num_inference_steps=1)`.\n\n"
-                              + "\n".join(rows)),
-                     metrics={f"FD {k}": v for k, v in table["fd"].items()}, library="diffusers",
-                     tags=["dmd2", "distillation", "class-conditional", "image-generation"])
-    return report

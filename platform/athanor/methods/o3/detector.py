@@ -190,8 +190,8 @@ def entropy_contrastive(masked: list[torch.Tensor], clean: list[torch.Tensor]) -
 class DetectorTraining(Method):
     """LoRA on the detector's backbone: contrastive entropy (masked vs clean view) + masked tokens."""
 
-    def __init__(self, backbone_path: str, cfg: DetectorConfig, texts: list[str]):
-        self.path, self.cfg, self.texts = backbone_path, cfg, texts
+    def __init__(self, backbone_path: str, cfg: DetectorConfig, texts: list[str], seed: int = 0):
+        self.path, self.cfg, self.texts, self.seed = backbone_path, cfg, texts, seed
 
     def setup(self, engine: Engine) -> None:
         from peft import LoraConfig, get_peft_model
@@ -209,8 +209,8 @@ class DetectorTraining(Method):
                                      max_steps=max(1, self.cfg.train_steps))
         self.special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
 
-    def batches(self, seed: int) -> ShuffledBatches:
-        return ShuffledBatches(self.data, self.batch_size, seed, self.engine.rank, self.engine.world_size)
+    def batches(self, engine: Engine) -> ShuffledBatches:
+        return ShuffledBatches(self.data, self.batch_size, self.seed, engine.rank, engine.world_size)
 
     def masked_view(self, ids: torch.Tensor, attention: torch.Tensor,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,16 +109,17 @@ def answer_matches(model, batch: dict, batch_size: int = 256, weights: dict | No
 class AnswerLM(Method):
     """Memorise QA facts: cross-entropy on the answer tokens (and EOS) given the question."""
 
-    def __init__(self, model, train: dict, evals: dict[str, dict], batch_size: int):
+    def __init__(self, model, train: dict, evals: dict[str, dict], batch_size: int, seed: int = 0):
         self.model_unprepared, self.train, self.evals, self.batch_size = model, train, evals, batch_size
+        self.seed = seed  # of the batch order
 
     def setup(self, engine: Engine) -> None:
         self.engine = engine
         self.model = engine.register("model", self.model_unprepared, batch_size=self.batch_size)
         self.n_params = sum(p.numel() for p in self.model_unprepared.parameters())
 
-    def batches(self, seed: int) -> ShuffledBatches:
-        return ShuffledBatches(self.train, self.batch_size, seed, self.engine.rank, self.engine.world_size)
+    def batches(self, engine: Engine) -> ShuffledBatches:
+        return ShuffledBatches(self.train, self.batch_size, self.seed, engine.rank, engine.world_size)
 
     def train_step(self, batch: dict) -> dict:
         loss = self.model(**lm_inputs(batch)).loss

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ...compat import full_numel
 from ...config import ConfigError, OptimConfig, choice, positive
 from ...data import ShuffledBatches
 from ...engine import Engine, Method
@@ -131,9 +132,10 @@ class OrthogonalPenalty:
 class UnlearnRequest(Method):
     """Request t: a fresh LoRA on the frozen LM, CE on the unlearning targets + λ · orthogonality."""
 
-    def __init__(self, base_model, request: int, cfg: UnlearnConfig, train: dict, earlier_dirs: list[Path]):
+    def __init__(self, base_model, request: int, cfg: UnlearnConfig, train: dict, earlier_dirs: list[Path],
+                 seed: int = 0):
         self.base_model, self.request, self.cfg, self.train = base_model, request, cfg, train
-        self.earlier_dirs = earlier_dirs
+        self.earlier_dirs, self.seed = earlier_dirs, seed
 
     def setup(self, engine: Engine) -> None:
         from peft import get_peft_model
@@ -149,10 +151,10 @@ class UnlearnRequest(Method):
             raise ConfigError(f"{n} forget records cannot be split over {engine.world_size} processes")
         self.model = engine.register("model", peft_model, optim=self.cfg.optim(), max_steps=self.cfg.max_steps,
                                      batch_size=self.batch_size)
-        self.n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in peft_model.parameters() if p.requires_grad)
+        self.n_trainable = sum(full_numel(p) for p in peft_model.parameters() if p.requires_grad)
 
-    def batches(self, seed: int) -> ShuffledBatches:
-        return ShuffledBatches(self.train, self.batch_size, seed, self.engine.rank, self.engine.world_size)
+    def batches(self, engine: Engine) -> ShuffledBatches:
+        return ShuffledBatches(self.train, self.batch_size, self.seed, engine.rank, engine.world_size)
 
     def train_step(self, batch: dict) -> dict:
         ce = self.model(**lm_inputs(batch)).loss
@@ -171,29 +173,22 @@ class UnlearnRequest(Method):
         return {"target_rate": rate}
 
 
-def save_adapter(engine: Engine, method: UnlearnRequest, folder: Path) -> None:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` (gathers ZeRO-3 shards: all ranks)."""
-    state_dict = engine.accelerator.get_state_dict(method.model)
-    if engine.is_main:
-        engine.unwrap("model").save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-    engine.accelerator.wait_for_everyone()
-
-
 class GradientAscent(Method):
     """Baseline: the full model ascends the CE of the true answers of the forget set."""
 
-    def __init__(self, model, train: dict, batch_size: int):
+    def __init__(self, model, train: dict, batch_size: int, optim: OptimConfig, max_steps: int, seed: int = 0):
         self.model_unprepared, self.train, self.requested_batch = model, train, batch_size
+        self.optim, self.max_steps, self.seed = optim, max_steps, seed
 
-    def setup(self, engine: Engine, optim: OptimConfig, max_steps: int) -> None:
+    def setup(self, engine: Engine) -> None:
         self.engine = engine
         n = len(self.train["input_ids"])
         self.batch_size = (self.requested_batch or n) // engine.world_size
-        self.model = engine.register("model", self.model_unprepared, optim=optim, max_steps=max_steps,
+        self.model = engine.register("model", self.model_unprepared, optim=self.optim, max_steps=self.max_steps,
                                      batch_size=self.batch_size)
 
-    def batches(self, seed: int) -> ShuffledBatches:
-        return ShuffledBatches(self.train, self.batch_size, seed, self.engine.rank, self.engine.world_size)
+    def batches(self, engine: Engine) -> ShuffledBatches:
+        return ShuffledBatches(self.train, self.batch_size, self.seed, engine.rank, engine.world_size)
 
     def train_step(self, batch: dict) -> dict:
         ce = self.model(**lm_inputs(batch)).loss

@@ -1,29 +1,29 @@
-"""O3's stages, each one engine run (or one evaluation) whose result is JSON, so that
-``athanor.stages.Stages`` can skip finished ones when a killed recipe runs again:
+"""O3's stages, each one engine run (or one evaluation) whose result is JSON, so that the runner
+(``athanor.runner``) skips finished ones when a killed recipe runs again; ``paper`` lists them:
 
     base LM -> for t in 1..T: request_t (orthogonal LoRA) -> detector_t -> eval_t
-            -> ablations (λ = 0 adapters, gradient ascent) -> publish
+            -> ablations (λ = 0 adapters, gradient ascent) -> report (and the O3 folder)
 
 Evaluation runs on the main process with plain (non-DeepSpeed) models and is broadcast, since
 it trains nothing; detector scores of every record are cached by the detector stage.
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
 
-from ...config import OptimConfig, TrainConfig, positive
-from ...engine import Engine, process_state
-from .detector import Detector, DetectorTraining, extract_features, load_backbone, resolve_backbone
-from .lm import AnswerLM, build_lm, encode_records, load_lm, load_tokenizer
-from .lora import GradientAscent, UnlearnRequest, save_adapter, unlearning_answers
+from ...compat import plain_loading
+from ...config import OptimConfig, RunConfig, TrainConfig, positive
+from ...engine import process_state
+from ...runner import StageContext
+from .detector import Detector, DetectorConfig, DetectorTraining, extract_features, load_backbone, resolve_backbone
+from .lm import AnswerLM, ModelConfig, build_lm, encode_records, load_lm, load_tokenizer
+from .lora import GradientAscent, UnlearnConfig, UnlearnRequest, unlearning_answers
 from .model import O3Model
-from .world import QAData, build_word_tokenizer
+from .world import DataConfig, QAData, build_word_tokenizer, load_data, request_groups, retained_groups
 
 
 @dataclass
@@ -39,6 +39,19 @@ class AblationConfig:
     def validate(self) -> None:
         positive(self.ga_steps, "ablations.ga_steps")
         positive(self.ga_lr, "ablations.ga_lr")
+
+
+@dataclass
+class O3Config(TrainConfig):
+    # run.max_steps and optim: the base LM that memorises the facts (0 steps: use model.name_or_path as is)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/o3", max_steps=500, eval_every=250,
+                                                             log_every=10))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.1))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    ablations: AblationConfig = field(default_factory=AblationConfig)
 
 
 @dataclass
@@ -63,24 +76,23 @@ class EvalSets:
         return sets
 
 
-def stage_config(cfg: TrainConfig, max_steps: int, optim: OptimConfig) -> TrainConfig:
-    return TrainConfig(run=replace(cfg.run, max_steps=max_steps), optim=optim, engine=cfg.engine)
+_WORLDS: dict[str, tuple[QAData, EvalSets]] = {}
 
 
-@contextlib.contextmanager
-def plain_loading():
-    """Load models unsharded on one process (evaluation, publishing) even after a ZeRO-3 stage:
-    once DeepSpeed is set up, ``from_pretrained`` builds models under ``zero.Init``, a collective
-    the other processes would not join."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+def world(cfg: O3Config) -> tuple[QAData, EvalSets]:
+    """The QA data and its evaluation sets (built once per process and data config)."""
+    key = repr(cfg.data)
+    if key not in _WORLDS:
+        data = load_data(cfg.data)
+        requests = request_groups(data, cfg.data)
+        _WORLDS[key] = data, EvalSets.build(data, requests, retained_groups(data, requests))
+    return _WORLDS[key]
 
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if ref is not None and ref() is not None:
-            hf_deepspeed.set_hf_deepspeed_config(ref())
+
+def base_dir(ctx: StageContext) -> str:
+    """The base LM folder (relative when trained here, so the output folder can move)."""
+    base = ctx.results["base"]
+    return str(ctx.stage_dir("base") / "model") if base["steps"] else base["model_dir"]
 
 
 def on_main_then_broadcast(fn):
@@ -93,76 +105,71 @@ def on_main_then_broadcast(fn):
 
 
 # ---------------------------------------------------------------------------- stages
-def train_base(cfg, data: QAData, out: Path) -> dict:
+def train_base(ctx: StageContext) -> dict:
     """The target LM memorises every fact in its trained phrasings (+ utility facts)."""
-    t0 = time.time()
+    cfg: O3Config = ctx.cfg
     if cfg.model.name_or_path and not cfg.run.max_steps:  # already fine-tuned on the facts (TOFU): use as is
         return {"model_dir": cfg.model.name_or_path, "steps": 0, "seconds": 0.0}
-    engine = Engine(stage_config(cfg, cfg.run.max_steps, cfg.optim), output_dir=out)
+    data, _ = world(cfg)
     tokenizer = load_tokenizer(cfg.model.name_or_path) if cfg.model.name_or_path else build_word_tokenizer(
         data, extra_words=cfg.unlearn.refusal.split())
+
     def enc(records):
         return encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length)
 
     trained = [r for r in data.records if not r.heldout]
     evals = {"train": enc(trained), "heldout": enc([r for r in data.records if r.heldout])}
     method = AnswerLM(build_lm(cfg.model, len(tokenizer), cfg.data.max_length), enc(trained), evals,
-                      cfg.data.batch_size)
-    method.setup(engine)
-    final = engine.fit(method, method.batches(cfg.run.seed)) if cfg.run.max_steps else {}
-    model_dir = str(out / "model")
-    state_dict = engine.accelerator.get_state_dict(method.model)  # gathers ZeRO-3 shards: all ranks
-    if engine.is_main:
-        engine.unwrap("model").save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+                      cfg.data.batch_size, seed=cfg.run.seed)
+    engine, final = ctx.fit(method)
+    model_dir = engine.save_pretrained("model", ctx.dir / "model")
+    if ctx.is_main:
         tokenizer.save_pretrained(model_dir)
-    engine.accelerator.wait_for_everyone()
-    return {"model_dir": model_dir, "steps": engine.step, "n_params": method.n_params,
-            **{k: v for k, v in final.items()}, "seconds": time.time() - t0}
+    ctx.barrier()
+    return {"model_dir": str(model_dir), "steps": engine.step, "n_params": method.n_params, **final}
 
 
-def unlearn_request(cfg, data: QAData, t: int, base_dir: str, earlier: list[str], records, out: Path,
-                    orth_lambda: float) -> dict:
-    """Request t's LoRA on its forget records (trained phrasings), orthogonal to ``earlier``."""
-    t0 = time.time()
+def unlearn_request(ctx: StageContext, t: int, earlier: list[str], records, orth_lambda: float) -> dict:
+    """Request t's LoRA on its forget ``records`` (trained phrasings), orthogonal to the ``earlier`` adapters."""
+    cfg: O3Config = ctx.cfg
+    data, _ = world(cfg)
     ucfg = replace(cfg.unlearn, orth_lambda=orth_lambda)
-    engine = Engine(stage_config(cfg, ucfg.max_steps, ucfg.optim()), output_dir=out)
-    tokenizer = load_tokenizer(base_dir)
+    base = base_dir(ctx)
+    tokenizer = load_tokenizer(base)
     answers = unlearning_answers(records, ucfg, data, seed=cfg.run.seed * 1000 + t)
     train = encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length, answers)
-    method = UnlearnRequest(load_lm(base_dir, cfg.model.dtype), t, ucfg, train, [Path(d) for d in earlier])
-    method.setup(engine)
-    final = engine.fit(method, method.batches(cfg.run.seed + t))
-    save_adapter(engine, method, out / "adapter")
-    rows = [r for r in _metrics(out) if "orth_penalty" in r]
-    return {"adapter_dir": str(out / "adapter"), "target_rate": final["target_rate"], "steps": engine.step,
+    method = UnlearnRequest(load_lm(base, cfg.model.dtype), t, ucfg, train, [Path(d) for d in earlier],
+                            seed=cfg.run.seed + t)
+    engine, final = ctx.fit(method, max_steps=ucfg.max_steps, optim=ucfg.optim())
+    engine.save_pretrained("model", ctx.dir / "adapter")  # adapter_config.json + adapter_model.safetensors
+    rows = [r for r in _metrics(ctx.dir) if "orth_penalty" in r]
+    return {"adapter_dir": str(ctx.dir / "adapter"), "target_rate": final["target_rate"], "steps": engine.step,
             "orth_penalty_first": rows[0]["orth_penalty"] if rows else None,
             "orth_penalty_last": rows[-1]["orth_penalty"] if rows else None,
-            "trainable_params": method.n_trainable, "seconds": time.time() - t0}
+            "trainable_params": method.n_trainable}
 
 
-def train_detector(cfg, t: int, records, base_dir: str, data: QAData, out: Path) -> dict:
+def train_detector(ctx: StageContext, t: int, records) -> dict:
     """Request t's detector on its forget ``records``: the encoder LoRA is trained on every process
     (an engine run); calibration (cross-fitted by fact: a fact's phrasings share a fold) and the
-    scores of every record of ``data`` (cached for evaluation) train nothing, so they run on the
-    main process with the saved adapter reloaded, unsharded."""
+    scores of every record (cached for evaluation) train nothing, so they run on the main process
+    with the saved adapter reloaded, unsharded."""
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    t0 = time.time()
-    dcfg = cfg.detector
+    cfg: O3Config = ctx.cfg
+    data, _ = world(cfg)
+    dcfg, out = cfg.detector, ctx.dir
     optim = OptimConfig(lr=dcfg.lr, schedule="constant", weight_decay=0.0, grad_clip=1.0)
-    engine = Engine(stage_config(cfg, max(1, dcfg.train_steps), optim), output_dir=out)
+    engine = ctx.engine(max_steps=max(1, dcfg.train_steps), optim=optim)
     texts, facts = [r.question for r in records], [r.fact for r in records]
-    backbone = resolve_backbone(dcfg.backbone, base_dir)
-    method = DetectorTraining(backbone, dcfg, texts)
-    method.setup(engine)
+    backbone = resolve_backbone(dcfg.backbone, base_dir(ctx))
+    method = DetectorTraining(backbone, dcfg, texts, seed=cfg.run.seed + t)
     if dcfg.train_steps:
-        engine.fit(method, method.batches(cfg.run.seed + t))
-    lora_state = engine.accelerator.get_state_dict(method.model)  # gathers ZeRO-3 shards: all ranks
-    if engine.is_main:
-        engine.unwrap("encoder").save_pretrained(out / "detector" / "encoder_lora", state_dict=lora_state,
-                                                 safe_serialization=True)
-    engine.accelerator.wait_for_everyone()
+        ctx.fit(method, engine=engine)
+    else:
+        method.setup(engine)
+    engine.save_pretrained("encoder", out / "detector" / "encoder_lora")
 
     def fit_and_score() -> dict:
         with plain_loading():
@@ -185,32 +192,30 @@ def train_detector(cfg, t: int, records, base_dir: str, data: QAData, out: Path)
 
     calibration = on_main_then_broadcast(fit_and_score)
     return {"detector_dir": str(out / "detector"), "scores": str(out / "scores.safetensors"),
-            "steps": engine.step, **calibration, "seconds": time.time() - t0}
+            "steps": engine.step, **calibration}
 
 
-def GATE_VARIANTS(dcfg, facts: list[str]) -> dict:
+def GATE_VARIANTS(dcfg: DetectorConfig, facts: list[str]) -> dict:
     """Detector variants fitted on the same features, reported as gate ablations."""
     return {"cosine_only": (replace(dcfg, mahalanobis_weight=0.0), facts),
             "mahalanobis_only": (replace(dcfg, gamma=0.0), facts),
             "random_folds": (dcfg, None)}  # calibration folds by question instead of by fact
 
 
-def gradient_ascent(cfg, base_dir: str, t: int, records, out: Path) -> dict:
+def gradient_ascent(ctx: StageContext, model_dir: str, t: int, records) -> dict:
     """Baseline: the whole previous model ascends the CE of request t's true answers."""
-    t0 = time.time()
+    cfg: O3Config = ctx.cfg
     optim = OptimConfig(lr=cfg.ablations.ga_lr, schedule="constant", weight_decay=0.0, grad_clip=1.0)
-    engine = Engine(stage_config(cfg, cfg.ablations.ga_steps, optim), output_dir=out)
-    tokenizer = load_tokenizer(base_dir)
+    tokenizer = load_tokenizer(model_dir)
     train = encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length)
-    method = GradientAscent(load_lm(base_dir, cfg.model.dtype), train, cfg.unlearn.batch_size)
-    method.setup(engine, optim, cfg.ablations.ga_steps)
-    final = engine.fit(method, method.batches(cfg.run.seed + t))
-    state_dict = engine.accelerator.get_state_dict(method.model)
-    if engine.is_main:
-        engine.unwrap("model").save_pretrained(out / "model", state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out / "model")
-    engine.accelerator.wait_for_everyone()
-    return {"model_dir": str(out / "model"), "forget_acc_after": final["forget_acc"], "seconds": time.time() - t0}
+    method = GradientAscent(load_lm(model_dir, cfg.model.dtype), train, cfg.unlearn.batch_size, optim,
+                            cfg.ablations.ga_steps, seed=cfg.run.seed + t)
+    engine, final = ctx.fit(method, max_steps=cfg.ablations.ga_steps, optim=optim)
+    engine.save_pretrained("model", ctx.dir / "model")
+    if ctx.is_main:
+        tokenizer.save_pretrained(ctx.dir / "model")
+    ctx.barrier()
+    return {"model_dir": str(ctx.dir / "model"), "forget_acc_after": final["forget_acc"]}
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -271,7 +276,7 @@ def detector_metrics(scores: dict[str, torch.Tensor], sets: EvalSets, t: int, ke
             "auroc_mahalanobis_only": auroc(maha[forget], maha[sets.retain])}
 
 
-def evaluate_request(cfg, data: QAData, sets: EvalSets, t: int, base_dir: str, adapters: list[str],
+def evaluate_request(cfg: O3Config, data: QAData, sets: EvalSets, t: int, base_dir: str, adapters: list[str],
                      score_paths: list[str]) -> dict:
     def run():
         with plain_loading():
@@ -282,7 +287,7 @@ def evaluate_request(cfg, data: QAData, sets: EvalSets, t: int, base_dir: str, a
     return on_main_then_broadcast(run)
 
 
-def evaluate_base(cfg, data: QAData, sets: EvalSets, base_dir: str) -> dict:
+def evaluate_base(cfg: O3Config, data: QAData, sets: EvalSets, base_dir: str) -> dict:
     def run():
         with plain_loading():
             o3 = O3Model.from_parts(base_dir, [], [], "off", cfg.data.prompt_template, cfg.data.max_length,
@@ -297,7 +302,7 @@ def evaluate_base(cfg, data: QAData, sets: EvalSets, base_dir: str) -> dict:
     return on_main_then_broadcast(run)
 
 
-def evaluate_ablation(cfg, data: QAData, sets: EvalSets, base_dir: str, adapters: list[str], gate: str,
+def evaluate_ablation(cfg: O3Config, data: QAData, sets: EvalSets, base_dir: str, adapters: list[str], gate: str,
                       score_paths: list[str], key: str = "logit") -> dict:
     """Metrics after the last request; ``key`` picks a gate variant's cached logits."""
     def run():
@@ -328,40 +333,5 @@ def adapter_overlap(adapters: list[str]) -> float | None:
     return sum(values) / len(values)
 
 
-def run_ablations(cfg, stages, data: QAData, sets: EvalSets, base_dir: str, adapters: list[str],
-                  score_paths: list[str]) -> dict:
-    """The same metrics after the last request for: w = 1, per-request gates, λ = 0, gradient ascent."""
-    ab, out = cfg.ablations, {}
-    if ab.always_on:
-        out["always_on"] = stages.run("ablation_always_on", lambda d: evaluate_ablation(
-            cfg, data, sets, base_dir, adapters, "always_on", []))
-    if ab.per_request_gate:
-        out["per_request_gate"] = stages.run("ablation_per_request_gate", lambda d: evaluate_ablation(
-            cfg, data, sets, base_dir, adapters, "per_request", score_paths))
-    if ab.gate_variants:
-        for name in GATE_VARIANTS(cfg.detector, []):
-            out[f"gate_{name}"] = stages.run(f"ablation_gate_{name}", lambda d: evaluate_ablation(
-                cfg, data, sets, base_dir, adapters, cfg.unlearn.gate, score_paths, key=f"logit_{name}"))
-    if ab.lambda0:
-        zero: list[str] = []
-        for t, idx in enumerate(sets.forget_train, start=1):
-            records = [data.records[i] for i in idx]
-            stages.run(f"ablation_lambda0_request_{t}", lambda d: unlearn_request(
-                cfg, data, t, base_dir, zero, records, d, orth_lambda=0.0))
-            zero.append(str(stages.dir(f"ablation_lambda0_request_{t}") / "adapter"))
-        out["lambda0"] = stages.run("ablation_lambda0_eval", lambda d: {
-            **evaluate_ablation(cfg, data, sets, base_dir, zero, cfg.unlearn.gate, score_paths),
-            "adapter_overlap": adapter_overlap(zero)})
-    if ab.gradient_ascent:
-        model_dir = base_dir
-        for t, idx in enumerate(sets.forget_train, start=1):
-            records = [data.records[i] for i in idx]
-            stages.run(f"ablation_ga_request_{t}", lambda d: gradient_ascent(cfg, model_dir, t, records, d))
-            model_dir = str(stages.dir(f"ablation_ga_request_{t}") / "model")
-        out["gradient_ascent"] = stages.run("ablation_ga_eval", lambda d: evaluate_ablation(
-            cfg, data, sets, model_dir, [], "off", []))
-    return out
-
-
-__all__ = ["AblationConfig", "EvalSets", "train_base", "unlearn_request", "train_detector", "gradient_ascent",
-           "evaluate_request", "evaluate_base", "evaluate_ablation", "adapter_overlap", "run_ablations"]
+__all__ = ["AblationConfig", "O3Config", "EvalSets", "world", "train_base", "unlearn_request", "train_detector",
+           "gradient_ascent", "evaluate_request", "evaluate_base", "evaluate_ablation", "adapter_overlap"]

@@ -38,8 +38,9 @@ def checks(base: dict, requests: list[dict], ablations: dict) -> dict:
     return out
 
 
-def publish(out: Path, cfg, base_dir: str, trained_base: bool, adapters: list[str], detectors: list[str],
-            summary_metrics: dict) -> Path:
+def save_o3_folder(out: Path, cfg, base_dir: str, trained_base: bool, adapters: list[str], detectors: list[str],
+                   summary_metrics: dict) -> Path:
+    """``out/o3``: the loadable O3 model (base, adapters, detectors) with its model card (``O3Config`` cfg)."""
     from ...hub import write_model_card
 
     folder = O3Model.assemble(out / "o3", base_dir, [Path(a) for a in adapters], [Path(d) for d in detectors],

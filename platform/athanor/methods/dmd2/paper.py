@@ -1,0 +1,106 @@
+"""DMD2 as a paper for the runner: its config, its stages and its report.
+
+Stages (each one engine run in OUTPUT/<stage>, skipped when already finished): teacher (EDM,
+diffusers DiT; ``diffusion.teacher_stage``, shared with ILF) -> classifier (FD features) -> dmd2
+(the one-step generator) -> dmd2-<run> for each extra run of ``evaluation.runs`` (the 4-step
+generator, ablations) -> report: the sampler table, sample grids, FD curves, and the one-step
+diffusers pipeline with its model card.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ...config import ConfigError, OptimConfig, RunConfig, TrainConfig, positive
+from ...data.images import ImageDataConfig, load_image_data
+from ...runner import Paper, Stage, StageContext
+from ..diffusion import TeacherConfig, teacher_stage
+from ..fd import ClassifierConfig, load_evaluator, train_classifier
+from .method import VARIANTS, DMD2Config, check_launch, run_dmd2
+
+
+@dataclass
+class EvaluationConfig:
+    samples: int = 2000  # generated samples per sampler in the final table
+    seeds: int = 3  # noise seeds averaged in the final table
+    # Extra DMD2 runs, each the main config with one change: 4step (the 4-step generator: dmd2@4) | ratio1 |
+    # no_gan | no_ema | no_backsim (a 4-step generator trained on noisy real images).
+    runs: list[str] = field(default_factory=lambda: ["4step", "ratio1", "no_gan"])
+
+    def validate(self) -> None:
+        positive(self.samples, "evaluation.samples")
+        positive(self.seeds, "evaluation.seeds")
+        for name in self.runs:
+            if name not in VARIANTS:
+                raise ConfigError(f"evaluation.runs: {name!r} is not one of: {', '.join(VARIANTS)}")
+
+
+@dataclass
+class DMD2RecipeConfig(TrainConfig):
+    # run.max_steps counts generator updates; run.eval_every too (an FD point every N generator updates).
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/dmd2", max_steps=300, eval_every=25,
+                                                             log_every=10))
+    # The generator's optimizer (the critic's too, with dmd2.critic_lr): Adam, β1 = 0 as in DMD2.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.99), schedule="constant",
+                                                                   grad_clip=10.0))
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    # The main run is the one-step generator (dmd2@1); the 4-step generator is the "4step" run (dmd2@4).
+    dmd2: DMD2Config = field(default_factory=lambda: DMD2Config(generator_steps=1))
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+_IMAGES: dict[str, object] = {}
+
+
+def images(cfg: DMD2RecipeConfig):
+    """The image data (loaded once per process and data config)."""
+    key = repr(cfg.data)
+    if key not in _IMAGES:
+        _IMAGES[key] = load_image_data(cfg.data)
+    return _IMAGES[key]
+
+
+def check(cfg: DMD2RecipeConfig) -> None:
+    """Before any compute: a launch DMD2 cannot run under (ZeRO-3), missing image data."""
+    check_launch()
+    images(cfg)
+
+
+def stage_name(run: str) -> str:
+    return "dmd2" + (f"-{run}" if run else "")  # "" is the main run
+
+
+def dmd2_stage(run: str):
+    def fn(ctx: StageContext) -> dict:
+        cfg = ctx.cfg
+        data = images(cfg)
+        evaluator = load_evaluator(ctx.results["classifier"]["model"], data.held_out_images)
+        method_cfg = dataclasses.replace(cfg.dmd2, **VARIANTS.get(run, {}))
+        return run_dmd2(ctx, method_cfg, cfg.teacher, ctx.results["teacher"]["pipeline"], data, evaluator)
+    return fn
+
+
+def stages(cfg: DMD2RecipeConfig) -> list[Stage]:
+    return [Stage("teacher", teacher_stage, describe="EDM teacher (diffusers DiT), shared with ILF"),
+            Stage("classifier", lambda ctx: train_classifier(ctx.dir, ctx.cfg, ctx.cfg.classifier, images(ctx.cfg)),
+                  describe="feature classifier for FD"),
+            *(Stage(stage_name(run), dmd2_stage(run), needs=("teacher", "classifier"))
+              for run in ["", *cfg.evaluation.runs])]
+
+
+def report(ctx: StageContext, results: dict) -> dict:
+    import time
+
+    from .report import write_dmd2_report
+
+    cfg = ctx.cfg
+    data = images(cfg)
+    evaluator = load_evaluator(results["classifier"]["model"], data.held_out_images)
+    runs = {run: results[stage_name(run)] for run in ["", *cfg.evaluation.runs]}
+    return write_dmd2_report(cfg, data, results["teacher"], results["classifier"], runs, evaluator, ctx.root,
+                             time.time() - ctx.started)
+
+
+PAPER = Paper(name="DMD2", config=DMD2RecipeConfig, stages=stages, report=report, check=check)
