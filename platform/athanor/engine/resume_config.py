@@ -40,6 +40,8 @@ def _flatten(tree, prefix: str = "") -> dict:
         for k, v in tree.items():
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
+    if isinstance(tree, tuple):  # config.yaml stores a tuple (optim.betas) as a list: the same value
+        return {prefix[:-1]: list(tree)}
     return {prefix[:-1]: tree}
 
 
