@@ -4,7 +4,7 @@
 ``accelerate launch`` per node through ``srun`` with ``--num_machines N --machine_rank
 $SLURM_NODEID --main_process_ip <first node's address> --main_process_port P``; accelerate (and
 torch's elastic launcher under it) starts the processes of that node. Generated scripts rather
-than a library that pickles Python calls (submitit): the script is what ``--dry-run`` prints,
+than a library that serialises Python calls (submitit): the script is what ``--dry-run`` prints,
 what an admin can read and rerun with plain ``sbatch``, and it controls exactly which process
 gets which signal (below).
 

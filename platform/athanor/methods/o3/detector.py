@@ -40,7 +40,7 @@ accuracy 0.65 instead of 0.98); without the cosine part new phrasings of forgott
 below it (34% still answered); with random-question folds instead of folds by fact, 5% are.
 
 State: ``encoder_lora/`` (peft), ``detector.safetensors`` (banks, means, precisions, SVM weights),
-``detector.json`` (backbone, layers, scalars). No pickle.
+``detector.json`` (backbone, layers, scalars); nothing is serialised as Python objects.
 """
 from __future__ import annotations
 
