@@ -79,6 +79,8 @@ class Method:
         return {}
 
     def state_dict(self) -> dict:
+        """The method's own state (its torch.Generator, weight averages, counters), saved per process:
+        tensors and JSON values in nested dicts/lists/tuples, never other Python objects."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
