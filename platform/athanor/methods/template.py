@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
+from huggingface_hub import PyTorchModelHubMixin
 
 from ..config import ConfigError, OptimConfig, RunConfig, TrainConfig, positive
 from ..data.batches import ShuffledBatches
@@ -50,18 +50,32 @@ def make_data(cfg: LinearDataConfig, seed: int) -> dict:
     return {"w": w, "train": {"x": x[:cfg.rows], "y": y[:cfg.rows]}, "held_out": {"x": x[cfg.rows:], "y": y[cfg.rows:]}}
 
 
+class LinearModel(torch.nn.Module, PyTorchModelHubMixin):
+    """ŷ = x·w. The Hub mixin gives it ``save_pretrained``/``from_pretrained`` (config.json +
+    model.safetensors), so the saved folder is what ``athanor publish`` uploads."""
+
+    def __init__(self, features: int = 8):
+        super().__init__()
+        self.linear = torch.nn.Linear(features, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).squeeze(-1)
+
+
 class LinearRegression(Method):
     """One step: mean squared error of a bias-free linear model on a batch."""
 
     def __init__(self, features: int):
-        self.model = torch.nn.Linear(features, 1, bias=False)
+        self.features = features
 
     def setup(self, engine) -> None:
+        """Models are built here, after the engine has seeded every process: the same run gives the
+        same initial weights however many runs this process made before."""
         self.engine = engine
-        self.model = engine.register("model", self.model)
+        self.model = engine.register("model", LinearModel(self.features))
 
     def train_step(self, batch: dict) -> dict:
-        loss = torch.nn.functional.mse_loss(self.model(batch["x"]).squeeze(-1), batch["y"])
+        loss = torch.nn.functional.mse_loss(self.model(batch["x"]), batch["y"])
         self.engine.optimize("model", loss)
         return {"loss": loss, "samples": len(batch["y"])}
 
@@ -72,18 +86,17 @@ def fit_stage(ctx: StageContext) -> dict:
     engine = ctx.engine()
     batches = ShuffledBatches(data["train"], ctx.cfg.data.batch_size, ctx.cfg.run.seed, engine.rank, engine.world_size)
     ctx.fit(method, batches, engine=engine)
-    if ctx.is_main:
-        save_file({"weight": engine.unwrap("model").weight.detach().cpu().contiguous()}, ctx.dir / "model.safetensors")
-    ctx.barrier()
-    return {"model": str(ctx.dir / "model.safetensors"), "steps": engine.step}
+    folder = engine.save_pretrained("model", ctx.dir / "model")  # every process calls it (ZeRO-3 gathers)
+    return {"model": str(folder), "steps": engine.step}
 
 
 def evaluate_stage(ctx: StageContext) -> dict:
     data = make_data(ctx.cfg.data, ctx.cfg.run.seed)
-    weight = load_file(ctx.results["fit"]["model"])["weight"]
+    model = LinearModel.from_pretrained(ctx.results["fit"]["model"])
     held = data["held_out"]
-    mse = torch.nn.functional.mse_loss(held["x"] @ weight[0], held["y"]).item()
-    return {"held_out_mse": mse, "weight_error": (weight[0] - data["w"]).norm().item()}
+    with torch.no_grad():
+        mse = torch.nn.functional.mse_loss(model(held["x"]), held["y"]).item()
+    return {"held_out_mse": mse, "weight_error": (model.linear.weight[0] - data["w"]).norm().item()}
 
 
 def report(ctx: StageContext, results: dict) -> dict:
