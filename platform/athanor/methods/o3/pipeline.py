@@ -111,6 +111,7 @@ def train_base(ctx: StageContext) -> dict:
     if cfg.model.name_or_path and not cfg.run.max_steps:  # already fine-tuned on the facts (TOFU): use as is
         return {"model_dir": cfg.model.name_or_path, "steps": 0, "seconds": 0.0}
     data, _ = world(cfg)
+    engine = ctx.engine()  # first: it seeds every process, then the model is built
     tokenizer = load_tokenizer(cfg.model.name_or_path) if cfg.model.name_or_path else build_word_tokenizer(
         data, extra_words=cfg.unlearn.refusal.split())
 
@@ -121,7 +122,11 @@ def train_base(ctx: StageContext) -> dict:
     evals = {"train": enc(trained), "heldout": enc([r for r in data.records if r.heldout])}
     method = AnswerLM(build_lm(cfg.model, len(tokenizer), cfg.data.max_length), enc(trained), evals,
                       cfg.data.batch_size, seed=cfg.run.seed)
-    engine, final = ctx.fit(method)
+    if cfg.run.max_steps:
+        _, final = ctx.fit(method, engine=engine)
+    else:  # the base LM as built (untrained): nothing to fit
+        method.setup(engine)
+        final = {}
     model_dir = engine.save_pretrained("model", ctx.dir / "model")
     if ctx.is_main:
         tokenizer.save_pretrained(model_dir)
@@ -134,13 +139,14 @@ def unlearn_request(ctx: StageContext, t: int, earlier: list[str], records, orth
     cfg: O3Config = ctx.cfg
     data, _ = world(cfg)
     ucfg = replace(cfg.unlearn, orth_lambda=orth_lambda)
+    engine = ctx.engine(max_steps=ucfg.max_steps, optim=ucfg.optim())  # first: it seeds every process
     base = base_dir(ctx)
     tokenizer = load_tokenizer(base)
     answers = unlearning_answers(records, ucfg, data, seed=cfg.run.seed * 1000 + t)
     train = encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length, answers)
     method = UnlearnRequest(load_lm(base, cfg.model.dtype), t, ucfg, train, [Path(d) for d in earlier],
                             seed=cfg.run.seed + t)
-    engine, final = ctx.fit(method, max_steps=ucfg.max_steps, optim=ucfg.optim())
+    _, final = ctx.fit(method, engine=engine)
     engine.save_pretrained("model", ctx.dir / "adapter")  # adapter_config.json + adapter_model.safetensors
     rows = [r for r in _metrics(ctx.dir) if "orth_penalty" in r]
     return {"adapter_dir": str(ctx.dir / "adapter"), "target_rate": final["target_rate"], "steps": engine.step,
@@ -206,11 +212,12 @@ def gradient_ascent(ctx: StageContext, model_dir: str, t: int, records) -> dict:
     """Baseline: the whole previous model ascends the CE of request t's true answers."""
     cfg: O3Config = ctx.cfg
     optim = OptimConfig(lr=cfg.ablations.ga_lr, schedule="constant", weight_decay=0.0, grad_clip=1.0)
+    engine = ctx.engine(max_steps=cfg.ablations.ga_steps, optim=optim)  # first: it seeds every process
     tokenizer = load_tokenizer(model_dir)
     train = encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length)
     method = GradientAscent(load_lm(model_dir, cfg.model.dtype), train, cfg.unlearn.batch_size, optim,
                             cfg.ablations.ga_steps, seed=cfg.run.seed + t)
-    engine, final = ctx.fit(method, max_steps=cfg.ablations.ga_steps, optim=optim)
+    _, final = ctx.fit(method, engine=engine)
     engine.save_pretrained("model", ctx.dir / "model")
     if ctx.is_main:
         tokenizer.save_pretrained(ctx.dir / "model")
