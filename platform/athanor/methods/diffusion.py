@@ -30,7 +30,7 @@ import torch
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, EDMEulerScheduler, ImagePipelineOutput, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
-from ..config import ConfigError, OptimConfig, choice, positive
+from ..config import ConfigError, OptimConfig, TrainConfig, choice, positive
 from ..data.batches import ShuffledBatches
 from ..engine import Engine, Method
 from ..runner import StageContext
@@ -367,7 +367,7 @@ class DenoiserTraining(Method):
             self.ema.load_state_dict(state["ema"])
 
 
-def train_teacher(stage_dir: Path, recipe_cfg, cfg: TeacherConfig, data) -> dict:
+def train_teacher(stage_dir: Path, recipe_cfg: TrainConfig, cfg: TeacherConfig, data) -> dict:
     """Train (or adopt, with ``teacher.name_or_path``) the teacher in ``stage_dir`` outside the runner;
     ``recipe_cfg`` gives the run/optim/engine sections (see ``teacher_stage``)."""
     return _teacher(StageContext(cfg=recipe_cfg, root=Path(stage_dir), folder="."), cfg, data)

@@ -19,7 +19,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..config import OptimConfig, positive
+from ..config import OptimConfig, TrainConfig, positive
 from ..data.batches import ShuffledBatches
 from ..engine import Engine, Method
 from ..runner import StageContext
@@ -82,7 +82,7 @@ class ClassifierTraining(Method):
         return {"accuracy": (logits.argmax(-1).cpu() == self.held_out["labels"]).float().mean().item()}
 
 
-def train_classifier(stage_dir: Path, recipe_cfg, cfg: ClassifierConfig, data) -> dict:
+def train_classifier(stage_dir: Path, recipe_cfg: TrainConfig, cfg: ClassifierConfig, data) -> dict:
     """Stage: the feature classifier, trained on the training split; accuracy on the held-out split.
     Runs in ``stage_dir`` (a runner stage passes ``ctx.dir``) with ``recipe_cfg``'s run/optim/engine."""
     ctx = StageContext(cfg=recipe_cfg, root=Path(stage_dir), folder=".")

@@ -4,12 +4,16 @@ and the main run's one-step diffusers pipeline with its model card."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...engine import read_metrics
 from ..diffusion import EDM, TeacherConfig, euler_sample, guided_nfe, load_denoiser, save_pipeline
 from .method import MULTISTEP, VARIANTS, DMD2Pipeline, few_step_sample
+
+if TYPE_CHECKING:
+    from .paper import DMD2RecipeConfig
 
 
 def build_samplers(teacher_cfg: TeacherConfig, teacher_dir: str, runs: dict) -> dict:
@@ -95,10 +99,10 @@ def plot_fd_curves(curves: dict, table: dict, path: Path, eval_samples: int) -> 
     return path
 
 
-def write_dmd2_report(cfg, data, teacher: dict, classifier: dict, runs: dict, evaluator, output_dir: Path,
+def write_dmd2_report(cfg: DMD2RecipeConfig, data, teacher: dict, classifier: dict, runs: dict, evaluator, output_dir: Path,
                       seconds: float) -> dict:
     """Main process: the sampler table (report.json/md), sample grids, FD curves, the 1-step diffusers
-    pipeline of the main run and its model card. ``cfg`` is a ``DMD2RecipeConfig``."""
+    pipeline of the main run and its model card."""
     from ...hub import write_model_card
     from ...report import write_report
     from ..fd import evaluate_sampler, save_sample_grid

@@ -3,11 +3,15 @@ and the issue's "must show" checks computed from the measured numbers."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .model import O3Model
 from .world import QAData
+
+if TYPE_CHECKING:
+    from .pipeline import O3Config
 
 METRICS = ["forget_acc_train", "forget_acc_heldout_templates", "earlier_requests_forget_acc", "retain_acc", "utility"]
 
@@ -38,9 +42,9 @@ def checks(base: dict, requests: list[dict], ablations: dict) -> dict:
     return out
 
 
-def save_o3_folder(out: Path, cfg, base_dir: str, trained_base: bool, adapters: list[str], detectors: list[str],
+def save_o3_folder(out: Path, cfg: O3Config, base_dir: str, trained_base: bool, adapters: list[str], detectors: list[str],
                    summary_metrics: dict) -> Path:
-    """``out/o3``: the loadable O3 model (base, adapters, detectors) with its model card (``O3Config`` cfg)."""
+    """``out/o3``: the loadable O3 model (base, adapters, detectors) with its model card."""
     from ...hub import write_model_card
 
     folder = O3Model.assemble(out / "o3", base_dir, [Path(a) for a in adapters], [Path(d) for d in detectors],
