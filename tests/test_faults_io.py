@@ -189,6 +189,23 @@ def test_publish_uploads_no_token_from_an_older_config(run_dir, monkeypatch):
     assert TOKEN in (run_dir / "config.yaml").read_text()  # the run's own file is left as it was
 
 
+def test_a_token_among_submit_arguments_is_read_from_the_jobs_environment(monkeypatch):
+    """The sbatch script is a file on disk: it names ${HF_TOKEN}; the run still gets the value."""
+    from athanor.cluster import JobSpec, sbatch_script
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    args = ["--x.key", f"a-{TOKEN}-b${{x}}'", "--y", TOKEN, "--z", ""]
+    script = sbatch_script(JobSpec(recipe=str(ROOT / "recipes" / "pretrain.py"), recipe_args=args,
+                                   command=f"athanor submit recipes/pretrain.py --y {TOKEN}"))
+    assert TOKEN not in script and '"${HF_TOKEN}"' in script
+    # What the node's shell hands the recipe: the launcher replaced by printf, one argument a line.
+    node = script.split("bash -c ", 1)[1].rsplit(" &", 1)[0]
+    recipe = str(ROOT / "recipes" / "pretrain.py")
+    node = node.replace("exec ", "printf %s\\\\n ", 1)  # inside the quoted word: the inner shell reads %s\\n
+    out = subprocess.run(["bash", "-c", f"bash -c {node}"], capture_output=True, text=True, env={**os.environ})
+    assert out.stdout.split(recipe + "\n", 1)[1].split("\n")[:-1] == args
+
+
 # ---------------------------------------------------------------------- 9. repo ids and timeouts
 
 def test_repo_ids_are_checked_by_huggingface_hubs_validator(run_dir):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import re
 import shlex
 import shutil
@@ -163,6 +164,26 @@ def _q(value) -> str:
     return shlex.quote(str(value))
 
 
+def _q_without_secrets(value, secrets: dict[str, str]) -> str:
+    """A shell word for ``value`` in which a secret (``HF_TOKEN``'s value, ...) is not written out
+    but read from the job's environment (sbatch passes the submitter's on): the script file on
+    disk holds ``"${HF_TOKEN}"``, the run gets the same value."""
+    pieces = [(str(value), False)]  # (text, is a variable name)
+    for secret, name in sorted(secrets.items(), key=lambda item: -len(item[0])):
+        if os.environ.get(name) != secret or not re.fullmatch(r"[A-Za-z_]\w*", name):
+            continue  # only a variable the job will see holds the value
+        split = []
+        for text, is_name in pieces:
+            if is_name or secret not in text:
+                split.append((text, is_name))
+                continue
+            for k, part in enumerate(text.split(secret)):
+                split += [(name, True), (part, False)] if k else [(part, False)]
+        pieces = split
+    word = "".join(f'"${{{text}}}"' if is_name else shlex.quote(text) for text, is_name in pieces if is_name or text)
+    return word or "''"
+
+
 def _run_and_requeue(command: str) -> list[str]:
     """Script lines: run ``command`` in the background, pass SIGUSR1 on to it, and requeue the
     job when the run stopped on that signal without finishing."""
@@ -212,7 +233,10 @@ def sbatch_script(spec: JobSpec) -> str:
     launch_line = " ".join(_q(a) for a in launch)
     if spec.num_processes > 1:  # per-node values come from the task's environment at run time
         launch_line += ' --machine_rank "$SLURM_NODEID" --main_process_ip "$MAIN_IP" --main_process_port "$MAIN_PORT"'
-    launch_line += " " + " ".join(_q(a) for a in [Path(spec.recipe).resolve(), *spec.recipe_args])
+    from .redact import redact, secret_values
+
+    secrets = secret_values()  # a token among the arguments is read from the job's environment instead
+    launch_line += " " + " ".join(_q_without_secrets(a, secrets) for a in [Path(spec.recipe).resolve(), *spec.recipe_args])
     # The node's command: ignore SIGUSR1 in the launcher (the recipe's processes handle it), set
     # thread counts for CPU jobs, then exec accelerate.
     node_command = 'trap "" USR1; exec ' + launch_line
@@ -225,7 +249,7 @@ def sbatch_script(spec: JobSpec) -> str:
     lines = ["#!/bin/bash",
              f"# Written by `athanor submit` on {datetime.datetime.now().isoformat(timespec='seconds')}."]
     if spec.command:
-        lines.append(f"# {spec.command}")
+        lines.append(f"# {redact(spec.command)}")
     lines += [f"#SBATCH {_directive(d)}" for d in directives]
     lines += ["", "set -uo pipefail", "export PYTHONUNBUFFERED=1", *spec.setup, ""]
     lines += [
