@@ -283,11 +283,55 @@ class LayerStats:
         return (1 - cos).T, maha.T
 
 
+def lora_changes_features(folder: str | Path) -> bool:
+    """False for a saved LoRA whose every B is zero (peft's initialisation, ``train_steps=0``): it
+    adds nothing, and the detector can share the plain encoder."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    return any(bool(v.any()) for k, v in state.items() if ".lora_B." in k)
+
+
+class SharedEncoder:
+    """One copy of an encoder for every detector built on it, and one forward pass per batch of
+    questions for all of those that use it plain: the request-specific part of a detector (its
+    stored features, Mahalanobis statistics, SVM) sits on top of this shared trunk. A detector with
+    a trained encoder LoRA adds it as a named adapter of the same copy (memory shared; one pass per
+    such adapter)."""
+
+    def __init__(self, path: str, device="cpu"):
+        model, self.tokenizer, _ = load_backbone(path)
+        self.model = model.to(device).eval()
+        self.adapters = 0
+
+    def add_adapter(self, folder: Path) -> str:
+        from peft import PeftModel
+
+        self.adapters += 1
+        name = f"detector_{self.adapters}"
+        if self.adapters == 1:
+            self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name).eval()
+        else:
+            self.model.load_adapter(folder, adapter_name=name)
+        return name
+
+    def features(self, texts: list[str], max_length: int, adapter: str | None) -> torch.Tensor:
+        """[L, n, d] features of the plain encoder (``adapter=None``) or with one adapter on."""
+        if adapter is None and self.adapters:
+            with self.model.disable_adapter():
+                return extract_features(self.model, self.tokenizer, texts, max_length)
+        if adapter is not None:
+            self.model.set_adapter(adapter)
+        return extract_features(self.model, self.tokenizer, texts, max_length)
+
+
 class Detector:
     """Scores inputs against one request's forget data; ``weight(texts)`` is w(x) ∈ [0, 1]."""
 
     def __init__(self, model, tokenizer, cfg: DetectorConfig, backbone: str):
         self.model, self.tokenizer, self.cfg, self.backbone = model, tokenizer, cfg, backbone
+        self.shared: SharedEncoder | None = None  # set by ``load(..., encoders=)``: features come from it
+        self.adapter: str | None = None  # this detector's adapter in ``shared`` (None: the plain encoder)
         self.stats: LayerStats | None = None
         self.scalars: dict = {}
         self.svm_coef: torch.Tensor | None = None
@@ -306,7 +350,15 @@ class Detector:
         u = self._svm_input(self.layer_scores(feats), self.scale)
         return torch.from_numpy(u @ self.svm_coef.double().numpy() + self.scalars["svm_intercept"]).float()
 
+    def feature_key(self) -> tuple:
+        """Detectors with equal keys compute the same features: one pass serves them all."""
+        if self.shared is not None:
+            return id(self.shared), self.adapter, self.cfg.max_length
+        return id(self), None, self.cfg.max_length
+
     def features(self, texts: list[str]) -> torch.Tensor:
+        if self.shared is not None:
+            return self.shared.features(texts, self.cfg.max_length, self.adapter)
         return extract_features(self.model, self.tokenizer, texts, self.cfg.max_length)
 
     def logit_from_features(self, feats: torch.Tensor) -> torch.Tensor:
@@ -364,25 +416,41 @@ class Detector:
         save_file({"bank": self.stats.bank.contiguous(), "mean": self.stats.mean.contiguous(),
                    "precision": self.stats.precision.contiguous(), "svm_coef": self.svm_coef.contiguous(),
                    "scale": self.scale.contiguous()}, str(folder / "detector.safetensors"))
-        if hasattr(self.model, "peft_config"):
+        from peft import PeftModel
+
+        with_lora = isinstance(self.model, PeftModel)  # the encoder was fine-tuned (detector.train_steps > 0)
+        if with_lora:
             self.model.save_pretrained(folder / "encoder_lora", safe_serialization=True)
         meta = {"backbone": self.backbone, "config": asdict(self.cfg), "scalars": self.scalars,
-                "encoder_lora": hasattr(self.model, "peft_config")}
+                "encoder_lora": with_lora}
         (folder / "detector.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: str | Path, target_dir: str | Path | None = None, device="cpu") -> "Detector":
+    def load(cls, folder: str | Path, target_dir: str | Path | None = None, device="cpu",
+             encoders: dict | None = None) -> "Detector":
+        """``encoders`` (a dict the caller keeps, path -> ``SharedEncoder``): detectors loaded with
+        the same dict share one encoder copy and its forward passes. Without it, an own copy."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         meta = json.loads((folder / "detector.json").read_text())
         cfg = DetectorConfig(**meta["config"])
-        model, tokenizer, _ = load_backbone(resolve_backbone(meta["backbone"], target_dir))
-        if meta["encoder_lora"]:
-            from peft import PeftModel
+        path = resolve_backbone(meta["backbone"], target_dir)
+        if encoders is not None:
+            lora = folder / "encoder_lora"
+            if path not in encoders:
+                encoders[path] = SharedEncoder(path, device)
+            shared = encoders[path]
+            adapter = shared.add_adapter(lora) if meta["encoder_lora"] and lora_changes_features(lora) else None
+            detector = cls(shared.model, shared.tokenizer, cfg, meta["backbone"])
+            detector.shared, detector.adapter = shared, adapter
+        else:
+            model, tokenizer, _ = load_backbone(path)
+            if meta["encoder_lora"]:
+                from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, folder / "encoder_lora")
-        detector = cls(model.to(device).eval(), tokenizer, cfg, meta["backbone"])
+                model = PeftModel.from_pretrained(model, folder / "encoder_lora")
+            detector = cls(model.to(device).eval(), tokenizer, cfg, meta["backbone"])
         state = load_file(str(folder / "detector.safetensors"))
         detector.stats = LayerStats(state["bank"], state["mean"], state["precision"])
         detector.svm_coef, detector.scale, detector.scalars = state["svm_coef"], state["scale"], meta["scalars"]
