@@ -21,8 +21,6 @@ there: skipping DeepSpeed's backward would desynchronise its accumulation counte
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from .. import compat
@@ -31,8 +29,8 @@ NONFINITE_EXIT_CODE = 3  # a non-finite loss/gradient/weight stopped the run; no
 
 
 class NonFiniteStop(SystemExit):
-    """Raised (exit code 3) after the one-line message was printed; callers that expect divergence
-    (an LR sweep) may catch it and record the run as diverged."""
+    """Exit code 3, with ``message`` (one line: the step and the value; ``Engine.fit`` prints it).
+    Callers that expect divergence (an LR sweep) may catch it and record the run as diverged."""
 
     def __init__(self, message: str):
         super().__init__(NONFINITE_EXIT_CODE)
@@ -114,6 +112,4 @@ class NonFiniteGuard:
         message = (f"step {self.engine.step}: {what}; stopped without writing a checkpoint (newest finite "
                    f"checkpoint: {latest or 'none'}). Lower optim.lr, set optim.grad_clip, or use "
                    f"--run.on_nonfinite skip")
-        if self.engine.is_main:
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        raise NonFiniteStop(message)
+        raise NonFiniteStop(message)  # Engine.fit prints it (main process), below the progress bar
