@@ -94,7 +94,7 @@ def compare(config, checkpoint: Path) -> str | None:
         raise ConfigError(f"cannot resume {checkpoint} with a changed model/data/order: {'; '.join(refused)}. "
                           f"Rerun with the saved values (config.yaml there) or choose another --run.output_dir")
     if applied:
-        return f"resuming {checkpoint} with changed optimizer/schedule values, applied: {'; '.join(applied)}"
+        return f"resuming {checkpoint} with changed optimizer/schedule/device values, applied: {'; '.join(applied)}"
     return None
 
 
