@@ -253,7 +253,7 @@ def test_deepspeed_zero2_two_processes(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["runs"]["main"]["world_size"] == 2
     checkpoint = out / "dmd2" / "checkpoints" / "step-15"
-    assert (checkpoint / "pytorch_model").is_dir() and (checkpoint / "pytorch_model_1").is_dir()  # both engines
+    assert (checkpoint / "deepspeed-generator").is_dir() and (checkpoint / "deepspeed-critic").is_dir()  # both engines
     assert all(math.isfinite(r["generator_dm_loss"]) for r in read_metrics(out / "dmd2") if "generator_dm_loss" in r)
     assert math.isfinite(report["fd"]["dmd2@1"])
 

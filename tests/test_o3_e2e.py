@@ -119,7 +119,7 @@ def test_unlearning_stage_under_zero3_on_two_processes(small_run, tmp_path):
     from athanor.engine import read_metrics
 
     for t in (1, 2):
-        assert (run / f"request_{t}" / "checkpoints" / "step-30" / "pytorch_model").is_dir()  # DeepSpeed's layout
+        assert (run / f"request_{t}" / "checkpoints" / "step-30" / "deepspeed-model").is_dir()  # DeepSpeed's layout
         lora = load_file(str(run / "o3" / "adapters" / f"request_{t}" / "adapter_model.safetensors"))
         assert lora and all(v.numel() > 0 for v in lora.values())  # gathered shards, not empty ZeRO-3 stubs
         assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)

@@ -101,7 +101,7 @@ def test_deepspeed_zero_two_processes(tmp_path, stage):
     run_recipe("pretrain", "--run.output_dir", str(out), "--run.max_steps", "5", *SMALL, launch=f"zero{stage}-cpu")
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
-    assert (out / "checkpoints" / "step-5" / "pytorch_model").is_dir()  # DeepSpeed's own layout: it ran
+    assert (out / "checkpoints" / "step-5" / "deepspeed-model").is_dir()  # DeepSpeed's own layout: it ran
     from transformers import AutoModelForCausalLM
 
     import athanor.models  # noqa: F401  (registers the architecture)
