@@ -359,14 +359,17 @@ def train_dmd2(stage_dir: Path, recipe_cfg: TrainConfig, cfg: DMD2Config, teache
 
 
 def run_dmd2(ctx: StageContext, cfg: DMD2Config, teacher_cfg: TeacherConfig, teacher_dir: str, data,
-             evaluator) -> dict:
-    """Stage: one DMD2 run; saves the generator (raw and EMA) as diffusers model folders."""
+             evaluator, seed: int | None = None) -> dict:
+    """Stage: one DMD2 run; saves the generator (raw and EMA) as diffusers model folders. ``seed``
+    (default ``run.seed``) seeds the engine, the method's noise and the batch order: a training seed."""
     ratio = cfg.critic_updates_per_generator_step
     run = ctx.cfg.run
+    seed = run.seed if seed is None else seed
     updates = run.max_steps
-    engine = ctx.engine(max_steps=updates * ratio, eval_every=run.eval_every * ratio, save_every=run.save_every * ratio)
-    method = DMD2(cfg, teacher_cfg, teacher_dir, updates, ctx.cfg.optim, evaluator, data.num_classes, run.seed)
-    batches = ShuffledBatches(data.train_dict(), cfg.batch_size, run.seed + 2, engine.rank, engine.world_size)
+    engine = ctx.engine(max_steps=updates * ratio, eval_every=run.eval_every * ratio, save_every=run.save_every * ratio,
+                        seed=seed)
+    method = DMD2(cfg, teacher_cfg, teacher_dir, updates, ctx.cfg.optim, evaluator, data.num_classes, seed)
+    batches = ShuffledBatches(data.train_dict(), cfg.batch_size, seed + 2, engine.rank, engine.world_size)
     _, final = ctx.fit(method, batches, engine=engine)
     engine.save_pretrained("generator", ctx.dir / "generator")
     if ctx.is_main and method.ema is not None:  # the EMA copy is the method's, not a registered model
@@ -374,7 +377,8 @@ def run_dmd2(ctx: StageContext, cfg: DMD2Config, teacher_cfg: TeacherConfig, tea
     ctx.barrier()
     return {"generator": str(ctx.dir / ("generator_ema" if method.ema is not None else "generator")),
             "generator_raw": str(ctx.dir / "generator"), "generator_updates": updates,
-            "generator_sigmas": method.sigmas.tolist(), "final_eval": final, "world_size": engine.world_size}
+            "generator_sigmas": method.sigmas.tolist(), "final_eval": final, "world_size": engine.world_size,
+            "seed": seed}
 
 
 def check_launch() -> None:

@@ -25,11 +25,16 @@ class EvaluationConfig:
     seeds: int = 3  # noise seeds averaged in the final table
     # Extra DMD2 runs, each the main config with one change: 4step (the 4-step generator: dmd2@4) | ratio1 |
     # no_gan | no_ema | no_backsim (a 4-step generator trained on noisy real images).
-    runs: list[str] = field(default_factory=lambda: ["4step", "ratio1", "no_gan"])
+    runs: list[str] = field(default_factory=lambda: ["4step", "ratio1", "no_gan", "no_backsim"])
+    # Extra training seeds of the main run (stage dmd2-seed<N>, sampler dmd2@1:seed<N>): dmd2@1 is
+    # reported over run.seed and these, with its spread.
+    train_seeds: list[int] = field(default_factory=lambda: [1])
 
     def validate(self) -> None:
         positive(self.samples, "evaluation.samples")
         positive(self.seeds, "evaluation.seeds")
+        if len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ConfigError(f"evaluation.train_seeds has repeats: {self.train_seeds}")
         for name in self.runs:
             if name not in VARIANTS:
                 raise ConfigError(f"evaluation.runs: {name!r} is not one of: {', '.join(VARIANTS)}")
@@ -72,13 +77,24 @@ def stage_name(run: str) -> str:
     return "dmd2" + (f"-{run}" if run else "")  # "" is the main run
 
 
+def seed_run(seed: int) -> str:
+    return f"seed{seed}"  # the main config trained with another seed
+
+
+def all_runs(cfg: DMD2RecipeConfig) -> list[str]:
+    """"" (the main run), the variant runs, then the main run at each extra training seed."""
+    seeds = [s for s in cfg.evaluation.train_seeds if s != cfg.run.seed]
+    return ["", *cfg.evaluation.runs, *(seed_run(s) for s in seeds)]
+
+
 def dmd2_stage(run: str):
     def fn(ctx: StageContext) -> dict:
         cfg = ctx.cfg
         data = images(cfg)
         evaluator = load_evaluator(ctx.results["classifier"]["model"], data.held_out_images)
         method_cfg = dataclasses.replace(cfg.dmd2, **VARIANTS.get(run, {}))
-        return run_dmd2(ctx, method_cfg, cfg.teacher, ctx.results["teacher"]["pipeline"], data, evaluator)
+        seed = int(run[len("seed"):]) if run.startswith("seed") else None
+        return run_dmd2(ctx, method_cfg, cfg.teacher, ctx.results["teacher"]["pipeline"], data, evaluator, seed)
     return fn
 
 
@@ -86,8 +102,7 @@ def stages(cfg: DMD2RecipeConfig) -> list[Stage]:
     return [Stage("teacher", teacher_stage, describe="EDM teacher (diffusers DiT), shared with ILF"),
             Stage("classifier", lambda ctx: train_classifier(ctx.dir, ctx.cfg, ctx.cfg.classifier, images(ctx.cfg)),
                   describe="feature classifier for FD"),
-            *(Stage(stage_name(run), dmd2_stage(run), needs=("teacher", "classifier"))
-              for run in ["", *cfg.evaluation.runs])]
+            *(Stage(stage_name(run), dmd2_stage(run), needs=("teacher", "classifier")) for run in all_runs(cfg))]
 
 
 def report(ctx: StageContext, results: dict) -> dict:
@@ -98,7 +113,7 @@ def report(ctx: StageContext, results: dict) -> dict:
     cfg = ctx.cfg
     data = images(cfg)
     evaluator = load_evaluator(results["classifier"]["model"], data.held_out_images)
-    runs = {run: results[stage_name(run)] for run in ["", *cfg.evaluation.runs]}
+    runs = {run: results[stage_name(run)] for run in all_runs(cfg)}
     return write_dmd2_report(cfg, data, results["teacher"], results["classifier"], runs, evaluator, ctx.root,
                              time.time() - ctx.started)
 

@@ -75,7 +75,20 @@ def shortfall_note(checks: dict, curve: list, updates: int) -> list[str]:
             f"the same recipe for 6000 updates on one GPU."]
 
 
-def plot_fd_curves(curves: dict, table: dict, path: Path, eval_samples: int) -> Path:
+def training_seed_spread(table: dict, runs: dict, main_seed: int, teacher_n: str) -> dict:
+    """dmd2@1 (table FD, noise seeds averaged) of the main config over its training seeds: the main
+    run and the ``seed<N>`` runs; mean, sample sd, and the ratio of the mean to ``teacher_n``'s FD."""
+    import statistics
+
+    seeds = {main_seed: table["fd"]["dmd2@1"]}
+    seeds.update({runs[n]["seed"]: table["fd"][f"dmd2@1:{n}"] for n in runs if n.startswith("seed")})
+    fds = list(seeds.values())
+    mean = statistics.fmean(fds)
+    return {"seeds": list(seeds), "fd": fds, "mean": mean, "sd": statistics.stdev(fds) if len(fds) > 1 else None,
+            "min": min(fds), "max": max(fds), f"mean_over_{teacher_n}": mean / table["fd"][teacher_n]}
+
+
+def plot_fd_curves(curves: dict, table: dict, path: Path, eval_samples: int, table_samples: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +102,8 @@ def plot_fd_curves(curves: dict, table: dict, path: Path, eval_samples: int) -> 
         ax.axhline(table["fd"][key], color="gray", linestyle=style, label=key)
     ax.set_xlabel("generator step")
     ax.set_ylabel("FD vs held-out images")
-    ax.set_title(f"one-step FD during training ({eval_samples} samples, one noise seed)", fontsize=9)
+    ax.set_title(f"one-step FD during training ({eval_samples} samples, one noise seed)"
+                 + (f"; lines and the table: {table_samples}" if table_samples else ""), fontsize=9)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -97,6 +111,19 @@ def plot_fd_curves(curves: dict, table: dict, path: Path, eval_samples: int) -> 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def ablation_lines(ablations: dict, table: dict) -> list[str]:
+    """Each ablation's multi-step FD against the 4-step generator's (dmd2@4), or one-step FD against dmd2@1."""
+    out = []
+    for name, row in ablations.items():
+        ref = "dmd2@4" if name == "no_backsim" and "dmd2@4" in table["fd"] else "dmd2@1"
+        if name == MULTISTEP:
+            continue
+        better = "lower (better)" if row["fd"] < table["fd"][ref] else "higher (worse)"
+        out.append(f"- ablation {name}: FD {row['fd']:.2f} ± {row['fd_std']:.2f} vs {ref} {table['fd'][ref]:.2f} "
+                   f"({better}; ± is the noise-seed sd, one training seed).")
+    return out
 
 
 def write_dmd2_report(cfg: DMD2RecipeConfig, data, teacher: dict, classifier: dict, runs: dict, evaluator, output_dir: Path,
@@ -123,14 +150,20 @@ def write_dmd2_report(cfg: DMD2RecipeConfig, data, teacher: dict, classifier: di
     teacher_n = f"teacher@{cfg.teacher.sample_steps}"
     checks = must_show(table, teacher_n)
     curves = {name: fd_curve(output_dir / ("dmd2" + (f"-{name}" if name else ""))) for name in runs}
-    plot_fd_curves(curves, table, output_dir / "fd_curve.png", cfg.dmd2.eval_samples)
+    plot_fd_curves(curves, table, output_dir / "fd_curve.png", cfg.dmd2.eval_samples,
+                   f"{ev.samples} samples x {ev.seeds} noise seeds")
+    spread = training_seed_spread(table, runs, cfg.run.seed, teacher_n)
 
     main = runs[""]
     model, edm = load_denoiser(main["generator"])
     pipe_dir = output_dir / "pipeline"
     save_pipeline(DMD2Pipeline(denoiser=model, scheduler=edm.scheduler(),
                                generator_sigmas=main["generator_sigmas"]), pipe_dir)
-    report = {**table, "checks": {k: bool(v[0]) for k, v in checks.items()},
+    report = {**table, "checks": {k: bool(v[0]) for k, v in checks.items()}, "dmd2@1_training_seeds": spread,
+              "ablations": {n: {k: table[k][s] for k in ("fd", "fd_std", "class_acc")}
+                            for n in runs if n and not n.startswith("seed")
+                            for s in [f"dmd2@{len(runs[n]['generator_sigmas'])}"
+                                      + ("" if n == MULTISTEP else f":{n}")]},
               "held_out_images": len(data.held_out_images), "train_images": len(data.train_images),
               "teacher": teacher, "classifier_held_out_accuracy": classifier["held_out_accuracy"],
               "runs": {name or "main": {k: v for k, v in r.items() if k != "final_eval"} for name, r in runs.items()},
@@ -144,8 +177,15 @@ def write_dmd2_report(cfg: DMD2RecipeConfig, data, teacher: dict, classifier: di
              f"{classifier['held_out_accuracy']:.3f}. Main run: {cfg.run.max_steps} generator updates of a "
              f"{cfg.dmd2.generator_steps}-step generator (critic ratio {cfg.dmd2.critic_updates_per_generator_step}, "
              f"GAN weight {cfg.dmd2.gan_weight}, EMA {cfg.dmd2.ema_decay}); other runs change only: "
-             + "; ".join(f"{n}: {VARIANTS[n]}" for n in runs if n) + ". Backward simulation "
-             f"{cfg.dmd2.backward_simulation} for multi-step generators.", "", *rows, "", "Acceptance checks:", *verdict,
+             + "; ".join(f"{n}: {VARIANTS.get(n, 'training seed ' + n[4:])}" for n in runs if n)
+             + ". Backward simulation "
+             f"{cfg.dmd2.backward_simulation} for multi-step generators.", "", *rows, "",
+             f"dmd2@1 over training seeds {spread['seeds']}: FD " + ", ".join(f"{v:.2f}" for v in spread["fd"])
+             + f"; mean {spread['mean']:.2f}" + (f" ± {spread['sd']:.2f} (sd)" if spread["sd"] is not None else
+                                                  " (one seed: no spread; add --evaluation.train_seeds)")
+             + f"; mean / {teacher_n} = {spread[f'mean_over_{teacher_n}']:.2f} (the paper's one-step generator beats "
+             "its teacher: < 1).", "",
+             *ablation_lines(report["ablations"], table), "", "Acceptance checks:", *verdict,
              *shortfall_note(checks, curves[""], cfg.run.max_steps), "",
              "FD vs generator step: fd_curve.png. Sample grids (one row per class): samples/*.png. "
              f"1-step pipeline: {pipe_dir} (DiffusionPipeline.from_pretrained(path, trust_remote_code=True)).",
