@@ -4,12 +4,17 @@ A codebook site replaces an activation by a sum of learned codes (Tamkin et al. 
 
 .. math::
     \hat x = \mathrm{LN}(x),\qquad I = \operatorname{top-k}_j \cos(\hat x, C_j),\qquad
-    y = \sum_{j\in I} C_j\ \ (\text{or the mean}),
+    z = \sum_{j\in I} C_j\ \ (\text{or the mean}),\qquad y = g\,z,
 
-with a straight-through gradient :math:`\partial\hat x = \partial y`. The codes learn from the
-downstream loss (the gradient of ``y`` reaches the chosen rows) and from a reconstruction loss
-:math:`\lVert y - \mathrm{sg}(\hat x)\rVert^2` (which, through the straight-through path, also
-pulls :math:`\hat x` towards its codes, like VQ-VAE's commitment term).
+with a straight-through gradient :math:`\partial\hat x = \partial z`. The codes learn from the
+downstream loss (the gradient of ``z`` reaches the chosen rows) and from a reconstruction loss
+:math:`\lVert z - \mathrm{sg}(\hat x)\rVert^2` (which, through the straight-through path, also
+pulls :math:`\hat x` towards its codes, like VQ-VAE's commitment term). The codes live in the
+LayerNorm's unit scale; ``g`` (one learned gain per group, set to the inputs' scale at k-means
+initialisation) gives the output the activation's own scale. Without it a transformer's codebook
+outputs start ~10x larger than the attention outputs they replace, which are near-identical
+across tokens at initialisation: the first code swamped the residual stream and a 100-state
+TokFSM model stayed at the uniform loss (log 20) for 200+ steps.
 
 Sites: ``heads`` (each attention head's output before the output projection: one codebook per
 head, all heads of a layer in ONE grouped call of ``athanor.kernels.codebook_topk``), ``attn``
@@ -47,6 +52,7 @@ class CodebookLayer(nn.Module):
         super().__init__()
         self.groups, self.dim, self.num_codes, self.k, self.reduce = groups, dim, num_codes, k, reduce
         self.codebook = nn.Parameter(torch.randn(groups, num_codes, dim))
+        self.gain = nn.Parameter(torch.ones(groups))
         self.register_buffer("usage", torch.zeros(groups, num_codes), persistent=False)
         self.last_input = self.last_indices = None
         self.recon_loss = None
@@ -74,7 +80,7 @@ class CodebookLayer(nn.Module):
             self.recon_loss = F.mse_loss(out, xn.detach())
         if self.training or self.record:
             self.last_indices = indices
-        return out.to(x.dtype)
+        return (out * self.gain[:, None, None]).to(x.dtype)
 
     def _forced(self, out: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """A forced code is output as if it were the only one chosen (k copies for a sum)."""
@@ -103,6 +109,7 @@ class CodebookLayer(nn.Module):
             centres = torch.where(counts[..., None] > 0, F.normalize(sums, dim=-1), centres)
         scale = xn.norm(dim=-1).mean() / (self.k if self.reduce == "sum" else 1)
         self.codebook.copy_(centres * scale)
+        self.gain.copy_(x.float().std(-1).mean(1))  # LN(x) * std(x) is x less its mean
 
     @torch.no_grad()
     def replace_dead(self, min_uses: float, generator: torch.Generator) -> int:
