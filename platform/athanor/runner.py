@@ -127,7 +127,8 @@ def set_cpu_threads(threads: int) -> None:
 
 
 def run_stage(ctx: StageContext, stage: Stage) -> dict:
-    """``stage.fn(ctx)`` in ``OUTPUT/<stage>``, unless a ``STAGE.json`` there says it finished."""
+    """``stage.fn(ctx)`` in its folder (``OUTPUT/<stage>``), unless a ``STAGE.json`` there says it
+    finished (a stage with ``record=False`` always runs and is never recorded)."""
     stage_ctx = dataclasses.replace(ctx, name=stage.name, folder=stage.folder)
     missing = [n for n in stage.needs if n not in ctx.results]
     if missing:
