@@ -175,9 +175,10 @@ def test_tiny_recipe_end_to_end(tmp_path):
                               "--experiment.seeds", "[0,1]", "--eigenscore.samples", "6"])
     assert report["eigenscore"]["max_rel_error"] <= 1e-6
     assert {e["seed"] for e in report["send"]} == {e["seed"] for e in report["normal"]} == {0, 1}
+    assert report["base"]["acc_old"] >= 0.98  # continued training starts from a converged base
     for entry in report["send"] + report["normal"]:
         assert set(entry) >= {"acc_old", "acc_new", "oscillation_std", "eigenscore_auroc"}
-        assert entry["acc_old"] > 0.8  # the converged base still knows its facts
+        assert entry["acc_old"] > 0.5 and entry["acc_new"] > 0.3  # forgetting, not collapse; new facts learnt
     # the EigenScore claim this recipe can check: sampled answers' spread flags wrong answers
     aurocs = [e["eigenscore_auroc"] for e in report["send"] + report["normal"] if e["eigenscore_auroc"] is not None]
     assert aurocs and sum(aurocs) / len(aurocs) > 0.6

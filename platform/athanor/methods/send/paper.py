@@ -133,8 +133,7 @@ def continued_training(ctx: StageContext, arm: str, seed: int) -> dict:
     steps_per_addition = math.ceil(cfg.run.max_steps / cfg.data.additions)
     phase_len = steps_per_addition * cfg.engine.grad_accum
     method = ContinuedTraining(model, evals, new_chunk, phase_len, cfg.send if arm == "send" else None,
-                               cfg.engine.grad_accum, cfg.data.batch_size)
-    method.eigenscore_cfg, method.eos_id = cfg.eigenscore, tokenizer.eos_token_id
+                               cfg.engine.grad_accum, cfg.data.batch_size, cfg.eigenscore, tokenizer.eos_token_id)
     engine = ctx.engine(seed=seed)
     method.setup(engine)
     stream = FactStream({k: v for k, v in train.items() if k != "answer_mask"},

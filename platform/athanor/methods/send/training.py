@@ -121,8 +121,11 @@ class ContinuedTraining(Method):
     additions are open, so the hallucination rate is measured on the facts taught so far."""
 
     def __init__(self, model, evals: dict, new_chunk: torch.Tensor, phase_len: int, send: SendConfig | None,
-                 grad_accum: int = 1, batch_size: int = 32):
+                 grad_accum: int = 1, batch_size: int = 32, eigenscore_cfg: EigenScoreConfig | None = None,
+                 eos_id: int | None = None):
         self.model_unprepared, self.evals, self.new_chunk = model, evals, new_chunk
+        # the stopping rule's tracking EigenScore: how answers are sampled and embedded
+        self.eigenscore_cfg, self.eos_id = eigenscore_cfg or EigenScoreConfig(), eos_id
         self.phase_len, self.send, self.grad_accum, self.batch_size = phase_len, send, grad_accum, batch_size
         self.records: list[torch.Tensor] = []  # tracking embeddings at recorded points (≤ points kept)
         self.dropped = torch.zeros(0, dtype=torch.long)
@@ -175,10 +178,6 @@ class ContinuedTraining(Method):
                     self.stopped_at = step
             self.estimates.append(entry)
             self.window_losses = []
-
-    # set by the stage when the stopping rule is on
-    eigenscore_cfg: EigenScoreConfig = EigenScoreConfig()
-    eos_id: int | None = None
 
     # ------------------------------------------------------------------ evaluation
     def open_chunks(self, step: int) -> int:
