@@ -210,3 +210,20 @@ def test_jobs_that_exit_do_not_use_up_the_workers(tmp_path):
     result = run_sweep(jobs, make_executor("local", workers=2, threads_per_worker=1, devices=[]), progress=False)
     assert [result.outcomes[j.name].ok for j in jobs] == [False, False, False, True, True]
     assert all("stopped (exit 2)" in result.outcomes[j.name].error for j in jobs[:3])
+
+
+def test_a_point_that_diverges_to_nan_is_a_diverged_result_not_a_failed_job(tmp_path):
+    """The engine stops a run at a non-finite gradient (exit 3); in an LR sweep that is an outcome:
+    the point is recorded as diverged (final eval loss inf) with the engine's one line."""
+    argv = ["--optim.lr", "1e6", "--optim.grad_clip", "0", "--run.max_steps", "6", "--run.progress", "false",
+            "--data.max_chars", "20000", "--data.block_size", "32", "--data.batch_size", "4",
+            "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2"]
+    job = Job("lr1e6", str(tmp_path), "", [*argv, "--run.output_dir", str(tmp_path / "lr1e6")],
+              paper="athanor.methods.pretrain")
+    sweep = run_sweep([job], InlineExecutor(), progress=False)
+    outcome = sweep.outcomes["lr1e6"]
+    assert outcome.ok and not sweep.failed
+    assert outcome.result["diverged"] and outcome.result["final_eval_loss"] == float("inf")
+    assert "non-finite" in outcome.result["nonfinite"]
+    assert outcome.result["initial_eval_loss"] > 0
+    assert not list((tmp_path / "lr1e6").glob("checkpoints/step-*"))  # nothing non-finite saved

@@ -31,6 +31,7 @@ import importlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import signal
 import sys
@@ -145,18 +146,32 @@ def _output_to(log_file: Path):
 def run_job(job: Job) -> dict:
     """Run ``job`` in this process (its paper through the runner, or its script's ``main(argv)``)
     unless it finished before; record and return its result. Output goes to ``<folder>/log.txt``."""
+    from .engine import NonFiniteStop
     from .runner import record_stage, run
 
     with _folder_lock(job.output_dir):
         if job.finished():  # finished while we waited for the lock
             return job.stored_result()
         with _output_to(job.output_dir / "log.txt"):
-            if job.paper:
-                result = run(importlib.import_module(job.paper).PAPER, list(job.argv))
-            else:
-                result = _script_module(job.script).main(list(job.argv))
+            try:
+                if job.paper:
+                    result = run(importlib.import_module(job.paper).PAPER, list(job.argv))
+                else:
+                    result = _script_module(job.script).main(list(job.argv))
+            except NonFiniteStop as stop:  # in a sweep, divergence is an outcome, not a failure
+                result = diverged_result(job.output_dir, stop.message)
             record_stage(job.output_dir, job.name, result)
             return result
+
+
+def diverged_result(output_dir: Path, message: str) -> dict:
+    """The result of a run the engine stopped at a non-finite value: its final eval loss is inf;
+    its initial eval loss is the one the engine logged at step 0 (metrics.jsonl)."""
+    from .engine import read_metrics
+
+    initial = next((row["eval_loss"] for row in read_metrics(output_dir) if row["step"] == 0 and "eval_loss" in row),
+                   math.nan)
+    return {"final_eval_loss": math.inf, "initial_eval_loss": initial, "diverged": True, "nonfinite": message}
 
 
 def _error_text(exc: BaseException) -> str:
