@@ -58,7 +58,7 @@ DMD2_TINY = ["--run.progress", "false", "--teacher.width", "16", "--teacher.laye
              "--classifier.steps", "4", "--run.max_steps", "3", "--run.save_every", "1", "--run.eval_every", "3",
              "--run.log_every", "1", "--dmd2.batch_size", "4", "--dmd2.critic_updates_per_generator_step", "2",
              "--dmd2.eval_samples", "20", "--evaluation.samples", "20", "--evaluation.seeds", "1",
-             "--evaluation.runs", "[]"]
+             "--evaluation.runs", "[]", "--evaluation.train_seeds", "[]"]
 
 
 @pytest.mark.slow
