@@ -48,8 +48,8 @@ def temporary_dir(output_dir: Path, step: int) -> Path:
 
 def clear_stale_temporaries(output_dir: Path) -> None:
     root = checkpoint_root(output_dir)
-    if root.is_dir():
-        for p in root.glob(".tmp-step-*"):
+    if root.is_dir():  # .old-step-N: a replaced step-N whose removal was cut short (see publish)
+        for p in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
             shutil.rmtree(p, ignore_errors=True)
 
 
