@@ -71,6 +71,8 @@ def test_feedback_shapes_and_gradients(backbone):
     emb = {"timestep": torch.rand(4), "class_labels": torch.arange(4)}
     assert feedback(hidden, **emb).shape == hidden.shape
     assert feedback.block.norm1.__class__.__name__ == "AdaLayerNormZero"  # the backbone's own block kind
+    # DiT's built-in label dropout would give the feedback block other labels than the backbone in training
+    assert [m.dropout_prob for m in feedback.modules() if type(m).__name__ == "LabelEmbedding"] == [0.0]
     edm, (x, sigma, y) = EDM(), inputs()
     hooks = attach_feedback(backbone, feedback)
     try:
@@ -232,7 +234,7 @@ TINY = ["--run.progress", "false", "--teacher.layers", "4", "--teacher.width", "
         "--ilf.loop", "[2,2]", "--ilf.trajectories", "128", "--ilf.dev_trajectories", "32", "--ilf.batch_size", "32",
         "--ilf.steps", "60", "--ilf.train_steps", "[2,3]", "--evaluation.plain_steps", "[2,3,4,6]",
         "--evaluation.ilf_steps", "[2,3]", "--evaluation.cache_steps", "[3,6]", "--evaluation.cache_blocks", "[1,2]",
-        "--evaluation.key_steps", "3", "--evaluation.reference_steps", "12", "--evaluation.curve_samples", "100",
+        "--evaluation.key_steps", "3", "--evaluation.reference_steps", "6", "--evaluation.converged_steps", "12", "--evaluation.curve_samples", "100",
         "--evaluation.fd_samples_per_seed", "100", "--evaluation.seeds", "2", "--run.eval_every", "20"]
 
 

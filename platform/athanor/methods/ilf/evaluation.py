@@ -5,7 +5,9 @@ counted by hooks during a sampler run (``feedback.count_block_calls``); wall tim
 measured too (one thread; inflated when the machine is shared). Quality:
 
 - paired MSE: mean over samples and pixels of (x_sampler − x_reference)², where the reference is the
-  full-step teacher (teacher@``reference_steps``) from the same initial noise;
+  full-step teacher from the same initial noise: teacher@``reference_steps`` (default 20 = key_steps ×
+  jump, the sampler whose jumps ILF@10 distils, as in the prototype that calibrated the issue), and for
+  the key samplers also the converged teacher@``converged_steps`` (40);
 - FD (``athanor.methods.fd``) against the held-out images, for the key samplers, on
   ``seeds × fd_samples_per_seed`` samples (the spread over noise seeds is shown).
 """
@@ -25,7 +27,8 @@ from .pipeline import ILFPipeline, euler_on_grid, fix_component_library, ilf_sig
 
 @dataclass
 class EvaluationConfig:
-    reference_steps: int = 40  # the full-step teacher every sampler is compared with
+    reference_steps: int = 20  # the full-step teacher every sampler is compared with (the distillation target)
+    converged_steps: int = 40  # key samplers are also compared with this longer teacher run
     key_steps: int = 10  # the headline step count: ILF@N vs teacher@N
     plain_steps: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 20])
     ilf_steps: list[int] = field(default_factory=lambda: [6, 8, 10])  # ILF@N (and every variant) on the curve
@@ -40,7 +43,7 @@ class EvaluationConfig:
     variants: list[str] = field(default_factory=lambda: ["once"])
 
     def validate(self) -> None:
-        for key in ("reference_steps", "key_steps", "cache_every", "curve_samples", "fd_samples_per_seed", "seeds"):
+        for key in ("reference_steps", "converged_steps", "key_steps", "cache_every", "curve_samples", "fd_samples_per_seed", "seeds"):
             positive(getattr(self, key), f"evaluation.{key}")
         if len(self.cache_blocks) != 2 or not 0 <= self.cache_blocks[0] <= self.cache_blocks[1]:
             raise ConfigError(f"evaluation.cache_blocks={list(self.cache_blocks)} must be [first, last], first <= last")
@@ -157,7 +160,10 @@ def evaluate_stage(ctx, feedback_stages: dict[str, str]) -> dict:
     ilf_blocks = samplers.block_evaluations(samplers.feedback("ilf", key), feedbacks["ilf"])
     plain_match = equal_cost_plain(curve, ilf_blocks)
     cache_match = min(curve["caching"], key=lambda p: abs(p["blocks"] - ilf_blocks))
-    keys = {f"teacher@{cfg.reference_steps}": (samplers.plain(cfg.reference_steps), None),
+    converged, converged_seconds = (reference, ref_seconds) if cfg.converged_steps == cfg.reference_steps else \
+        run(samplers.plain(cfg.converged_steps), cfg.seeds, cfg.fd_samples_per_seed)
+    keys = {f"teacher@{cfg.converged_steps}": (samplers.plain(cfg.converged_steps), None),
+            f"teacher@{cfg.reference_steps}": (samplers.plain(cfg.reference_steps), None),
             f"teacher@{key}": (samplers.plain(key), None)}
     if plain_match is not None:
         keys[f"teacher@{plain_match['steps']}"] = (samplers.plain(plain_match["steps"]), None)
@@ -168,12 +174,14 @@ def evaluate_stage(ctx, feedback_stages: dict[str, str]) -> dict:
     all_labels = labels.repeat(cfg.seeds)
     for name, (fn, fb) in keys.items():
         images, seconds = (reference, ref_seconds) if name == f"teacher@{cfg.reference_steps}" else \
-            run(fn, cfg.seeds, cfg.fd_samples_per_seed)
+            (converged, converged_seconds) if name == f"teacher@{cfg.converged_steps}" else run(fn, cfg.seeds, cfg.fd_samples_per_seed)
         pooled = torch.cat(images)
         per_seed = torch.tensor([evaluator(im, labels)["fd"] for im in images])
         scores = evaluator(pooled, all_labels)
         mse, se = paired_mse(pooled, torch.cat(reference))
+        mse_converged, se_converged = paired_mse(pooled, torch.cat(converged))
         table[name] = {"blocks": samplers.block_evaluations(fn, fb), "mse": mse, "mse_se": se,
+                       "mse_converged": mse_converged, "mse_converged_se": se_converged,
                        "fd": scores["fd"], "fd_per_seed_mean": per_seed.mean().item(),
                        "fd_per_seed_std": per_seed.std().item() if len(per_seed) > 1 else 0.0,
                        "class_acc": scores["class_acc"], "samples": len(pooled), "seconds_per_1000": seconds}

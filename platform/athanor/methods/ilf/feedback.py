@@ -31,6 +31,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ...config import ConfigError
+from ..diffusion import disable_builtin_label_dropout
 
 MODES = ("loop", "once")
 
@@ -65,7 +66,9 @@ class FeedbackModule(ModelMixin, ConfigMixin):
             raise ConfigError(f"feedback mode {mode!r} is not one of: {', '.join(MODES)}")
         if not 0 <= loop_start <= loop_end:
             raise ConfigError(f"feedback loop {loop_start}..{loop_end} is not a block range")
-        self.block = BasicTransformerBlock(**(block_kwargs or {}))
+        # DiT's label embedding drops labels by itself in train mode (independently per block); the
+        # feedback block must see the same labels as the backbone's blocks, so that dropout is off.
+        self.block = disable_builtin_label_dropout(BasicTransformerBlock(**(block_kwargs or {})))
         self.scale = nn.Parameter(torch.zeros(()))  # s = 0: the backbone exactly
 
     @classmethod

@@ -46,9 +46,11 @@ def report(ctx, results: dict) -> dict:
     ilf, teacher = table[f"ilf@{key}"], table[f"teacher@{key}"]
     plain_match = equal_cost_plain(curve, ev["ilf_blocks"])
     paired = {"reference": ref, "samples": ilf["samples"],
-              **{name: {"mse": row["mse"], "mse_se": row["mse_se"], "blocks": row["blocks"]}
-                 for name, row in table.items() if name != ref},
-              f"ilf@{key}_over_teacher@{key}": ilf["mse"] / teacher["mse"]}
+              "converged_reference": f"teacher@{cfg.evaluation.converged_steps}",
+              **{name: {k: row[k] for k in ("mse", "mse_se", "mse_converged", "mse_converged_se", "blocks")}
+                 for name, row in table.items()},
+              f"ilf@{key}_over_teacher@{key}": ilf["mse"] / teacher["mse"],
+              f"ilf@{key}_over_teacher@{key}_vs_converged": ilf["mse_converged"] / teacher["mse_converged"]}
     once = table.get(f"once@{key}")
     equal = {"x": "block evaluations per sample (counted)", "y": f"paired MSE to {ref}",
              "curve_samples": cfg.evaluation.curve_samples, "curves": curve, "ilf_blocks": ev["ilf_blocks"]}
@@ -90,13 +92,16 @@ def report_lines(out: dict, table: dict, ref: str, key: int) -> list[str]:
     eq = out["equal_cost"]
     lines = [f"Paired MSE to {ref} from the same noise ({out['paired_mse']['samples']} samples) and FD against "
              "held-out images; cost = counted block evaluations per sample.", "",
-             "| sampler | blocks/sample | paired MSE (± s.e.) | FD pooled | FD per seed (mean ± sd) | class acc |",
-             "|---|---|---|---|---|---|"]
+             f"| sampler | blocks/sample | paired MSE to {ref} (± s.e.) | paired MSE to "
+             f"{out['paired_mse']['converged_reference']} | FD pooled | FD per seed (mean ± sd) | class acc |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in sorted(table.items(), key=lambda kv: kv[1]["blocks"]):
-        lines.append(f"| {name} | {r['blocks']} | {r['mse']:.2e} ± {r['mse_se']:.1e} | {r['fd']:.2f} | "
+        lines.append(f"| {name} | {r['blocks']} | {r['mse']:.2e} ± {r['mse_se']:.1e} | {r['mse_converged']:.2e} | "
+                     f"{r['fd']:.2f} | "
                      f"{r['fd_per_seed_mean']:.2f} ± {r['fd_per_seed_std']:.2f} | {r['class_acc']:.3f} |")
     lines += ["", f"Real training images vs held-out: FD {out['fd']['real_train_vs_held_out']:.2f}.", "",
-              f"ILF@{key} / teacher@{key} paired MSE: {out['paired_mse'][f'ilf@{key}_over_teacher@{key}']:.3f}."]
+              f"ILF@{key} / teacher@{key} paired MSE: {out['paired_mse'][f'ilf@{key}_over_teacher@{key}']:.3f} "
+              f"(to the converged teacher: {out['paired_mse'][f'ilf@{key}_over_teacher@{key}_vs_converged']:.3f})."]
     if "plain_over_ilf_at_equal_cost" in eq:
         lines.append(f"At equal cost ({eq['ilf_blocks']} vs {eq['plain_at_equal_cost_blocks']} blocks), "
                      f"{eq['plain_at_equal_cost']} / ILF@{key} paired MSE: {eq['plain_over_ilf_at_equal_cost']:.2f}.")
