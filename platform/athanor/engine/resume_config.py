@@ -57,7 +57,7 @@ def checkpoint_to_resume(output_dir: Path, resume: str) -> Path | None:
             raise ConfigError(f"{output_dir} already holds checkpoints; use --run.resume auto "
                               f"to continue or choose another --run.output_dir")
         return None
-    return ckpt.latest_checkpoint(output_dir) if resume == "auto" else Path(resume)
+    return ckpt.latest_verified_checkpoint(output_dir) if resume == "auto" else Path(resume)
 
 
 def saved_config(checkpoint: Path) -> dict | None:
