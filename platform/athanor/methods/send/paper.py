@@ -38,15 +38,16 @@ class BaseConfig:
 @dataclass
 class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # continued-training seeds (each arm)
-    arms: list[str] = field(default_factory=lambda: ["normal", "send"])
+    # normal | send | random (SeND's schedule with randomly chosen neurons: the dropout-as-such control)
+    arms: list[str] = field(default_factory=lambda: ["normal", "send", "random"])
     save_models: bool = False  # save each arm's final model (paper-scale runs)
 
     def validate(self) -> None:
         if not self.seeds:
             raise ConfigError("experiment.seeds must name at least one seed")
         for arm in self.arms:
-            if arm not in ("normal", "send"):
-                raise ConfigError(f"experiment.arms has {arm!r}; choose from: normal, send")
+            if arm not in ("normal", "send", "random"):
+                raise ConfigError(f"experiment.arms has {arm!r}; choose from: normal, send, random")
 
 
 @dataclass
@@ -132,8 +133,9 @@ def continued_training(ctx: StageContext, arm: str, seed: int) -> dict:
              "tracking": _encode(tokenizer, cfg, [split.records[i] for i in split.tracking])}
     steps_per_addition = math.ceil(cfg.run.max_steps / cfg.data.additions)
     phase_len = steps_per_addition * cfg.engine.grad_accum
-    method = ContinuedTraining(model, evals, new_chunk, phase_len, cfg.send if arm == "send" else None,
-                               cfg.engine.grad_accum, cfg.data.batch_size, cfg.eigenscore, tokenizer.eos_token_id)
+    method = ContinuedTraining(model, evals, new_chunk, phase_len, None if arm == "normal" else cfg.send,
+                               cfg.engine.grad_accum, cfg.data.batch_size, cfg.eigenscore, tokenizer.eos_token_id,
+                               random_control=arm == "random", seed=seed)
     engine = ctx.engine(seed=seed)
     method.setup(engine)
     stream = FactStream({k: v for k, v in train.items() if k != "answer_mask"},

@@ -9,8 +9,8 @@ Definitions (each evaluation checkpoint t, every ``run.eval_every`` steps):
 - ``oscillation_diff_std``: the standard deviation of h_t − h_{t−1} over consecutive checkpoints
   with the same open facts (trend-free swings);
 - ``flip_rate``: mean fraction of taught answers whose correctness changed between checkpoints.
-A difference counts as beyond seed noise when the paired mean (SeND − normal, same seed) is more
-than two standard errors from zero.
+A difference counts as beyond seed noise when the paired 95% t-interval of the per-seed differences
+(SeND − normal, same seed, same batch stream) excludes zero (|mean| > t_{0.975, n−1}·SE).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import math
 import statistics
 
 import matplotlib
+import scipy.stats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -62,7 +63,26 @@ def paired(normal: list[dict], send: list[dict], key: str) -> dict | None:
         return None
     mean = statistics.fmean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("inf")
-    return {"mean": mean, "se": se, "diffs": diffs, "beyond_noise": abs(mean) > 2 * se}
+    t = float(scipy.stats.t.ppf(0.975, len(diffs) - 1)) if len(diffs) > 1 else float("inf")
+    return {"mean": mean, "se": se, "diffs": diffs, "beyond_noise": abs(mean) > t * se}
+
+
+def comparison_table(lines: list[str], arms: dict, a: str, b: str, header: bool = True) -> dict:
+    """Append a metric table of arm ``a`` vs arm ``b`` (paired by seed) to ``lines``; verdict per metric."""
+    if header:
+        lines += [f"| metric | {b} (mean ± std over seeds) | {a} | paired {a} − {b} (± SE) | beyond seed noise |",
+                  "|---|---|---|---|---|"]
+    else:
+        lines += ["", f"| metric | {b} | {a} | paired {a} − {b} (± SE) | beyond seed noise |", "|---|---|---|---|---|"]
+    verdicts = {}
+    for key, label, sign in METRICS:
+        p = paired(arms[b], arms[a], key)
+        verdicts[key] = None if p is None else ("better" if p["beyond_noise"] and p["mean"] * sign > 0 else
+                                                "worse" if p["beyond_noise"] else "no difference")
+        pair = "n/a" if p is None else f"{p['mean']:+.3f} ± {p['se']:.3f}"
+        lines.append(f"| {label} | {_summary(arms[b], key)} | {_summary(arms[a], key)} | {pair} | "
+                     f"{verdicts[key] or 'n/a'} |")
+    return verdicts
 
 
 def _summary(entries: list[dict], key: str) -> str:
@@ -73,7 +93,7 @@ def _summary(entries: list[dict], key: str) -> str:
 
 
 def plot_curves(ctx: StageContext, curves: dict) -> None:
-    colours = {"normal": "tab:blue", "send": "tab:red"}
+    colours = {"normal": "tab:blue", "send": "tab:red", "random": "tab:green"}
     styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for (arm, seed_i), rows in curves.items():
@@ -118,15 +138,7 @@ def report(ctx: StageContext, results: dict) -> dict:
              f"embeddings, max relative error {es['max_rel_error']:.1e} (required ≤ 1e-6).", ""]
     verdicts = {}
     if "normal" in arms and "send" in arms:
-        lines += ["| metric | normal (mean ± std over seeds) | SeND | paired SeND − normal (± SE) | beyond seed noise |",
-                  "|---|---|---|---|---|"]
-        for key, label, sign in METRICS:
-            p = paired(arms["normal"], arms["send"], key)
-            verdicts[key] = None if p is None else ("better" if p["beyond_noise"] and p["mean"] * sign > 0 else
-                                                    "worse" if p["beyond_noise"] else "no difference")
-            pair = "n/a" if p is None else f"{p['mean']:+.3f} ± {p['se']:.3f}"
-            lines.append(f"| {label} | {_summary(arms['normal'], key)} | {_summary(arms['send'], key)} | {pair} | "
-                         f"{verdicts[key] or 'n/a'} |")
+        verdicts = comparison_table(lines, arms, "send", "normal")
         core = [verdicts[k] for k in ("acc_taught", "oscillation_std", "flip_rate")]
         helped = "better" in core and "worse" not in core
         out["send_helped"] = helped
@@ -134,7 +146,17 @@ def report(ctx: StageContext, results: dict) -> dict:
         lines += ["", f"**Did SeND help here? {'Yes' if helped else 'No'}.** Over {len(cfg.experiment.seeds)} seeds "
                   f"(paired by seed, same base model and batch stream), SeND vs normal: final accuracy on taught facts "
                   f"{verdicts['acc_taught']}, hallucination-rate oscillation {verdicts['oscillation_std']}, flip rate "
-                  f"{verdicts['flip_rate']} (beyond noise = paired mean more than 2 SE from 0)."]
+                  f"{verdicts['flip_rate']} (beyond noise = the paired 95% t-interval excludes 0)."]
+    if "random" in arms and "send" in arms:
+        lines += ["", "Control: the same dropout schedule and fraction with randomly chosen neurons "
+                  "(is it the *sensitive* neurons, or dropout as such?).", ""]
+        out["verdicts_vs_random"] = control = comparison_table(lines, arms, "send", "random")
+        if "normal" in arms:
+            out["verdicts_random_vs_normal"] = comparison_table(lines, arms, "random", "normal", header=False)
+        specific = [control[k] for k in ("acc_taught", "oscillation_std", "flip_rate")]
+        lines += ["", f"SeND vs random dropout: {'better' if 'better' in specific and 'worse' not in specific else 'not better'} "
+                  f"(final accuracy {control['acc_taught']}, oscillation {control['oscillation_std']}, flip rate "
+                  f"{control['flip_rate']})."]
     lines += ["", "Per seed (final accuracy old / new, hallucination-rate std, flip rate, EigenScore AUROC):", "",
               "| arm | seed | acc old | acc new | oscillation std | diff std | flip rate | AUROC |",
               "|---|---|---|---|---|---|---|---|"]

@@ -1,6 +1,8 @@
 """Continued training of a converged LM on new facts, normally or with SeND, as one engine ``Method``.
 
-SeND (Mohammadzadeh et al. 2024, Algorithm 1), as run here, counted in optimizer steps:
+SeND (Mohammadzadeh et al. 2024, Algorithm 1), as run here, counted in optimizer steps (the
+``random_control`` arm runs the same schedule but drops a random set of the same size, to tell
+the choice of *sensitive* neurons from dropout as such):
 - every ``record_every`` steps the chosen layer's embeddings of the tracking split are recorded
   (full network, no dropout; the last token of the prompt);
 - every ``reestimate_every`` steps, from the last ``points`` records, the sensitivity S_i
@@ -122,8 +124,10 @@ class ContinuedTraining(Method):
 
     def __init__(self, model, evals: dict, new_chunk: torch.Tensor, phase_len: int, send: SendConfig | None,
                  grad_accum: int = 1, batch_size: int = 32, eigenscore_cfg: EigenScoreConfig | None = None,
-                 eos_id: int | None = None):
+                 eos_id: int | None = None, random_control: bool = False, seed: int = 0):
         self.model_unprepared, self.evals, self.new_chunk = model, evals, new_chunk
+        # control arm: the same schedule and fraction, but neurons drawn at random (seeded by seed and step)
+        self.random_control, self.seed = random_control, seed
         # the stopping rule's tracking EigenScore: how answers are sampled and embedded
         self.eigenscore_cfg, self.eos_id = eigenscore_cfg or EigenScoreConfig(), eos_id
         self.phase_len, self.send, self.grad_accum, self.batch_size = phase_len, send, grad_accum, batch_size
@@ -165,6 +169,9 @@ class ContinuedTraining(Method):
         if step % cfg.reestimate_every == 0 and len(self.records) >= cfg.points:
             scores = sensitivity(torch.stack(self.records))
             self.dropped = top_sensitive(scores, cfg.fraction)
+            if self.random_control:
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+                self.dropped = torch.randperm(len(scores), generator=gen)[:len(self.dropped)].sort().values
             self.drop_until = step + cfg.drop_window
             mean_loss = sum(self.window_losses) / max(len(self.window_losses), 1)
             entry = {"step": step, "dropped": self.dropped.tolist(), "mean_loss": mean_loss,
