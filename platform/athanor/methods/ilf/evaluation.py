@@ -120,6 +120,8 @@ def evaluate_stage(ctx, feedback_stages: dict[str, str]) -> dict:
     from ...data.images import load_image_data
     from ..fd import load_evaluator, save_sample_grid
 
+    if not ctx.is_main:  # sampling is cheap next to training: one process evaluates, the others wait
+        return {"evaluated_on": "main process"}
     cfg, jump = ctx.cfg.evaluation, ctx.cfg.ilf.jump
     data = load_image_data(ctx.cfg.data)
     backbone, edm = load_denoiser(ctx.results["teacher"]["pipeline"])

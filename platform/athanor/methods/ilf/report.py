@@ -61,6 +61,14 @@ def report(ctx, results: dict) -> dict:
                       "plain_at_equal_cost_blocks": plain_match["blocks"],
                       "plain_over_ilf_at_equal_cost": match_row["mse"] / ilf["mse"]})
         checks["ILF beats plain sampling at equal block cost"] = ilf["mse"] < match_row["mse"]
+    else:
+        equal["plain_at_equal_cost"] = None  # evaluation.plain_steps has no point as costly as ILF@key
+    plain_interpolated = interpolated_mse(curve["plain"], ev["ilf_blocks"])
+    equal["plain_over_ilf_interpolated"] = plain_interpolated / ilf["mse"] if plain_interpolated else None
+    for name, row in table.items():
+        if name.startswith("caching@"):
+            equal["caching_at_equal_cost"] = name
+            equal["caching_over_ilf_at_equal_cost"] = row["mse"] / ilf["mse"]
     for name, points in curve.items():
         if name == "plain":
             continue
@@ -105,6 +113,9 @@ def report_lines(out: dict, table: dict, ref: str, key: int) -> list[str]:
     if "plain_over_ilf_at_equal_cost" in eq:
         lines.append(f"At equal cost ({eq['ilf_blocks']} vs {eq['plain_at_equal_cost_blocks']} blocks), "
                      f"{eq['plain_at_equal_cost']} / ILF@{key} paired MSE: {eq['plain_over_ilf_at_equal_cost']:.2f}.")
+    if "caching_at_equal_cost" in eq:
+        lines.append(f"Block caching near ILF's cost: {eq['caching_at_equal_cost']} / ILF@{key} paired MSE: "
+                     f"{eq['caching_over_ilf_at_equal_cost']:.2f}.")
     if "once_over_ilf_same_steps" in eq:
         lines.append(f"No-loop control / ILF at {key} steps: {eq['once_over_ilf_same_steps']:.2f}" +
                      (f"; at ILF's cost (interpolated): {eq['once_over_ilf_at_equal_cost']:.2f}."
