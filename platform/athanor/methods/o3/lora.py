@@ -17,11 +17,14 @@ The gradient-ascent baseline (full model, ``-CE`` on the true answers) is here t
 """
 from __future__ import annotations
 
+import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ...compat import full_numel
 from ...config import ConfigError, OptimConfig, choice, positive
@@ -197,3 +200,70 @@ class GradientAscent(Method):
 
     def evaluate(self) -> dict:
         return {"forget_acc": answer_matches(self.model, self.train).float().mean().item()}
+
+
+# ---------------------------------------------------------------------------- inference
+class StackedLoRA:
+    """Every request's adapter as one low-rank update per projection, for gates that give all
+    adapters the same weight (``max``: w(x) = max_t w_t(x); ``always_on``: w = 1):
+
+        h' = W h + w(x) · Σ_t s_t B_t A_t h = W h + w(x) · ΔW h
+
+    ΔW is kept factored, [s_1 B_1 … s_T B_T] @ [A_1; …; A_T] (rank T·r), while that is cheaper than
+    the dense d_out × d_in matrix, and dense otherwise; either way one extra product per projection
+    and one forward hook, whatever the number of requests (peft's path runs T LoRA modules, each
+    behind its own hook). ``s_t`` is peft's scaling, lora_alpha / r (/ √r with rsLoRA). Row weights
+    are set with ``weights(w)`` ([n] per batch row) and read by the hooks."""
+
+    def __init__(self, lm, adapter_dirs: list[Path]):
+        from safetensors.torch import load_file
+
+        factors: dict[str, tuple[list, list]] = {}
+        for folder in adapter_dirs:
+            meta = json.loads((Path(folder) / "adapter_config.json").read_text())
+            scale = meta["lora_alpha"] / (math.sqrt(meta["r"]) if meta.get("use_rslora") else meta["r"])
+            state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+            for key, a in state.items():
+                if ".lora_A." not in key:
+                    continue
+                path = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+                b = state[key.replace(".lora_A.", ".lora_B.")]
+                pair = factors.setdefault(path, ([], []))
+                pair[0].append(a.float())
+                pair[1].append(b.float() * scale)
+        self.row_weight: torch.Tensor | None = None
+        self.handles = []
+        self.updates: dict[str, tuple] = {}
+        for path, (a_list, b_list) in factors.items():
+            module = lm.get_submodule(path)
+            if not isinstance(module, torch.nn.Linear):
+                raise TypeError(f"{path}: stacking supports nn.Linear projections, not {type(module).__name__}")
+            a, b = torch.cat(a_list), torch.cat(b_list, dim=1)  # [T·r, d_in], [d_out, T·r]
+            dtype = module.weight.dtype
+            if a.shape[0] * (a.shape[1] + b.shape[0]) < a.shape[1] * b.shape[0]:
+                update = (a.to(dtype), b.to(dtype))
+            else:
+                update = ((b @ a).to(dtype),)
+            self.updates[path] = update
+            self.handles.append(module.register_forward_hook(self._hook(path)))
+
+    def _hook(self, path: str):
+        def hook(_module, inputs, out):
+            w = self.row_weight
+            if w is None:
+                return out
+            x = inputs[0]
+            update = self.updates[path]
+            if update[0].device != x.device:  # the LM moved after loading: follow it, once
+                update = self.updates[path] = tuple(u.to(x.device) for u in update)
+            delta = F.linear(F.linear(x, update[0]), update[1]) if len(update) == 2 else F.linear(x, update[0])
+            w = w.to(out)
+            if out.shape[0] != len(w):  # beam search / sampling expand the batch row-wise
+                w = w.repeat_interleave(out.shape[0] // len(w))
+            return out + delta * w.view(-1, *([1] * (out.dim() - 1)))
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []

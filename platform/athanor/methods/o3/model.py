@@ -6,8 +6,18 @@ Inference (Gao et al., ICLR 2025, Sec. 3.4): every adapted projection computes
 
 with w_t the soft weight of request t's detector (``detector.py``). ``gate="per_request"``
 instead scales adapter t by w_t(x) alone; ``always_on`` (w = 1) and ``off`` (w = 0) are the
-ablation and the base model. The weight is applied per row of a batch by forward hooks on the
-adapters' ``lora_B`` modules, so one batch can mix forget and retain questions.
+ablation and the base model. The weight is applied per row of a batch, so one batch can mix
+forget and retain questions.
+
+Cost independent of the number of requests T (``from_parts``, the default ``stack=True``):
+
+- under ``max`` and ``always_on`` every adapter has the same weight, so all T adapters are applied
+  as one stacked LoRA (``lora.StackedLoRA``: one extra product per projection); ``per_request``
+  keeps peft's T adapters, each scaled by forward hooks on its ``lora_B`` modules;
+- detectors on the same encoder share one copy of it and one forward pass per batch of questions
+  (``detector.SharedEncoder``); only their request-specific part (stored features, Mahalanobis,
+  SVM) runs per request. A detector whose encoder LoRA changes the features (a trained one) adds
+  its adapter to the shared copy and costs one encoder pass of its own.
 
 A saved O3 folder holds ``o3.json`` (what to load), ``adapters/request_t/`` (peft),
 ``detectors/request_t/`` (safetensors + JSON), the base LM (``base_model/``, unless it is named
@@ -24,7 +34,7 @@ import torch
 
 from .detector import Detector
 from .lm import answer_matches, encode_records, load_lm, load_tokenizer
-from .lora import adapter_name
+from .lora import StackedLoRA, adapter_name
 from .world import QA
 
 GATES = ("max", "per_request", "always_on", "off")
@@ -45,18 +55,40 @@ def load_adapted_lm(base, adapter_dirs: list[Path], names: list[str]):
 
 class O3Model:
     def __init__(self, lm, tokenizer, detectors: list[Detector], adapters: list[str], gate: str = "max",
-                 prompt_template: str = "{question}", max_length: int = 64):
+                 prompt_template: str = "{question}", max_length: int = 64, stacked: StackedLoRA | None = None):
+        """``lm`` is a PeftModel holding ``adapters`` (peft's path), or the plain base LM with
+        ``stacked`` holding them (one shared weight per row: gates ``max`` and ``always_on``)."""
         if gate not in GATES:
             raise ValueError(f"gate={gate!r} is not one of {GATES}")
+        if stacked is not None and gate == "per_request":
+            raise ValueError("gate=per_request weighs each adapter on its own: it cannot use a stacked LoRA")
         self.lm, self.tokenizer, self.detectors, self.adapters = lm, tokenizer, detectors, adapters
         self.gate, self.prompt_template, self.max_length = gate, prompt_template, max_length
-        self._lora_b = {name: [m[name] for n, m in lm.named_modules() if n.endswith("lora_B") and name in m]
-                        for name in adapters}
+        self.stacked = stacked
+        self._lora_b = {} if stacked is not None else {
+            name: [m[name] for n, m in lm.named_modules() if n.endswith("lora_B") and name in m] for name in adapters}
 
     # ------------------------------------------------------------------ gating
     def detector_logits(self, questions: list[str]) -> torch.Tensor:
-        """[n, T]: each detector's logit (w_t = sigmoid of it)."""
-        return torch.stack([d.logit_from_features(d.features(questions)) for d in self.detectors], dim=1)
+        """[n, T]: each detector's logit (w_t = sigmoid of it). Detectors sharing an encoder (and
+        adapter) share one pass over the questions; only their scoring runs per request."""
+        feats: dict[tuple, torch.Tensor] = {}
+        logits = []
+        for d in self.detectors:
+            key = d.feature_key()
+            if key not in feats:
+                feats[key] = d.features(questions)
+            logits.append(d.logit_from_features(feats[key]))
+        return torch.stack(logits, dim=1)
+
+    def to(self, device) -> "O3Model":
+        """Move the LM and every detector encoder (shared ones once) to ``device``."""
+        self.lm.to(device)
+        for d in self.detectors:
+            if d.shared is not None:
+                d.shared.model.to(device)
+            d.model.to(device)
+        return self
 
     def adapter_weights(self, logits: torch.Tensor | None, n: int | None = None) -> torch.Tensor:
         """[n, A] scales of the adapters from detector logits [n, T] under this model's gate."""
@@ -77,6 +109,13 @@ class O3Model:
     @contextlib.contextmanager
     def gated(self, weights: torch.Tensor):
         """Scale adapter a's output by ``weights[:, a]`` row by row while inside the block."""
+        if self.stacked is not None:  # every column is the same weight (max / always_on / off)
+            self.stacked.row_weight = weights[:, 0] if weights.shape[1] else None
+            try:
+                yield
+            finally:
+                self.stacked.row_weight = None
+            return
         handles = []
 
         def scaler(column: torch.Tensor):
@@ -133,20 +172,29 @@ class O3Model:
     @classmethod
     def from_parts(cls, base: str | Path, adapter_dirs: list[Path], detector_dirs: list[Path], gate: str = "max",
                    prompt_template: str = "{question}", max_length: int = 64, dtype: str = "float32",
-                   detectors: list[Detector] | None = None) -> "O3Model":
+                   detectors: list[Detector] | None = None, stack: bool = True) -> "O3Model":
+        """``stack=False``: peft's T hooked adapters and one encoder copy per detector, as before
+        the stacked path existed (kept to check that both give the same outputs)."""
         names = [adapter_name(t + 1) for t in range(len(adapter_dirs))]
-        lm = load_adapted_lm(load_lm(base, dtype), [Path(d) for d in adapter_dirs], names)
+        stacked = None
+        if stack and adapter_dirs and gate in ("max", "always_on"):
+            lm = load_lm(base, dtype).eval()
+            stacked = StackedLoRA(lm, [Path(d) for d in adapter_dirs])
+        else:
+            lm = load_adapted_lm(load_lm(base, dtype), [Path(d) for d in adapter_dirs], names)
         if detectors is None:
-            detectors = [Detector.load(d, target_dir=base) for d in detector_dirs]
-        return cls(lm, load_tokenizer(str(base)), detectors, names, gate, prompt_template, max_length)
+            encoders = {} if stack else None  # one shared copy per encoder, or one copy per detector
+            detectors = [Detector.load(d, target_dir=base, encoders=encoders) for d in detector_dirs]
+        return cls(lm, load_tokenizer(str(base)), detectors, names, gate, prompt_template, max_length, stacked)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, gate: str | None = None) -> "O3Model":
+    def from_pretrained(cls, folder: str | Path, gate: str | None = None, stack: bool = True) -> "O3Model":
         folder = Path(folder)
         meta = json.loads((folder / "o3.json").read_text())
         base = folder / meta["base_model"] if (folder / meta["base_model"]).is_dir() else meta["base_model"]
         return cls.from_parts(base, [folder / a for a in meta["adapters"]], [folder / d for d in meta["detectors"]],
-                              gate or meta["gate"], meta["prompt_template"], meta["max_length"], meta["dtype"])
+                              gate or meta["gate"], meta["prompt_template"], meta["max_length"], meta["dtype"],
+                              stack=stack)
 
     @staticmethod
     def assemble(folder: str | Path, base: str | Path, adapter_dirs: list[Path], detector_dirs: list[Path],
