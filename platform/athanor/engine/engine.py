@@ -322,6 +322,7 @@ class Engine:
                 stop = self._stop_requested()
                 if (self.run.save_every and self.step % self.run.save_every == 0) or is_last or stop:
                     self.guard.check_weights()  # no checkpoint of non-finite weights, whatever the policy
+                    logger.flush()  # buffered metrics lines of the steps this checkpoint holds
                     self.save_checkpoint(method, data)
                 if stop:
                     bar.close()

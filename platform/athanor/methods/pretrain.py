@@ -91,13 +91,15 @@ class Pretrain(Method):
         # µParam: per-layer LR multipliers (empty when off); a Hub model has none
         lr_scales = model.mup_lr_scales() if isinstance(model, AthanorGPT) else None
         self.model = engine.register("model", model, lr_scales=lr_scales, batch_size=self.batch_size)
-        self.probe_next = False
+        # Looked up once: accelerate's unwrap_model reads package metadata on every call (~30 ms of
+        # CPU, a tenth of a tiny step), and the unwrapped module never changes after prepare.
+        self.raw_model = engine.unwrap("model")
 
     def batches(self, engine: Engine) -> ShuffledBatches:
         return ShuffledBatches(self.data.train_blocks, self.batch_size, engine.run.seed, engine.rank, engine.world_size)
 
     def _unwrapped(self):
-        return self.engine.unwrap("model")
+        return self.raw_model
 
     def train_step(self, batch: torch.Tensor) -> dict:
         # Probes cost ~40% of a tiny model's step: at most every PROBE_EVERY steps.
