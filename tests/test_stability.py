@@ -66,7 +66,7 @@ def test_variant_overrides_compose_and_resolve():
 def test_grid_points_cover_the_grid_and_name_their_folders():
     base = {"run": to_dict(RunConfig(max_steps=10)), "optim": to_dict(OptimConfig()), "model": to_dict(GPTModelConfig())}
     sweep = stability.SweepConfig(variants=["baseline", "qk_layernorm"], widths=[32, 64], depths=[2], lrs=[0.01, 0.1],
-                                  head_dim=16)
+                                  head_dim=16, seeds=[0], width_lrs=[])
     demo = stability.LogZDemoConfig(steps=50, z_loss_weights=[0.0, 1e-4])
     points = stability.grid_points(base, sweep, demo, "/sweep")
     assert len(points) == 2 * 2 * 2 + 2
@@ -82,6 +82,51 @@ def test_grid_points_cover_the_grid_and_name_their_folders():
     paired = stability.SweepConfig(widths=[32, 64], depths=[2, 4], pair_depths=True, lrs=[0.1], variants=["baseline"])
     models = {(p["width"], p["depth"]) for p in stability.grid_points(base, paired, stability.LogZDemoConfig(enabled=False), "/s")}
     assert models == {(32, 2), (64, 4)}
+
+
+def test_default_grid_puts_every_intervention_in_the_table_with_two_seeds_and_widths_for_the_fit():
+    base = {"run": to_dict(RunConfig(max_steps=10)), "optim": to_dict(OptimConfig()), "model": to_dict(GPTModelConfig())}
+    sweep = stability.SweepConfig()
+    points = stability.grid_points(base, sweep, stability.LogZDemoConfig(enabled=False), "/sweep")
+    table = {(p["variant"], p["lr"], p["seed"]) for p in points if p["width"] == sweep.table_width}
+    assert table == {(v, lr, s) for v in sweep.variants for lr in sweep.lrs for s in sweep.seeds}
+    assert {"z_loss", "coupled_wd", "no_warmup", "long_warmup", "mup", "eps_1e-15"} <= set(sweep.variants)
+    assert len(sweep.seeds) >= 2
+    off_table = {(p["variant"], p["width"], p["lr"]) for p in points if p["width"] != sweep.table_width}
+    assert {v for v, _, _ in off_table} == set(sweep.width_variants)
+    assert {lr for _, _, lr in off_table} == set(sweep.width_lrs)
+    assert len({w for _, w, _ in off_table} | {sweep.table_width}) >= 4  # >= 3 fit widths + the held-out one
+    coupled = next(p for p in points if p["variant"] == "coupled_wd")["config"]["optim"]
+    assert coupled["independent_weight_decay"] is False and coupled["weight_decay"] * 1e-3 == pytest.approx(1e-4)
+    assert points[0]["config"]["run"]["seed"] == points[0]["seed"]
+
+
+def test_seed_sensitivity_and_the_spread_verdict():
+    from athanor.methods.stability_report import spread_verdict
+
+    runs = [dict(run(v, 64, lr, loss), seed=s) for v, s, losses in
+            (("baseline", 0, (3.0, 2.0, 5.5)), ("baseline", 1, (3.2, 2.1, 5.5)),
+             ("qk_layernorm", 0, (2.6, 2.0, 2.4)), ("qk_layernorm", 1, (2.7, 2.1, 2.5)))
+            for lr, loss in zip((0.01, 0.1, 1.0), losses)]
+    sens = stability.seed_sensitivity(runs + [dict(run("baseline", 128, 0.1, 2.0), seed=0)])
+    assert set(sens["baseline"]) == {"64"}  # width 128 ran one LR only: no LR sensitivity for it
+    b, q = sens["baseline"]["64"], sens["qk_layernorm"]["64"]
+    assert b["per_seed"] == pytest.approx([(1.0 + 0 + 3.5) / 3, (1.1 + 0 + 3.4) / 3]) and b["seeds"] == [0, 1]
+    assert b["mean"] == pytest.approx(sum(b["per_seed"]) / 2)
+    assert spread_verdict(b, q).startswith("lower, beyond")
+    assert spread_verdict(b, {**b, "mean": b["mean"] - 1e-3}).startswith("lower on the seed mean only")
+    assert spread_verdict(q, b).startswith("higher")
+
+
+def test_width_fit_over_seeds_has_an_error_estimate():
+    rng = torch.Generator().manual_seed(0)
+    runs = [dict(run("baseline", w, 0.01, 2.0, attn=2.0 * w**0.8 * float(1 + 0.05 * torch.randn(1, generator=rng))),
+                 seed=s) for w in (32, 64, 96, 128) for s in (0, 1)]
+    fit = stability.extrapolate(runs, "baseline", 0.01, "max_attn_logit", threshold=1e3)
+    assert fit["fit_widths"] == [32, 64, 96] and fit["fit_points"] == 6
+    assert fit["exponent"] == pytest.approx(0.8, abs=0.2) and 0 < fit["exponent_se"] < 0.2
+    ci = fit["crossing_interval_90"]
+    assert ci["p05"] < fit["predicted_crossing_width"] < ci["p95"]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -154,6 +199,8 @@ def test_sweep_config_rejects_bad_variants_and_widths():
     with pytest.raises(ConfigError, match="head_dim"):
         stability.SweepConfig(widths=[48], head_dim=32).validate()
     stability.SweepConfig(variants=["mine"], custom_variants={"mine": {"optim.eps": 1e-12}}).validate()
+    with pytest.raises(ConfigError, match="table_width"):
+        stability.SweepConfig(widths=[32, 128]).validate()
 
 
 def test_post_ln_normalises_the_residual_stream():

@@ -14,7 +14,9 @@ config overrides, ``a+b`` combines them):
 - warm-up length; AdamW epsilon (the update ``m/(√v + ε)`` collapses once the gradient RMS
   falls to ε, as it does with width);
 - independent weight decay: ``θ ← θ − λ · s_t · θ`` with s_t the schedule multiplier,
-  not multiplied by the peak LR η (AdamW's default decays by η·s_t·λ);
+  not multiplied by the peak LR η (AdamW's default, LR-coupled, decays by η·s_t·λ). The base run
+  decays independently by 1e-4 (the paper's setting); ``coupled_wd`` is AdamW's coupled decay with
+  λ = 0.1, equal to the base at η = 1e-3 (η·λ = 1e-4) and stronger/weaker above/below it;
 - µParam (Yang et al. 2022, the paper's simple form): hidden matrices initialised N(0, 1/fan_in) and trained at
   LR · base_width / width, readout scaled by base_width / width (``athanor.models.gpt``);
 - no biases, pre-LN (the base model; ``bias`` and ``post_ln`` switch them).
@@ -57,7 +59,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mup": {"model.mup_base_width": "sweep"},
     "no_warmup": {"optim.warmup_steps": 0},
     "long_warmup": {"optim.warmup_steps": "x4"},  # four times the base warm-up
-    "independent_wd": {"optim.independent_weight_decay": True, "optim.weight_decay": 1e-4},
+    "independent_wd": {"optim.independent_weight_decay": True, "optim.weight_decay": 1e-4},  # = the base run
+    "coupled_wd": {"optim.independent_weight_decay": False, "optim.weight_decay": 0.1},  # η·λ = 1e-4 at η = 1e-3
     "no_wd": {"optim.weight_decay": 0.0},
     "eps_1e-15": {"optim.eps": 1e-15},
     "bias": {"model.bias": True},
@@ -65,13 +68,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+DEFAULT_VARIANTS = ["baseline", "qk_layernorm", "z_loss", "coupled_wd", "no_warmup", "long_warmup", "mup", "eps_1e-15"]
+
+
 @dataclass
 class SweepConfig:
-    variants: list[str] = field(default_factory=lambda: ["baseline", "qk_layernorm"])  # VARIANTS, or a+b
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # model.d_model
+    # The LR-sensitivity table: every variant over every LR and seed at ``table_width``; the
+    # ``width_variants`` also at every width (at ``width_lrs``), for the probe-vs-width fit.
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))  # VARIANTS, or a+b
+    widths: list[int] = field(default_factory=lambda: [32, 64, 96, 128])  # model.d_model
     depths: list[int] = field(default_factory=lambda: [2])  # model.n_layers
     pair_depths: bool = False  # true: widths[i] goes with depths[i] (a model family), not the product
-    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 3e-1, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # run.seed (init and data order) of every point
+    table_width: int = 64  # width of the variants not in width_variants (0: every variant at every width)
+    width_variants: list[str] = field(default_factory=lambda: ["baseline", "qk_layernorm"])  # those in variants: every width
+    width_lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-1])  # their LRs off table_width ([]: lrs)
     head_dim: int = 32  # heads = width // head_dim
     mup_base_width: int = 0  # µParam's base width (0: the smallest width)
     custom_variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {dotted key: value}
@@ -86,9 +98,11 @@ class SweepConfig:
         from ..sweep import EXECUTORS
 
         register_sweep_executor()  # --sweep.executor slurm: the sweep as one SLURM job array
-        for name in ("variants", "widths", "depths", "lrs"):
+        for name in ("variants", "widths", "depths", "lrs", "seeds"):
             if not getattr(self, name):
                 raise ConfigError(f"sweep.{name} is empty")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"sweep.seeds has repeats: {self.seeds}")
         known = [*VARIANTS, *self.custom_variants]
         for part in (p for v in self.variants for p in v.split("+")):
             choice(part, known, "sweep.variants entry")
@@ -100,6 +114,10 @@ class SweepConfig:
         for w in self.widths:
             if w > self.head_dim and w % self.head_dim:
                 raise ConfigError(f"sweep.widths: {w} is not a multiple of sweep.head_dim={self.head_dim}")
+        if self.table_width and self.table_width not in self.widths:
+            raise ConfigError(f"sweep.table_width={self.table_width} is not one of sweep.widths {self.widths}")
+        for lr in self.width_lrs:
+            positive(lr, "sweep.width_lrs")
 
 
 @dataclass
@@ -191,18 +209,25 @@ def grid_points(base: dict, sweep: SweepConfig, demo: LogZDemoConfig, root: str)
     mup_base = sweep.mup_base_width or min(sweep.widths)
     steps = base["run"]["max_steps"]
     points = []
+    several_seeds = len(sweep.seeds) > 1
     for variant in sweep.variants:
         extra = variant_overrides(variant, base, mup_base, sweep.custom_variants)
-        for (width, depth), lr in ((m, lr) for m in models for lr in sweep.lrs):
-            points.append(dict(name=f"{variant}/w{width}_L{depth}/lr{lr:.0e}", variant=variant, width=width,
-                               depth=depth, lr=lr, cost=steps * step_cost(width, depth),
-                               z_loss_weight=extra.get("model.z_loss_weight", base["model"]["z_loss_weight"]),
-                               overrides={**extra, "optim.lr": lr}))
+        every_width = not sweep.table_width or variant in sweep.width_variants
+        for (width, depth) in models:
+            if not every_width and width != sweep.table_width:
+                continue
+            lrs = sweep.lrs if (width == sweep.table_width or not sweep.width_lrs) else sweep.width_lrs
+            for lr, seed in ((lr, seed) for lr in lrs for seed in sweep.seeds):
+                suffix = f"/s{seed}" if several_seeds else ""
+                points.append(dict(name=f"{variant}/w{width}_L{depth}/lr{lr:.0e}{suffix}", variant=variant,
+                                   width=width, depth=depth, lr=lr, seed=seed, cost=steps * step_cost(width, depth),
+                                   z_loss_weight=extra.get("model.z_loss_weight", base["model"]["z_loss_weight"]),
+                                   overrides={**extra, "optim.lr": lr, "run.seed": seed}))
     if demo.enabled:  # long runs, constant LR, no weight decay: the output-logit (log Z) drift
         width, depth = demo.width or min(sweep.widths), min(sweep.depths)
         for weight in demo.z_loss_weights:
             points.append(dict(name=f"logz_demo/z{weight:g}", variant=f"logz_demo_z{weight:g}", width=width,
-                               depth=depth, lr=demo.lr, cost=demo.steps * step_cost(width, depth), z_loss_weight=weight,
+                               depth=depth, lr=demo.lr, seed=base["run"]["seed"], cost=demo.steps * step_cost(width, depth), z_loss_weight=weight,
                                overrides={"model.qk_layernorm": demo.qk_layernorm, "model.z_loss_weight": weight,
                                           "model.tie_embeddings": demo.tie_embeddings,
                                           "optim.lr": demo.lr, "optim.schedule": demo.schedule,
@@ -277,8 +302,38 @@ def group_runs(runs: list[dict]) -> dict[tuple[str, int, int], list[dict]]:
     return {k: sorted(v, key=lambda r: r["lr"]) for k, v in groups.items()}
 
 
+def by_seed(group: list[dict]) -> dict[int, list[dict]]:
+    """A (variant, model) group's runs per training seed (runs without a seed count as seed 0)."""
+    out: dict[int, list[dict]] = {}
+    for r in group:
+        out.setdefault(r.get("seed", 0), []).append(r)
+    return dict(sorted(out.items()))
+
+
+def seed_sensitivity(runs: list[dict], lrs: Iterable[float] | None = None) -> dict[str, dict[str, dict]]:
+    """``[variant][model]`` -> LR sensitivity per training seed (each over that seed's LR curve),
+    their mean, sd and range. Only groups whose every seed covers the LR grid ``lrs`` (default: every
+    LR in ``runs``) get one: LRsens over a partial grid is not comparable."""
+    grid = sorted(set(lrs) if lrs is not None else {r["lr"] for r in runs})
+    groups = group_runs(runs)
+    several_depths = len({d for _, _, d in groups}) > 1
+    out: dict[str, dict[str, dict]] = {}
+    for (variant, width, depth), group in sorted(groups.items()):
+        seeds = by_seed(group)
+        if any(sorted({r["lr"] for r in rs}) != grid for rs in seeds.values()):
+            continue
+        initial = float(np.mean([r["initial_eval_loss"] for r in group]))
+        values = [lr_sensitivity([r["final_eval_loss"] for r in rs], initial) for rs in seeds.values()]
+        out.setdefault(variant, {})[model_key(width, depth, several_depths)] = {
+            "seeds": list(seeds), "per_seed": values, "mean": float(np.mean(values)),
+            "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+    return out
+
+
 def sensitivity_tables(runs: list[dict]) -> tuple[dict, dict]:
-    """``lr_sensitivity[variant][model]`` and ``optimal_lr[variant][model]`` (model = width, or
+    """``lr_sensitivity[variant][model]`` (the mean over training seeds of each seed's LRsens) and
+    ``optimal_lr[variant][model]`` (the LR of the lowest seed-mean final loss; model = width, or
     width×depth when the sweep has several depths)."""
     groups = group_runs(runs)
     several_depths = len({d for _, _, d in groups}) > 1
@@ -287,12 +342,15 @@ def sensitivity_tables(runs: list[dict]) -> tuple[dict, dict]:
     for (variant, width, depth), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         key = model_key(width, depth, several_depths)
         initial = float(np.mean([r["initial_eval_loss"] for r in group]))
-        losses = [r["final_eval_loss"] for r in group]
-        sens.setdefault(variant, {})[key] = lr_sensitivity(losses, initial)
-        finite = [r for r in group if math.isfinite(r["final_eval_loss"])]
-        top = min(finite, key=lambda r: r["final_eval_loss"]) if finite else None
-        best.setdefault(variant, {})[key] = {"lr": top["lr"] if top else None,
-                                             "loss": top["final_eval_loss"] if top else math.inf,
+        seeds = by_seed(group)
+        sens.setdefault(variant, {})[key] = float(np.mean(
+            [lr_sensitivity([r["final_eval_loss"] for r in rs], initial) for rs in seeds.values()]))
+        per_lr: dict[float, list[float]] = {}
+        for r in group:
+            per_lr.setdefault(r["lr"], []).append(r["final_eval_loss"])
+        finite = {lr: float(np.mean(ls)) for lr, ls in per_lr.items() if all(math.isfinite(l) for l in ls)}
+        top = min(finite, key=finite.get) if finite else None
+        best.setdefault(variant, {})[key] = {"lr": top, "loss": finite[top] if finite else math.inf,
                                              "initial_loss": initial}
     return sens, best
 
@@ -300,10 +358,36 @@ def sensitivity_tables(runs: list[dict]) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------- scaling extrapolation
 def fit_power_law(widths: list[float], values: list[float]) -> tuple[float, float]:
     """Least squares ``log v = a + b log w``; returns (a, b)."""
-    if len(widths) < 2:
+    if len(set(widths)) < 2:
         raise ValueError("a trend needs at least two widths")
     b, a = np.polyfit(np.log(widths), np.log(values), 1)
     return float(a), float(b)
+
+
+def fit_uncertainty(widths: list[float], values: list[float], a: float, b: float) -> dict | None:
+    """Standard errors of the OLS fit ``log v = a + b log w`` (residual variance / (n − 2); needs
+    n ≥ 3 points): se(b)² = s²/Sxx, se(a)² = s²(1/n + x̄²/Sxx), cov(a, b) = −x̄ s²/Sxx."""
+    x, y = np.log(widths), np.log(values)
+    n = len(x)
+    if n < 3 or len(set(widths)) < 2:
+        return None
+    s2 = float(np.sum((y - (a + b * x)) ** 2) / (n - 2))
+    sxx, xbar = float(np.sum((x - x.mean()) ** 2)), float(x.mean())
+    return {"points": n, "exponent_se": math.sqrt(s2 / sxx),
+            "cov": [[s2 * (1 / n + xbar**2 / sxx), -xbar * s2 / sxx], [-xbar * s2 / sxx, s2 / sxx]]}
+
+
+def crossing_interval(a: float, b: float, cov: list, threshold: float, draws: int = 4000) -> dict:
+    """A 90% interval of the crossing width from (a, b) drawn from the fit's normal approximation
+    (fixed RNG); ``never_fraction``: draws whose trend does not grow (no crossing at all)."""
+    rng = np.random.default_rng(0)
+    ab = rng.multivariate_normal([a, b], np.asarray(cov), size=draws)
+    grows = ab[:, 1] >= MIN_GROWTH_EXPONENT
+    widths = np.exp((math.log(threshold) - ab[grows, 0]) / ab[grows, 1])
+    out = {"never_fraction": float(1 - grows.mean())}
+    if grows.sum() >= draws // 10:
+        out["p05"], out["p50"], out["p95"] = (float(v) for v in np.quantile(widths, [0.05, 0.5, 0.95]))
+    return out
 
 
 MIN_GROWTH_EXPONENT = 0.05  # flatter trends count as "not growing" (their crossing is meaningless)
@@ -319,21 +403,35 @@ def crossing_width(a: float, b: float, threshold: float) -> float | None:
 def extrapolate(runs: list[dict], variant: str, lr: float, probe: str, threshold: float,
                 predict_widths: Iterable[int] = ()) -> dict | None:
     """Fit ``probe`` against width at LR ``lr`` over all but the widest width (held out to check
-    the prediction, when there are three or more) and extrapolate."""
+    the prediction, when there are three or more) and extrapolate. Every seed's run is one point of
+    the fit; ``observed`` is the geometric mean over seeds per width. With ≥ 3 points the exponent
+    gets a standard error and the crossing width a 90% interval (``fit_uncertainty``)."""
     points = sorted((r["width"], r[probe]) for r in runs
                     if r["variant"] == variant and math.isclose(r["lr"], lr, rel_tol=1e-9))
     usable = [(w, v) for w, v in points if math.isfinite(v) and v > 0]
-    if len(usable) < 2:
+    widths = sorted({w for w, _ in usable})
+    if len(widths) < 2:
         return None
-    fit_on = usable[:-1] if len(usable) >= 3 else usable
+    fit_widths = widths[:-1] if len(widths) >= 3 else widths
+    fit_on = [(w, v) for w, v in usable if w in fit_widths]
     a, b = fit_power_law([w for w, _ in fit_on], [v for _, v in fit_on])
-    out = {"variant": variant, "lr": lr, "probe": probe, "fit_widths": [w for w, _ in fit_on],
-           "observed": {str(w): v for w, v in points}, "exponent": b, "log_prefactor": a, "threshold": threshold,
+    observed = {}
+    for w in sorted({w for w, _ in points}):
+        vs = [v for w2, v in points if w2 == w]
+        observed[str(w)] = float(math.exp(np.mean(np.log(vs)))) if all(math.isfinite(v) and v > 0 for v in vs) \
+            else (math.inf if any(v == math.inf for v in vs) else math.nan)
+    out = {"variant": variant, "lr": lr, "probe": probe, "fit_widths": fit_widths, "fit_points": len(fit_on),
+           "observed": observed, "observed_per_seed": {str(w): [v for w2, v in points if w2 == w] for w in observed},
+           "exponent": b, "log_prefactor": a, "threshold": threshold,
            "predicted_crossing_width": crossing_width(a, b, threshold),
            "predicted": {str(w): math.exp(a) * w**b for w in predict_widths}}
-    if len(usable) >= 3:
-        w_out, v_out = usable[-1]
-        out["held_out"] = {"width": w_out, "observed": v_out, "predicted": math.exp(a) * w_out**b}
+    unc = fit_uncertainty([w for w, _ in fit_on], [v for _, v in fit_on], a, b)
+    if unc:
+        out["exponent_se"] = unc["exponent_se"]
+        out["crossing_interval_90"] = crossing_interval(a, b, unc["cov"], threshold)
+    if len(widths) >= 3:
+        w_out = widths[-1]
+        out["held_out"] = {"width": w_out, "observed": observed[str(w_out)], "predicted": math.exp(a) * w_out**b}
     return out
 
 
@@ -420,9 +518,12 @@ def report(ctx: StageContext, results: dict) -> dict:
     from .stability_report import write_stability_report
 
     cfg, finished = ctx.cfg, results["sweep"]["jobs"]
-    runs = [{**{k: p[k] for k in ("name", "variant", "width", "depth", "lr", "z_loss_weight")},
+    runs = [{**{k: p[k] for k in ("name", "variant", "width", "depth", "lr", "seed", "z_loss_weight")},
              **summarize_run(ctx.root / p["name"], finished[p["name"]])} for p in sweep_points(cfg)]
-    return write_stability_report(ctx.root, runs, cfg.analysis, cfg.logz_demo, describe(cfg))
+    base_is_independent_wd = cfg.optim.independent_weight_decay and cfg.optim.weight_decay == \
+        VARIANTS["independent_wd"]["optim.weight_decay"]
+    return write_stability_report(ctx.root, runs, cfg.analysis, cfg.logz_demo, describe(cfg),
+                                  baseline_alias="independent_wd" if base_is_independent_wd else None)
 
 
 PAPER = Paper(

@@ -8,13 +8,14 @@ from typing import Iterable
 
 import numpy as np
 
-from .stability import (AnalysisConfig, LogZDemoConfig, MIN_GROWTH_EXPONENT, extrapolate, group_runs, model_key,
-                        sensitivity_tables, series)
+from .stability import (AnalysisConfig, LogZDemoConfig, MIN_GROWTH_EXPONENT, by_seed, extrapolate, group_runs,
+                        model_key, seed_sensitivity, sensitivity_tables, series)
 
 
 # ---------------------------------------------------------------------------- plots
 def plot_lr_curves(runs: list[dict], path: str | Path) -> Path:
-    """Final eval loss against LR, one line per variant, one panel per model size."""
+    """Final eval loss against LR, one line per variant (mean over seeds, bars: min–max), one panel
+    per model size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,11 +29,15 @@ def plot_lr_curves(runs: list[dict], path: str | Path) -> Path:
             if (w, d) != (width, depth):
                 continue
             initial = float(np.mean([r["initial_eval_loss"] for r in group]))
-            lrs = [r["lr"] for r in group]
-            losses = [min(r["final_eval_loss"], initial) if math.isfinite(r["final_eval_loss"]) else initial
-                      for r in group]
-            line, = ax.plot(lrs, losses, marker="o", label=variant)
-            diverged = [(r["lr"], l) for r, l in zip(group, losses) if r["diverged"]]
+            capped: dict[float, list[float]] = {}
+            for r in group:
+                loss = r["final_eval_loss"]
+                capped.setdefault(r["lr"], []).append(min(loss, initial) if math.isfinite(loss) else initial)
+            lrs = sorted(capped)
+            losses = [float(np.mean(capped[lr])) for lr in lrs]
+            spread = [[m - min(capped[lr]) for lr, m in zip(lrs, losses)], [max(capped[lr]) - m for lr, m in zip(lrs, losses)]]
+            line = ax.errorbar(lrs, losses, yerr=spread, marker="o", capsize=2, label=variant).lines[0]
+            diverged = [(r["lr"], float(np.mean(capped[r["lr"]]))) for r in group if r["diverged"]]
             if diverged:
                 ax.scatter(*zip(*diverged), marker="x", s=60, color=line.get_color(), zorder=3)
         ax.set_xscale("log")
@@ -119,19 +124,44 @@ def nearest(values: Iterable[float], target: float) -> float:
     return min(values, key=lambda v: abs(math.log(v) - math.log(target)))
 
 
+def seed_mean_logit(values: list[float]) -> float:
+    """Geometric mean over seeds of a max attention logit (inf if any seed's went infinite, nan if one
+    was never logged)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return math.inf if any(math.isinf(v) for v in values) else float(math.exp(np.mean(np.log(values))))
+
+
+def spread_verdict(base: dict, other: dict) -> str:
+    """Did ``other`` lower LR sensitivity beyond the seed spread? Beyond: every seed of ``other``
+    below every seed of the baseline (the min–max ranges do not overlap)."""
+    if other["max"] < base["min"]:
+        return "lower, beyond the seed spread"
+    if other["mean"] < base["mean"]:
+        return "lower on the seed mean only, within the seed spread (not shown)"
+    if other["min"] > base["max"]:
+        return "higher, beyond the seed spread"
+    return "not lower (within the seed spread)"
+
+
 def compare_to_baseline(grid: list[dict], variant: str, sens: dict, top_lrs: list[float]) -> dict:
-    """At the widest model: ``variant`` vs baseline max attention logit at the highest LRs, and
-    LR sensitivity at every model size."""
-    widest = max(r["width"] for r in grid)
+    """At the widest model ``variant`` and baseline share: their max attention logit at the highest
+    LRs (geometric mean over seeds), and LR sensitivity (per seed, with the verdict) at every model size."""
+    widest = max(r["width"] for r in grid if r["variant"] == variant
+                 and any(b["variant"] == "baseline" and b["width"] == r["width"] for b in grid))
     depth = min(r["depth"] for r in grid if r["width"] == widest)
-    at = {(r["variant"], r["lr"]): r for r in grid if r["width"] == widest and r["depth"] == depth}
-    logits = {str(lr): {"baseline": at[("baseline", lr)]["max_attn_logit"], variant: at[(variant, lr)]["max_attn_logit"]}
+    at: dict[tuple[str, float], list[float]] = {}
+    for r in grid:
+        if r["width"] == widest and r["depth"] == depth:
+            at.setdefault((r["variant"], r["lr"]), []).append(r["max_attn_logit"])
+    logits = {str(lr): {"baseline": seed_mean_logit(at[("baseline", lr)]), variant: seed_mean_logit(at[(variant, lr)])}
               for lr in top_lrs if ("baseline", lr) in at and (variant, lr) in at}
     return {"width": widest, "depth": depth, "max_attn_logit_at_high_lr": logits,
             "lower_max_attn_logit_at_all_high_lrs": bool(logits) and all(v[variant] < v["baseline"]
                                                                            for v in logits.values()),
-            "lr_sensitivity": {m: {"baseline": sens["baseline"][m], variant: sens[variant][m]}
-                               for m in sens["baseline"] if m in sens.get(variant, {})}}
+            "lr_sensitivity": {m: {"baseline": sens["baseline"][m], variant: sens[variant][m],
+                                   "verdict": spread_verdict(sens["baseline"][m], sens[variant][m])}
+                               for m in sens.get("baseline", {}) if m in sens.get(variant, {})}}
 
 
 def logz_summary(steps: list[int], values: list[float], run: dict) -> dict:
@@ -152,16 +182,21 @@ def logz_summary(steps: list[int], values: list[float], run: dict) -> dict:
 
 
 def write_stability_report(root: str | Path, runs: list[dict], analysis: AnalysisConfig, demo: LogZDemoConfig,
-                           setup: str = "") -> dict:
+                           setup: str = "", baseline_alias: str | None = None) -> dict:
     """report.json, report.md and the PNGs for a finished sweep; returns the report. ``setup``
-    describes the base run in one line for report.md."""
+    describes the base run in one line for report.md; ``baseline_alias`` names a variant whose
+    config is the base run's (``independent_wd``): its table row is the baseline's runs."""
     from ..report import write_report
 
     root = Path(root)
     grid = [r for r in runs if not r["variant"].startswith("logz_demo")]
     demo_runs = [r for r in runs if r["variant"].startswith("logz_demo")]
-    sens, best = sensitivity_tables(grid)
+    _, best = sensitivity_tables(grid)
     lrs = sorted({r["lr"] for r in grid})
+    sens = seed_sensitivity(grid, lrs)  # per seed, over the full LR grid only
+    if baseline_alias and baseline_alias not in sens and "baseline" in sens:
+        sens[baseline_alias] = {m: {**v, "same_runs_as": "baseline"} for m, v in sens["baseline"].items()}
+        best[baseline_alias] = best["baseline"]
     top_lrs = lrs[-3:]
     widest = max(r["width"] for r in grid)
     depth_of_widest = min(r["depth"] for r in grid if r["width"] == widest)
@@ -181,8 +216,10 @@ def write_stability_report(root: str | Path, runs: list[dict], analysis: Analysi
 
     plots = [plot_lr_curves(grid, root / "loss_vs_lr.png").name]
     high_lr = nearest(lrs, analysis.high_lr)
+    first_seed = min(r.get("seed", 0) for r in grid)
     curves = {f"{r['variant']} (LR {high_lr:g})": series(root / r["name"], "max_attn_logit") for r in grid
-              if r["width"] == widest and r["depth"] == depth_of_widest and r["lr"] == high_lr}
+              if r["width"] == widest and r["depth"] == depth_of_widest and r["lr"] == high_lr
+              and r.get("seed", 0) == first_seed}
     plots.append(plot_series(curves, root / "max_attn_logit_high_lr.png", f"max attention logit, width {widest}",
                              "max attention logit", logy=True).name)
     demo_series = {r["name"]: series(root / r["name"], "log_z_mean") for r in demo_runs}
@@ -198,7 +235,7 @@ def write_stability_report(root: str | Path, runs: list[dict], analysis: Analysi
 
     report = {"n_runs": len(grid), "widest_width": widest, "highest_lrs": top_lrs,
               "attn_logit_threshold_check": threshold_check(grid, best, analysis.attn_logit_threshold),
-              "runs": [{k: r[k] for k in ("variant", "width", "depth", "lr", "final_eval_loss", "max_attn_logit",
+              "runs": [{k: r.get(k, 0) for k in ("variant", "width", "depth", "lr", "seed", "final_eval_loss", "max_attn_logit",
                                           "max_log_z", "diverged", "initial_eval_loss", "final_log_z_mean",
                                           "min_attn_entropy", "max_act_rms", "final_grad_rms", "z_loss_weight",
                                           "name")} for r in grid],
@@ -210,7 +247,7 @@ def write_stability_report(root: str | Path, runs: list[dict], analysis: Analysi
         report["qk_layernorm_lowers_max_attn_logit_at_high_lrs"] = c["lower_max_attn_logit_at_all_high_lrs"]
         if key:
             report["qk_layernorm_lowers_lr_sensitivity_at_widest"] = \
-                c["lr_sensitivity"][key]["qk_layernorm"] < c["lr_sensitivity"][key]["baseline"]
+                c["lr_sensitivity"][key]["qk_layernorm"]["mean"] < c["lr_sensitivity"][key]["baseline"]["mean"]
     write_report(root, report, "Small-scale proxies for training instabilities (Wortsman et al. 2023)",
                  ([setup, ""] if setup else []) + report_lines(report, analysis, demo))
     return report
@@ -223,6 +260,8 @@ def threshold_check(grid: list[dict], best: dict, threshold: float) -> dict | No
     excess = {True: [], False: []}
     for r in grid:
         b = best[r["variant"]][model_key(r["width"], r["depth"], several_depths)]
+        if not math.isfinite(r["max_attn_logit"]) and math.isnan(r["max_attn_logit"]):
+            continue
         loss = min(r["final_eval_loss"], b["initial_loss"]) if math.isfinite(r["final_eval_loss"]) else b["initial_loss"]
         excess[r["max_attn_logit"] >= threshold].append(loss - b["loss"])
     if not excess[True] or not excess[False]:
@@ -234,17 +273,30 @@ def threshold_check(grid: list[dict], best: dict, threshold: float) -> dict | No
 def report_lines(report: dict, analysis: AnalysisConfig, demo: LogZDemoConfig) -> list[str]:
     """The human part of report.md: what the numbers say, including what did not reproduce."""
     sens, best = report["lr_sensitivity"], report["optimal_lr"]
-    models = list(next(iter(sens.values())))
+    models = list(dict.fromkeys(m for row in sens.values() for m in row))
+    lrs = sorted({r["lr"] for r in report["runs"]})
     lines = [f"{report['n_runs']} sweep runs; final eval loss vs LR per variant: `loss_vs_lr.png` "
-             f"(x = diverged: final loss non-finite or above the loss at initialisation).", "",
+             f"(mean over seeds, bars min–max; x = diverged: final loss non-finite or above the loss at "
+             "initialisation).", "",
              "## LR sensitivity  E_η[min(ℓ(η), ℓ0) − min_η ℓ(η)]  (lower is more stable)", "",
-             "| variant | " + " | ".join(f"model {m}" for m in models) + " |", "|---" * (len(models) + 1) + "|"]
+             f"Over LRs {', '.join(f'{lr:g}' for lr in lrs)}, one value per training seed (each seed's own LR curve); "
+             "cells: mean [per seed] (LR of the best seed-mean loss, that loss). An intervention lowered LR "
+             "sensitivity *beyond the seed spread* when every one of its seeds is below every baseline seed.", "",
+             "| variant | " + " | ".join(f"model {m}" for m in models) + " | vs baseline |",
+             "|---" * (len(models) + 2) + "|"]
+    base = sens.get("baseline", {})
     for variant, row in sens.items():
-        cells = [f"{_fmt(row.get(m))} (best LR {_fmt(best[variant][m]['lr'])}, loss {_fmt(best[variant][m]['loss'])})"
+        cells = [(f"{_fmt(row[m]['mean'])} [{', '.join(_fmt(v) for v in row[m]['per_seed'])}] (best LR "
+                  f"{_fmt(best[variant][m]['lr'])}, loss {_fmt(best[variant][m]['loss'])})") if m in row else "–"
                  for m in models]
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        alias = next((v.get("same_runs_as") for v in row.values() if v.get("same_runs_as")), None)
+        verdicts = "; ".join(f"model {m}: {spread_verdict(base[m], row[m])}" for m in models
+                             if m in row and m in base) if variant != "baseline" and not alias else \
+            ("the baseline's runs (the base config already is this variant)" if alias else "–")
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {verdicts} |")
     for variant, c in report["comparisons"].items():
-        lines += ["", f"## {variant} vs baseline at the widest model (width {c['width']}, {c['depth']} layers)", ""]
+        lines += ["", f"## {variant} vs baseline at width {c['width']} ({c['depth']} layers; attention logits: "
+                  "geometric mean over seeds)", ""]
         for lr, pair in c["max_attn_logit_at_high_lr"].items():
             lines.append(f"- LR {float(lr):g}: max attention logit {_fmt(pair['baseline'])} (baseline) vs "
                          f"{_fmt(pair[variant])} ({variant})")
@@ -252,8 +304,9 @@ def report_lines(report: dict, analysis: AnalysisConfig, demo: LogZDemoConfig) -
             else "NOT lower at every one of the highest LRs"
         lines.append(f"- max attention logit with {variant}: {verdict}.")
         for m, pair in c["lr_sensitivity"].items():
-            change = "lower" if pair[variant] < pair["baseline"] else "NOT lower"
-            lines.append(f"- LR sensitivity, model {m}: {_fmt(pair['baseline'])} → {_fmt(pair[variant])} ({change}).")
+            lines.append(f"- LR sensitivity, model {m}: {_fmt(pair['baseline']['mean'])} "
+                         f"[{', '.join(_fmt(v) for v in pair['baseline']['per_seed'])}] → {_fmt(pair[variant]['mean'])} "
+                         f"[{', '.join(_fmt(v) for v in pair[variant]['per_seed'])}]: {pair['verdict']}.")
     lines += ["", "## Probes against width at a fixed LR (fit over the smaller widths, extrapolated)", ""]
     calib = report.get("attn_logit_threshold_check")
     if calib:
@@ -264,10 +317,15 @@ def report_lines(report: dict, analysis: AnalysisConfig, demo: LogZDemoConfig) -
     for f in report["extrapolation"]:
         observed = ", ".join(f"w{w}: {_fmt(v)}" for w, v in f["observed"].items())
         cross = f["predicted_crossing_width"]
-        text = (f"- {f['variant']}, {f['probe']} at LR {f['lr']:g}: {observed}; ∝ width^{f['exponent']:.2f} "
-                f"(fit on {f['fit_widths']}); ")
+        se = f" ± {f['exponent_se']:.2f} (se)" if f.get("exponent_se") is not None else " (no error estimate: < 3 points)"
+        text = (f"- {f['variant']}, {f['probe']} at LR {f['lr']:g}: {observed} (geometric mean over seeds); "
+                f"∝ width^{f['exponent']:.2f}{se} (fit on widths {f['fit_widths']}, {f['fit_points']} runs); ")
         text += (f"crosses {f['threshold']:g} at width ≈ {_fmt(cross)}" if cross else
                  f"flat or falling (exponent < {MIN_GROWTH_EXPONENT}), so no crossing of {f['threshold']:g} is predicted")
+        ci = f.get("crossing_interval_90")
+        if ci:
+            text += (f" (90% interval {_fmt(ci['p05'])}…{_fmt(ci['p95'])}" if "p05" in ci else " (interval: too few "
+                     "growing draws") + f"; {ci['never_fraction']:.0%} of the fit's draws never cross)"
         if "held_out" in f:
             h = f["held_out"]
             text += f"; held-out width {h['width']}: predicted {_fmt(h['predicted'])}, observed {_fmt(h['observed'])}"
@@ -285,10 +343,11 @@ def report_lines(report: dict, analysis: AnalysisConfig, demo: LogZDemoConfig) -
                          f"{_fmt(d['late_slope_per_1k_steps'])} per 1k steps), final eval loss "
                          f"{_fmt(d['final_eval_loss'])}.")
         lines += logz_verdict(report["logz_demo"])
-    lines += ["", "## Runs", "", "| variant | width | depth | LR | final eval loss | max attn logit | max log Z | diverged |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| variant | width | depth | LR | seed | final eval loss | max attn logit | max log Z | "
+              "diverged |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
-        lines.append(f"| {r['variant']} | {r['width']} | {r['depth']} | {r['lr']:g} | {_fmt(r['final_eval_loss'])} | "
+        lines.append(f"| {r['variant']} | {r['width']} | {r['depth']} | {r['lr']:g} | {r['seed']} | "
+                     f"{_fmt(r['final_eval_loss'])} | "
                      f"{_fmt(r['max_attn_logit'])} | {_fmt(r['max_log_z'])} | {_fmt(r['diverged'])} |")
     return lines
 
