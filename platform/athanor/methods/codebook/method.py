@@ -16,12 +16,14 @@ class CodebookLM(Method):
 
     def __init__(self, model: CodebookModel, train: dict, held_out: dict, batch_size: int, *, seed: int,
                  recon_weight: float = 1.0, replace_every: int = 0, replace_min_uses: float = 1.0,
-                 kmeans_iters: int = 10, kmeans_tokens: int = 4096, eval_batches: int = 4, freeze_lm: bool = False):
+                 kmeans_iters: int = 10, kmeans_tokens: int = 4096, eval_batches: int = 4, freeze_lm: bool = False,
+                 code_lr_scale: float = 1.0):
         self.model, self.train, self.held_out = model, train, held_out
         self.batch_size, self.seed, self.recon_weight = batch_size, seed, recon_weight
         self.replace_every, self.replace_min_uses = replace_every, replace_min_uses
         self.kmeans_iters, self.kmeans_tokens = kmeans_iters, kmeans_tokens
         self.eval_batches, self.freeze_lm = eval_batches, freeze_lm
+        self.code_lr_scale = code_lr_scale
         self.replaced_total = 0
 
     def setup(self, engine: Engine) -> None:
@@ -33,7 +35,10 @@ class CodebookLM(Method):
         self.model.train()  # from_pretrained returns eval mode; a resumed run skips the eval that resets it
         n_params = sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = 6 * n_params
-        self.model = engine.register("model", self.model, batch_size=self.batch_size)
+        # The codes chase LayerNorm-ed activations whose directions move fast early in training
+        # (tiny weights, rescaled to unit size): a larger LR lets them keep up (see CodebookConfig).
+        scales = {f"codebooks.{name}.codebook": self.code_lr_scale for name in self.model.codebooks}
+        self.model = engine.register("model", self.model, batch_size=self.batch_size, lr_scales=scales)
 
     def batches(self, engine: Engine):
         return ShuffledBatches(self.train, self.batch_size, self.seed, engine.rank, engine.world_size)
