@@ -80,6 +80,7 @@ def prepare(work: Path, t_max: int, lm: str, n_questions: int) -> dict:
     from athanor.methods.o3.world import build_word_tokenizer
 
     cfg = O3Config()
+    cfg.detector.cv_folds = 2  # calibration only: inference costs the same, fitting is 5x cheaper
     data, sets = world(cfg)
     if LMS[lm]:
         for key, value in LMS[lm].items():
@@ -159,7 +160,9 @@ def _child(queue, *args) -> None:
 
 
 def measure_in_child(*args) -> dict:
-    ctx = mp.get_context("spawn")
+    # CPU: fork (the child starts with torch and transformers imported: seconds, not a minute on a
+    # loaded machine; its memory baseline is taken after the fork). CUDA cannot be forked: spawn.
+    ctx = mp.get_context("spawn" if args[2] == "cuda" else "fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, *args))
     proc.start()
@@ -172,7 +175,13 @@ def measure_in_child(*args) -> dict:
 
 def run(args) -> tuple[list[dict], dict]:
     work = Path(args.work or tempfile.mkdtemp(prefix="o3-gate-"))
+    print(f"preparing {max(args.T + args.today + [1])} adapters and 3 detectors in {work}", flush=True)
     setup = prepare(work, max(args.T + args.today + [1]), args.lm, args.questions)
+    if args.device == "cpu":  # imported here once, so that forked children start with them
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+
+        from athanor.methods.o3.model import O3Model  # noqa: F401
     plan = [("base", 0), ("encoder", 0)] + [("gated", T) for T in args.T] + [("today", T) for T in args.today]
     rows = []
     for kind, T in plan:
@@ -228,6 +237,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="", help="also write the rows here")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     rows, setup = run(args)
     text, ok = table(rows, setup, args)
     print(text)
