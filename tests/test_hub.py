@@ -1,6 +1,5 @@
 """Publishing: the upload folder of a finished run loads back and carries a valid card; uploads go
 through huggingface_hub (HF_ENDPOINT at a local address) and fail with one clear line."""
-import importlib.util
 import json
 import os
 import subprocess

@@ -1,6 +1,5 @@
 """O3 pieces on tiny models: world, orthogonality penalty, per-row gating, detector, config errors."""
 import math
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from athanor.methods.o3.lm import encode_records
 from athanor.methods.o3.lora import OrthogonalPenalty, UnlearnConfig, earlier_lora_A, lora_config, unlearning_answers
 from athanor.methods.o3.model import O3Model, load_adapted_lm
 from athanor.methods.o3.world import DataConfig, build_word_tokenizer, generate_world, request_groups, retained_groups
-from conftest import ROOT, run_recipe
+from conftest import run_recipe
 
 
 def tiny_lm(vocab=200, hidden=32, layers=2):

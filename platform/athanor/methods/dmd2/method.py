@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +55,7 @@ from ...config import ConfigError, OptimConfig, TrainConfig, positive
 from ...data.batches import ShuffledBatches
 from ...engine import Engine, Method
 from ...runner import StageContext
-from ..diffusion import (EDM, EDMClassPipeline, EMA, TeacherConfig, euler_sample, feature_block, guided_nfe,
-                        load_denoiser, null_label)
+from ..diffusion import EDM, EDMClassPipeline, EMA, TeacherConfig, feature_block, load_denoiser, null_label
 
 MULTISTEP = "4step"
 VARIANTS = {  # extra DMD2 runs beside the main one: name -> DMD2Config field changes
