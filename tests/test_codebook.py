@@ -135,7 +135,7 @@ def test_exact_resume_mid_training(tmp_path):
         cfg = CodebookPaperConfig()
         cfg.run.output_dir, cfg.run.max_steps, cfg.run.progress, cfg.run.log_every = str(out), 12, False, 1
         engine = Engine(cfg)
-        model = CodebookModel(tiny_gpt(seed=cfg.run.seed), sites=("heads",), num_codes=16)
+        model = CodebookModel(tiny_gpt(vocab=fsm.vocab_size, seed=cfg.run.seed), sites=("heads",), num_codes=16)
         method = CodebookLM(model, sets["train"], {"input_ids": sets["eval"]["input_ids"]}, 16, seed=0,
                             replace_every=4, eval_batches=1)
         method.setup(engine)
