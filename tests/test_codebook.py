@@ -181,3 +181,22 @@ def test_recipe_end_to_end_tiny(tmp_path):
     sf = report["state_features"]
     assert report["transition_acc"]["baseline"] > 0.9 and report["transition_acc"]["codebook"] > 0.35
     assert sf["code_tuple_precision_median"] > 3 / 24
+
+
+@pytest.mark.slow
+def test_text_option_on_a_saved_hf_model(tmp_path):
+    """Any HF causal LM from a local folder (here a tiny Llama saved with save_pretrained) gets the
+    codebooks on text; the report gives the LM-loss cost of the bottleneck."""
+    tiny_llama(vocab=260).save_pretrained(tmp_path / "llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over {i % 7} lazy dogs.\n" for i in range(300)))
+    out = tmp_path / "run"
+    report = run(codebook.PAPER, ["--config", "recipes/configs/codebook/text.yaml", "--run.output_dir", str(out),
+                                  "--model.name_or_path", str(tmp_path / "llama"), "--data.text.source", str(corpus),
+                                  "--run.max_steps", "8", "--run.progress", "false", "--data.text.block_size", "32",
+                                  "--codebook.num_codes", "32", "--codebook.k", "2", "--codebook.replace_every", "4"])
+    assert report["lm_loss_cost"] == pytest.approx(report["eval_loss"]["codebook"] - report["eval_loss"]["baseline"])
+    assert {"with_replacement", "without_replacement"} <= set(report["dead_code_fraction"])
+    assert "transition_acc" not in report
+    loaded = CodebookModel.from_pretrained(out / "model")
+    assert type(loaded.lm).__name__ == "LlamaForCausalLM" and set(loaded.codebooks) == {"heads0", "heads1"}
