@@ -105,11 +105,14 @@ def equal_cost_plain(curve: dict, blocks: int) -> dict | None:
 
 
 def interpolated_mse(points: list[dict], blocks: float) -> float | None:
-    """Paired MSE of a curve at ``blocks``, linear in log MSE between its neighbours."""
+    """Paired MSE of a curve at ``blocks``, linear in log MSE between its neighbours (linear in MSE
+    next to the reference sampler itself, whose MSE is 0)."""
     pts = sorted(points, key=lambda p: p["blocks"])
     for a, b in zip(pts, pts[1:]):
         if a["blocks"] <= blocks <= b["blocks"]:
             t = (blocks - a["blocks"]) / max(b["blocks"] - a["blocks"], 1)
+            if min(a["mse"], b["mse"]) <= 0:
+                return (1 - t) * a["mse"] + t * b["mse"]
             return math.exp((1 - t) * math.log(a["mse"]) + t * math.log(b["mse"]))
     return None
 

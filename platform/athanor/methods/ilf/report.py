@@ -74,7 +74,7 @@ def report(ctx, results: dict) -> dict:
             continue
         for p in points:  # every curve point against plain sampling at the same counted cost
             plain_mse = interpolated_mse(curve["plain"], p["blocks"])
-            p["plain_over_this_at_equal_cost"] = plain_mse / p["mse"] if plain_mse else None
+            p["plain_over_this_at_equal_cost"] = plain_mse / p["mse"] if plain_mse is not None and p["mse"] > 0 else None
     if once is not None:
         equal["once_over_ilf_same_steps"] = once["mse"] / ilf["mse"]
         once_at = interpolated_mse(curve["once"], ev["ilf_blocks"])
