@@ -1,7 +1,7 @@
 """EigenScore log-determinants: error and time of Gram-exact, float64 Cholesky, float64 eigvalsh and the
 paper's Efficient EigenScore (EES: Chebyshev/KPM with Hutchinson probes) against the matrix size n.
 
-    python benchmarks/eigenscore.py                       # CPU, one thread, n = 512, 2048, 8192 (minutes)
+    python benchmarks/eigenscore.py                       # CPU, one thread, n = 512, 2048, 8192 (~6 min of CPU)
     python benchmarks/eigenscore.py --device cuda --sizes 2048 8192 32768
 
 Two matrices per n (athanor.methods.send.eigenscore has the formulas):
