@@ -69,7 +69,8 @@ def test_local_workers_survive_failures_and_replace_a_dead_worker(tmp_path):
 
 
 TINY = ["--run.max_steps", "12", "--sweep.head_dim", "8", "--data.max_chars", "120000", "--data.eval_batches", "2",
-        "--data.batch_size", "8", "--data.block_size", "32", "--run.log_every", "4"]
+        "--data.batch_size", "8", "--data.block_size", "32", "--run.log_every", "4",
+        "--sweep.seeds", "[0]", "--sweep.table_width", "0"]  # one seed, every variant at every width
 
 
 @pytest.mark.slow
@@ -88,7 +89,8 @@ def test_two_by_two_by_two_sweep_end_to_end(tmp_path):
         assert isinstance(r["diverged"], bool)
     assert set(report["lr_sensitivity"]) == {"baseline", "qk_layernorm"}
     assert set(report["lr_sensitivity"]["baseline"]) == {"8", "16"}
-    assert all(v >= 0 for row in report["lr_sensitivity"].values() for v in row.values())
+    assert all(v["mean"] >= 0 and v["per_seed"] == [v["mean"]] for row in report["lr_sensitivity"].values()
+               for v in row.values())
     assert [d["z_loss_weight"] for d in report["logz_demo"]] == [0.0, 0.0001]
     for png in ("loss_vs_lr.png", "max_attn_logit_high_lr.png", "log_z_demo.png"):
         assert (out / png).stat().st_size > 1000, png
@@ -196,7 +198,9 @@ def test_gpu_config_scales_the_same_recipe(tmp_path):
     assert cfg.data.batch_size * cfg.engine.grad_accum == 256 and len(cfg.sweep.devices) == cfg.sweep.workers
     points = stability.sweep_points(cfg)
     jobs = stability.make_jobs(cfg, points)
-    assert len(jobs) == len(cfg.sweep.variants) * len(cfg.sweep.widths) * len(cfg.sweep.lrs) + len(cfg.logz_demo.z_loss_weights)
+    assert len(jobs) == len(cfg.sweep.variants) * len(cfg.sweep.widths) * len(cfg.sweep.lrs) * len(cfg.sweep.seeds) \
+        + len(cfg.logz_demo.z_loss_weights)
+    assert len(cfg.sweep.seeds) >= 2 and "coupled_wd" in cfg.sweep.variants
     widest = next(p for p in points if p["width"] == 2048)["config"]["model"]
     assert (widest["n_layers"], widest["n_heads"]) == (12, 32)
     slurm = load_config(stability.StabilityConfig, ["--sweep.executor", "slurm", "--sweep.workers", "16"]).sweep

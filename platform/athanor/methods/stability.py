@@ -83,7 +83,8 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # run.seed (init and data order) of every point
     table_width: int = 64  # width of the variants not in width_variants (0: every variant at every width)
     width_variants: list[str] = field(default_factory=lambda: ["baseline", "qk_layernorm"])  # those in variants: every width
-    width_lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-1])  # their LRs off table_width ([]: lrs)
+    width_lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-1])  # their LRs off table_width ([]: lrs;
+    # table_width 0: lrs everywhere)
     head_dim: int = 32  # heads = width // head_dim
     mup_base_width: int = 0  # µParam's base width (0: the smallest width)
     custom_variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {dotted key: value}
@@ -216,7 +217,8 @@ def grid_points(base: dict, sweep: SweepConfig, demo: LogZDemoConfig, root: str)
         for (width, depth) in models:
             if not every_width and width != sweep.table_width:
                 continue
-            lrs = sweep.lrs if (width == sweep.table_width or not sweep.width_lrs) else sweep.width_lrs
+            full = not sweep.table_width or width == sweep.table_width or not sweep.width_lrs
+            lrs = sweep.lrs if full else sweep.width_lrs
             for lr, seed in ((lr, seed) for lr in lrs for seed in sweep.seeds):
                 suffix = f"/s{seed}" if several_seeds else ""
                 points.append(dict(name=f"{variant}/w{width}_L{depth}/lr{lr:.0e}{suffix}", variant=variant,
