@@ -121,6 +121,9 @@ class EngineConfig:
     # torch threads per process on CPU (0: torch's default). Tiny models: one thread is as fast, and two
     # threads on two loaded cores measured 16x slower per step. OMP_NUM_THREADS, when set, wins.
     cpu_threads: int = 1
+    # torch.compile (inductor) every registered model, through accelerate. The first steps pay the
+    # compilation (~40 s for the tiny pretrain model on CPU); see benchmarks/RESULTS.md for the effect.
+    compile: bool = False
 
     def validate(self) -> None:
         choice(self.mixed_precision, ("no", "bf16", "fp16"), "engine.mixed_precision")

@@ -114,7 +114,8 @@ class Engine:
         compat.reset_accelerator_state_if_precision_changes(engine.mixed_precision)
         self.accelerator = Accelerator(cpu=cpu and not deepspeed, mixed_precision=engine.mixed_precision,
                                        gradient_accumulation_steps=engine.grad_accum,
-                                       step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+                                       step_scheduler_with_optimizer=False, kwargs_handlers=handlers,
+                                       **({"dynamo_backend": "inductor"} if engine.compile else {}))
         self.output_dir = Path(output_dir or run.output_dir)
         if run.on_nonfinite == "skip" and self.uses_deepspeed:
             raise ConfigError("run.on_nonfinite=skip is not supported under DeepSpeed (its optimizer steps "

@@ -29,7 +29,7 @@ from ..config import ConfigError, save_config, to_dict
 from . import checkpoint as ckpt
 
 FREE = ("run.output_dir", "run.resume", "run.progress", "run.log_every", "run.eval_every", "run.save_every",
-        "run.keep_last", "run.on_nonfinite", "run.nonfinite_limit", "engine.cpu_threads", "hub.*")
+        "run.keep_last", "run.on_nonfinite", "run.nonfinite_limit", "engine.cpu_threads", "engine.compile", "hub.*")
 APPLIED = ("optim.*", "run.max_steps", "engine.cpu")
 REFUSED_ANYWAY = ("optim.name",)  # another optimizer kind cannot take the saved optimizer state
 
