@@ -122,7 +122,7 @@ class EngineConfig:
     # threads on two loaded cores measured 16x slower per step. OMP_NUM_THREADS, when set, wins.
     cpu_threads: int = 1
     # torch.compile (inductor) every registered model, through accelerate. The first steps pay the
-    # compilation (~40 s for the tiny pretrain model on CPU); see benchmarks/RESULTS.md for the effect.
+    # compilation (~40 s for the tiny pretrain model on an idle CPU); its speed effect is not measured yet.
     compile: bool = False
 
     def validate(self) -> None:
