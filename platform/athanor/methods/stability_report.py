@@ -135,6 +135,8 @@ def seed_mean_logit(values: list[float]) -> float:
 def spread_verdict(base: dict, other: dict) -> str:
     """Did ``other`` lower LR sensitivity beyond the seed spread? Beyond: every seed of ``other``
     below every seed of the baseline (the min–max ranges do not overlap)."""
+    if len(base["per_seed"]) < 2 or len(other["per_seed"]) < 2:
+        return ("lower" if other["mean"] < base["mean"] else "not lower") + " (one seed: no spread to compare with)"
     if other["max"] < base["min"]:
         return "lower, beyond the seed spread"
     if other["mean"] < base["mean"]:
