@@ -77,7 +77,12 @@ class CodebookLayer(nn.Module):
                                    indices.reshape(G, -1).reshape(-1)),
                                   torch.ones((), device=x.device), accumulate=True)
             self.last_input = xn.detach()
-            self.recon_loss = F.mse_loss(out, xn.detach())
+            # The codes alone, gathered again: the op's straight-through path would also push the
+            # input away from its code (d/dx of MSE(out, x.detach()) passed through as d/d out).
+            picked = self.codebook.gather(1, indices.reshape(G, T * self.k, 1).expand(G, T * self.k, d))
+            picked = picked.view(G, T, self.k, d)
+            codes = picked.sum(2) if self.reduce == "sum" else picked.mean(2)
+            self.recon_loss = F.mse_loss(codes, xn.detach())
         if self.training or self.record:
             self.last_indices = indices
         return (out * self.gain[:, None, None]).to(x.dtype)
