@@ -17,7 +17,7 @@ def plot_curves(curve: dict, x_key: str, xlabel: str, path: Path, title: str) ->
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, points in curve.items():
-        pts = sorted(points, key=lambda p: p[x_key])
+        pts = sorted((p for p in points if p["mse"] > 0), key=lambda p: p[x_key])  # the reference itself: off a log axis
         label = {"plain": "plain teacher@N", "plain_ilf_grid": "plain on ILF's levels (s = 0)",
                  "caching": "block caching", "ilf": "ILF (loop + feedback)",
                  "once": "no-loop control"}.get(name, name)
