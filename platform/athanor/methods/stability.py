@@ -522,7 +522,9 @@ def report(ctx: StageContext, results: dict) -> dict:
     cfg, finished = ctx.cfg, results["sweep"]["jobs"]
     runs = [{**{k: p[k] for k in ("name", "variant", "width", "depth", "lr", "seed", "z_loss_weight")},
              **summarize_run(ctx.root / p["name"], finished[p["name"]])} for p in sweep_points(cfg)]
-    base_is_independent_wd = cfg.optim.independent_weight_decay and cfg.optim.weight_decay == \
+    # The independent-decay row (the baseline's runs) only where the sweep makes the comparison.
+    compares_decay = any(v in cfg.sweep.variants for v in ("coupled_wd", "independent_wd"))
+    base_is_independent_wd = compares_decay and cfg.optim.independent_weight_decay and cfg.optim.weight_decay == \
         VARIANTS["independent_wd"]["optim.weight_decay"]
     return write_stability_report(ctx.root, runs, cfg.analysis, cfg.logz_demo, describe(cfg),
                                   baseline_alias="independent_wd" if base_is_independent_wd else None)
