@@ -14,7 +14,7 @@ from conftest import ROOT, run_recipe
 # 30 people, 2 requests of 5 (~2-3 min on 2 idle cores). The thresholds below are the issue's.
 SMALL = ["--data.people", "30", "--data.requests", "2", "--data.groups_per_request", "5", "--data.countries", "8",
          "--run.max_steps", "300", "--run.eval_every", "0", "--unlearn.max_steps", "30", "--detector.train_steps", "3",
-         "--ablations.ga_steps", "5", "--run.progress", "false"]
+         "--ablations.ga_steps", "5", "--ablations.detector_untrained", "false", "--run.progress", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,10 @@ def test_unlearns_requested_facts_and_keeps_the_rest(small_run):
     assert min(base["forget_acc_train"]) >= 0.9  # the facts were known...
     for r in report["requests"]:  # ...and are gone after their request, in new phrasings too
         assert r["forget_acc_train"] <= 0.10 and r["forget_acc_heldout_templates"] <= 0.10, r
-        assert r["auroc"] >= 0.95, r
+        assert r["auroc_heldout_templates"] >= 0.95, r  # questions no detector stored
+        para = r["paraphrase"]  # wordings that are no trained template
+        assert para["base_accuracy"] >= 0.5 and para["forget_accuracy"] <= 0.10 * para["base_accuracy"], para
+    assert "auroc_heldout_templates_ge_0_95" in report["checks"] and "auroc_ge_0_95" not in report["checks"]
     assert last["earlier_requests_forget_acc"] <= 0.10  # request 1 stays forgotten after request 2
     assert last["retain_acc"] >= 0.95 * base["retain_acc"] and last["utility"] >= 0.95 * base["utility"]
     ablations = report["ablations"]

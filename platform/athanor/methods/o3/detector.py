@@ -4,19 +4,23 @@ Gao et al., ICLR 2025, Sec. 3.3, and their code (GCYZSL/O3-LLM-UNLEARNING, ``ood
 
 * **Training** (an encoder with LoRA, forget data only). For a batch, a masked view x~ (MLM-style:
   a share of the tokens replaced by [MASK], or by random tokens for a backbone without one) runs
-  through the LoRA'd encoder, the clean view x through the frozen encoder. Per layer l, with
-  mean-pooled features z~_i, z_j:
+  through the LoRA'd encoder, the clean view x through the frozen encoder. The paper's intent is
+  that a masked view is recognised as its *own* clean view among the batch; per layer l, with
+  mean-pooled, unit-normalised features z~_i, z_j and a temperature T, that is InfoNCE with the
+  positive on the diagonal (van den Oord et al. 2018; SimCSE, Gao et al. 2021):
 
-      L_CE = Σ_l  mean_i  H( softmax_j( z~_i · z_jᵀ ) ),     H(p) = -Σ_j p_j log p_j
+      L_NCE = Σ_l  mean_i  -log softmax_j( z~_i · z_jᵀ / T )_i
 
-  plus the masked-token loss on x~ (the backbone's own MLM head, or the causal LM's next-token
-  head predicting the original tokens at the masked positions).
+  (the official code's entropy H(softmax_j(·)) is low for a confident pick of *any* sample, not
+  the matching one; ``entropy_contrastive`` keeps it for comparison) plus the masked-token loss
+  on x~ (the backbone's own MLM head, or the causal LM's next-token head predicting the original
+  tokens at the masked positions).
 * **Scoring**. Features z_l(x) of layers 1..L are compared with the stored forget features:
 
       s_l(x) = -γ · (1 - max_j cos(z_l(x), z_l(x_j)))  -  ½ · (z_l(x) - μ_l)ᵀ Σ_l⁻¹ (z_l(x) - μ_l)
 
   (local max-cosine distance + global Mahalanobis distance; Σ_l is Ledoit–Wolf shrunk because
-  forget sets are smaller than the feature width).
+  forget sets are smaller than the feature width, and applied through Woodbury, ``LayerStats``).
 * **Aggregation** over layers by a one-class SVM (scikit-learn, linear kernel) fitted on forget
   data only. Its input is u_l = exp(s_l / c_l) ∈ (0, 1] (c_l: median |s_l|), so the SVM's origin
   means "infinitely far from the forget data" and its decision f(x) = ⟨β, u⟩ + b (β ≥ 0) rises
@@ -41,6 +45,7 @@ below it (34% still answered); with random-question folds instead of folds by fa
 
 State: ``encoder_lora/`` (peft), ``detector.safetensors`` (banks, means, precisions, SVM weights),
 ``detector.json`` (backbone, layers, scalars); nothing is serialised as Python objects.
+Σ⁻¹ is never stored as a d x d matrix: see ``LayerStats`` (Woodbury on the low-rank Ledoit–Wolf form).
 """
 from __future__ import annotations
 
@@ -71,6 +76,7 @@ class DetectorConfig:
     lr: float = 1e-4
     mask_prob: float = 0.15
     contrastive_weight: float = 1.0
+    temperature: float = 0.05  # InfoNCE temperature on cosine similarities (SimCSE's 0.05)
     mlm_weight: float = 1.0
     # γ: weight of the max-cosine distance. The official code used 1000 (RoBERTa-large, 1024-d);
     # with 384-d MiniLM features a new phrasing's Mahalanobis part grows ~3x over the calibration
@@ -87,7 +93,7 @@ class DetectorConfig:
 
     def validate(self) -> None:
         choice(self.covariance, ("ledoit_wolf", "empirical"), "detector.covariance")
-        for key in ("lora_r", "lora_alpha", "batch_size", "lr", "sharpness", "max_length"):
+        for key in ("lora_r", "lora_alpha", "batch_size", "lr", "sharpness", "max_length", "temperature"):
             positive(getattr(self, key), f"detector.{key}")
         for key in ("train_steps", "gamma", "mahalanobis_weight", "contrastive_weight", "mlm_weight"):
             positive(getattr(self, key), f"detector.{key}", allow_zero=True)
@@ -178,8 +184,18 @@ def extract_features(model, tokenizer, texts: list[str], max_length: int, batch_
     return feats[:, torch.argsort(torch.tensor(order))]
 
 
+def info_nce(masked: list[torch.Tensor], clean: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Σ_l mean_i -log softmax_j(cos(z~_i, z_j) / T)_i: masked view i should match clean view i."""
+    total = 0.0
+    for z_masked, z_clean in zip(masked, clean):
+        logits = F.normalize(z_masked.float(), dim=-1) @ F.normalize(z_clean.float(), dim=-1).T / temperature
+        total = total + F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+    return total
+
+
 def entropy_contrastive(masked: list[torch.Tensor], clean: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_l mean_i H(softmax_j(z~_i · z_jᵀ)): each masked view should pick out one clean sample."""
+    """Σ_l mean_i H(softmax_j(z~_i · z_jᵀ)), the official code's loss: low for a confident pick of
+    any clean sample, matching or not (kept to show the difference; training uses ``info_nce``)."""
     total = 0.0
     for z_masked, z_clean in zip(masked, clean):
         p = torch.softmax(z_masked.float() @ z_clean.float().T, dim=1)
@@ -188,7 +204,7 @@ def entropy_contrastive(masked: list[torch.Tensor], clean: list[torch.Tensor]) -
 
 
 class DetectorTraining(Method):
-    """LoRA on the detector's backbone: contrastive entropy (masked vs clean view) + masked tokens."""
+    """LoRA on the detector's backbone: InfoNCE (masked view vs its own clean view) + masked tokens."""
 
     def __init__(self, backbone_path: str, cfg: DetectorConfig, texts: list[str], seed: int = 0):
         self.path, self.cfg, self.texts, self.seed = backbone_path, cfg, texts, seed
@@ -232,7 +248,7 @@ class DetectorTraining(Method):
         masked = [(h * mask).sum(1) / mask.sum(1) for h in out.hidden_states[1:]]
         with torch.no_grad(), self.engine.unwrap("encoder").disable_adapter():
             clean = pooled_layers(self.model, batch)
-        return entropy_contrastive(masked, clean), out.loss
+        return info_nce(masked, clean, self.cfg.temperature), out.loss
 
     def train_step(self, batch: dict) -> dict:
         contrastive, mlm = self.losses(batch)
@@ -249,8 +265,9 @@ class DetectorTraining(Method):
 
 # ---------------------------------------------------------------------------- scoring
 def _precision(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Σ⁻¹ of [n, d] features: Ledoit–Wolf (scikit-learn's shrinkage, inverted by Cholesky: the
-    same matrix as ``LedoitWolf().precision_``, ~7x faster) or the pseudo-inverse of the empirical one."""
+    """Dense Σ⁻¹ of [n, d] features: the pseudo-inverse of the empirical covariance
+    (``covariance=empirical``), or Ledoit–Wolf inverted by Cholesky (the reference the low-rank
+    form in ``LayerStats`` is tested against)."""
     from sklearn.covariance import ledoit_wolf_shrinkage
 
     x = x.double() - x.double().mean(0)
@@ -263,24 +280,85 @@ def _precision(x: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.cholesky_inverse(torch.linalg.cholesky(shrunk)).float()
 
 
+def _low_rank(x: torch.Tensor) -> tuple[float, float]:
+    """Ledoit–Wolf Σ = (1-s)·XcᵀXc/n + s·tr(C)/d·I written as a·I + c·XcᵀXc: returns (a, c)."""
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    xc = x.double() - x.double().mean(0)
+    shrink = float(ledoit_wolf_shrinkage(xc.numpy(), assume_centered=True))
+    n, d = xc.shape
+    trace = float(xc.pow(2).sum()) / n
+    return max(shrink * trace / d, 1e-12 * max(trace, 1e-30)), (1 - shrink) / n
+
+
 @dataclass
 class LayerStats:
+    """A detector's per-layer statistics. Ledoit–Wolf's Σ_l = a_l·I + c_l·Xcᵀ Xc (Xc: the n
+    centred forget features, n < d) is kept low-rank instead of as a d x d precision: by
+    Woodbury (Petersen & Pedersen, Matrix Cookbook eq. 156), with K = a·I_n + c·Xc Xcᵀ (n x n),
+
+        (x-μ)ᵀ Σ⁻¹ (x-μ) = ( ‖x-μ‖² - c · vᵀ K⁻¹ v ) / a,    v = Xc (x-μ),
+
+    and Xc comes from the stored bank (unit rows) times the stored norms, so a detector holds
+    bank + norms + a Cholesky factor of K: n·d + n² numbers per layer, not n·d + d² (MiniLM,
+    n = 160 forget questions: 2.7 MiB instead of 5.0 MiB per request). ``precision`` (dense) is
+    used for ``covariance=empirical`` and for folders saved before this form existed."""
     bank: torch.Tensor  # [L, n, d] unit-norm stored features
     mean: torch.Tensor  # [L, d]
-    precision: torch.Tensor  # [L, d, d]
+    precision: torch.Tensor | None = None  # [L, d, d] dense Σ⁻¹, or None for the low-rank form
+    norms: torch.Tensor | None = None  # [L, n] norms of the stored features (bank · norms = features)
+    ridge: torch.Tensor | None = None  # [L] a
+    coef: torch.Tensor | None = None  # [L] c
+    chol: torch.Tensor | None = None  # [L, n, n] float64 Cholesky factor of K (derived, not saved)
 
     @classmethod
     def fit(cls, feats: torch.Tensor, covariance: str) -> "LayerStats":
         mean = feats.mean(1)
-        precision = torch.stack([_precision(f, covariance) for f in feats])
-        return cls(F.normalize(feats, dim=-1), mean, precision)
+        if covariance == "empirical":
+            precision = torch.stack([_precision(f, covariance) for f in feats])
+            return cls(F.normalize(feats, dim=-1), mean, precision)
+        ac = [_low_rank(f) for f in feats]
+        return cls(F.normalize(feats, dim=-1), mean, norms=feats.norm(dim=-1),
+                   ridge=torch.tensor([a for a, _ in ac], dtype=torch.float64),
+                   coef=torch.tensor([c for _, c in ac], dtype=torch.float64)).factorise()
+
+    def centred_bank(self) -> torch.Tensor:
+        """Xc [L, n, d] float64: the stored features minus their mean."""
+        return self.bank.double() * self.norms.double()[..., None] - self.mean.double()[:, None]
+
+    def factorise(self) -> "LayerStats":
+        if self.precision is None and self.chol is None:
+            xc = self.centred_bank()
+            eye = torch.eye(xc.shape[1], dtype=torch.float64)
+            k = self.ridge[:, None, None] * eye + self.coef[:, None, None] * xc @ xc.transpose(1, 2)
+            self.chol = torch.linalg.cholesky(k)
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What ``save`` writes (the factor is recomputed on loading)."""
+        names = ("bank", "mean", "precision") if self.precision is not None else ("bank", "mean", "norms", "ridge",
+                                                                                  "coef")
+        return {k: getattr(self, k).contiguous() for k in names}
+
+    @classmethod
+    def from_tensors(cls, state: dict[str, torch.Tensor]) -> "LayerStats":
+        keys = ("bank", "mean", "precision", "norms", "ridge", "coef")
+        return cls(**{k: state[k] for k in keys if k in state}).factorise()
+
+    def mahalanobis(self, feats: torch.Tensor) -> torch.Tensor:
+        """(x-μ)ᵀ Σ⁻¹ (x-μ) for [L, n, d] features: [L, n]."""
+        centred = feats - self.mean[:, None]
+        if self.precision is not None:
+            return torch.einsum("lnd,lde,lne->ln", centred, self.precision, centred)
+        centred = centred.double()
+        v = torch.einsum("lmd,lnd->lmn", self.centred_bank(), centred)  # Xc (x-μ): [L, n_stored, n]
+        quad = (v * torch.cholesky_solve(v, self.chol)).sum(1)
+        return ((centred.pow(2).sum(-1) - self.coef[:, None] * quad) / self.ridge[:, None]).float()
 
     def parts(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - max cosine, Mahalanobis²), each [n, L]."""
         cos = torch.einsum("lnd,lmd->lnm", F.normalize(feats, dim=-1), self.bank).amax(-1)
-        centred = feats - self.mean[:, None]
-        maha = torch.einsum("lnd,lde,lne->ln", centred, self.precision, centred)
-        return (1 - cos).T, maha.T
+        return (1 - cos).T, self.mahalanobis(feats).T
 
 
 def lora_changes_features(folder: str | Path) -> bool:
@@ -399,6 +477,7 @@ class Detector:
         intercept = float(svm.intercept_[0])
         f_cv = u_cv @ svm.coef_[0] + intercept
         assert np.allclose(f_cv, svm.decision_function(u_cv), atol=1e-6), "linear SVM state mismatch"
+        self.cv_decision = torch.from_numpy(f_cv)  # kept for re-thresholding (tune.py), not saved
         tau = float(np.percentile(f_cv, self.cfg.threshold_percentile))
         spread = max(float(np.median(f_cv)) - tau, 1e-6 * max(1.0, abs(tau)))
         self.stats = LayerStats.fit(feats, self.cfg.covariance)
@@ -413,8 +492,7 @@ class Detector:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"bank": self.stats.bank.contiguous(), "mean": self.stats.mean.contiguous(),
-                   "precision": self.stats.precision.contiguous(), "svm_coef": self.svm_coef.contiguous(),
+        save_file({**self.stats.tensors(), "svm_coef": self.svm_coef.contiguous(),
                    "scale": self.scale.contiguous()}, str(folder / "detector.safetensors"))
         from peft import PeftModel
 
@@ -452,6 +530,6 @@ class Detector:
                 model = PeftModel.from_pretrained(model, folder / "encoder_lora")
             detector = cls(model.to(device).eval(), tokenizer, cfg, meta["backbone"])
         state = load_file(str(folder / "detector.safetensors"))
-        detector.stats = LayerStats(state["bank"], state["mean"], state["precision"])
+        detector.stats = LayerStats.from_tensors(state)
         detector.svm_coef, detector.scale, detector.scalars = state["svm_coef"], state["scale"], meta["scalars"]
         return detector

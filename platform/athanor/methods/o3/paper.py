@@ -8,6 +8,7 @@ recipe runs again) and its report.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from ...compat import plain_loading
 from ...runner import Paper, Stage, StageContext
@@ -77,10 +78,24 @@ def stages(cfg: O3Config) -> list[Stage]:
         out += [Stage(f"ablation_lambda0_request_{t}", lambda ctx, t=t: unlearn_request(
             ctx, t, adapters(ctx, "ablation_lambda0_request_", t - 1), forget_records(ctx.cfg, t), orth_lambda=0.0),
             needs=("base",)) for t in range(1, T + 1)]
-        out.append(Stage("ablation_lambda0_eval", evaluation(lambda ctx, data, sets: {
-            **evaluate_ablation(ctx.cfg, data, sets, base_dir(ctx), adapters(ctx, "ablation_lambda0_request_", T),
-                                ctx.cfg.unlearn.gate, score_files(ctx, T)),
-            "adapter_overlap": adapter_overlap(adapters(ctx, "ablation_lambda0_request_", T))}), needs=("base", *last)))
+        def lambda0_eval(ctx, data, sets):
+            dirs = adapters(ctx, "ablation_lambda0_request_", T)
+            ungated = evaluate_ablation(ctx.cfg, data, sets, base_dir(ctx), dirs, "always_on", [])
+            return {**evaluate_ablation(ctx.cfg, data, sets, base_dir(ctx), dirs, ctx.cfg.unlearn.gate,
+                                        score_files(ctx, T)),
+                    "adapter_overlap": adapter_overlap(dirs),  # and the λ=0 adapters composed without the gate:
+                    "ungated_composed_target_rate": ungated.get("composed_target_rate")}
+
+        out.append(Stage("ablation_lambda0_eval", evaluation(lambda0_eval),
+                         needs=("base", *last, *[f"ablation_lambda0_request_{t}" for t in range(1, T + 1)])))
+    if ab.detector_untrained and cfg.detector.train_steps:  # the same detectors on the pretrained encoder
+        untrained = replace(cfg.detector, train_steps=0)
+        out += [Stage(f"ablation_detector0_{t}", lambda ctx, t=t: train_detector(
+            ctx, t, forget_records(ctx.cfg, t), untrained, variants=False), needs=("base",)) for t in range(1, T + 1)]
+        out.append(Stage("ablation_detector0_eval", evaluation(lambda ctx, data, sets: evaluate_ablation(
+            ctx.cfg, data, sets, base_dir(ctx), adapters(ctx, "request_", T), ctx.cfg.unlearn.gate,
+            [str(ctx.stage_dir(f"ablation_detector0_{t}") / "scores.safetensors") for t in range(1, T + 1)])),
+            needs=("base", *last, *[f"ablation_detector0_{t}" for t in range(1, T + 1)])))
     if ab.gradient_ascent:  # each request ascends from the previous request's model
         def ga_model(ctx: StageContext, t: int) -> str:
             return base_dir(ctx) if t == 0 else str(ctx.stage_dir(f"ablation_ga_request_{t}") / "model")
@@ -94,12 +109,14 @@ def stages(cfg: O3Config) -> list[Stage]:
 
 ABLATIONS = {"ablation_always_on": "always_on", "ablation_per_request_gate": "per_request_gate",
              **{f"ablation_gate_{name}": f"gate_{name}" for name in ("cosine_only", "mahalanobis_only", "random_folds")},
-             "ablation_lambda0_eval": "lambda0", "ablation_ga_eval": "gradient_ascent"}
+             "ablation_lambda0_eval": "lambda0", "ablation_ga_eval": "gradient_ascent",
+             "ablation_detector0_eval": "detector_train_steps_0"}
 
 
 def report(ctx: StageContext, results: dict) -> dict:
     """report.json/md, plots, the O3 folder (OUTPUT/o3) and samples generated from it, reloaded."""
     from ...report import write_report
+    from .tune import COMMAND as TUNE_COMMAND
 
     cfg: O3Config = ctx.cfg
     data, sets = world(cfg)
@@ -107,7 +124,10 @@ def report(ctx: StageContext, results: dict) -> dict:
     base, base_eval = results["base"], results["base_eval"]
     requests = [{**results[f"eval_{t}"], "target_rate": results[f"request_{t}"]["target_rate"],
                  "detector_tau": results[f"detector_{t}"]["tau"],
-                 "orth_penalty_last": results[f"request_{t}"]["orth_penalty_last"]} for t in range(1, T + 1)]
+                 "orth_penalty_last": results[f"request_{t}"]["orth_penalty_last"],
+                 "paraphrase": {"base_accuracy": base_eval["forget_acc_paraphrase"][t - 1],
+                                "forget_accuracy": results[f"eval_{t}"]["forget_acc_paraphrase"]}}
+                for t in range(1, T + 1)]
     ablations = {label: {k: v for k, v in results[name].items() if k != "seconds"}
                  for name, label in ABLATIONS.items() if name in results}
     adapter_dirs = adapters(ctx, "request_", T)
@@ -117,8 +137,12 @@ def report(ctx: StageContext, results: dict) -> dict:
            "requests": [{k: v for k, v in r.items() if k != "seconds"} for r in requests], "ablations": ablations,
            "checks": checks(base_eval, requests, ablations), "adapter_overlap": adapter_overlap(adapter_dirs),
            "adapter_overlap_lambda0": ablations.get("lambda0", {}).get("adapter_overlap"),
+           "detector_train_steps": cfg.detector.train_steps,
            "detector_parts": {k: v for k, v in requests[-1].items() if k.startswith("auroc")},
-           "world_size": ctx.state.num_processes, "o3_dir": f"{cfg.run.output_dir}/o3"}
+           "world_size": ctx.state.num_processes, "o3_dir": f"{cfg.run.output_dir}/o3",
+           "tuning": {"dev_seed": cfg.data.dev_seed, "data_seed": cfg.data.seed, "command": TUNE_COMMAND,
+                      "values": {k: getattr(cfg.detector, k) for k in ("gamma", "threshold_percentile", "sharpness")},
+                      "evaluated_on_dev_world": cfg.data.seed == cfg.data.dev_seed}}
     detectors = [str(ctx.stage_dir(f"detector_{t}") / "detector") for t in range(1, T + 1)]
     folder = save_o3_folder(ctx.root, cfg, base_dir(ctx), bool(base["steps"]), adapter_dirs, detectors,
                             {k: v for k, v in requests[-1].items() if isinstance(v, float)})

@@ -33,6 +33,7 @@ class AblationConfig:
     gate_variants: bool = True  # detectors without Mahalanobis / without cosine / calibrated by random folds
     lambda0: bool = True  # adapters retrained with λ = 0
     gradient_ascent: bool = True  # full-model gradient ascent on each forget set, no gate
+    detector_untrained: bool = True  # detectors on the pretrained encoder (detector.train_steps = 0)
     ga_steps: int = 10
     ga_lr: float = 1e-3
 
@@ -61,18 +62,24 @@ class EvalSets:
     forget_heldout: list[list[int]]  # per request: its groups, held-out phrasings (D.U.)
     retain: list[int]  # groups never requested, every phrasing (R.D.)
     utility: list[int]  # facts of another kind, never requested
-    forget_all: list[list[int]] = field(default_factory=list)
+    forget_all: list[list[int]] = field(default_factory=list)  # per request: trained + held-out templates
+    forget_paraphrase: list[list[int]] = field(default_factory=list)  # per request: PARAPHRASES wordings
+    retain_paraphrase: list[int] = field(default_factory=list)  # retained people's paraphrases
 
     @classmethod
     def build(cls, data: QAData, requests: list[list[str]], retained: list[str]) -> "EvalSets":
         def idx(pred):
             return [i for i, r in enumerate(data.records) if pred(r)]
 
-        fact = [lambda r, g=set(gs), h=h: r.kind == "fact" and r.group in g and r.heldout == h
+        fact = [lambda r, g=set(gs), h=h: r.kind == "fact" and r.group in g and r.heldout == h and not r.paraphrase
                 for gs in requests for h in (False, True)]
+        kept = set(retained)
         sets = cls([idx(f) for f in fact[0::2]], [idx(f) for f in fact[1::2]],
-                   idx(lambda r: r.kind == "fact" and r.group in set(retained)), idx(lambda r: r.kind == "utility"))
+                   idx(lambda r: r.kind == "fact" and r.group in kept and not r.paraphrase),
+                   idx(lambda r: r.kind == "utility"))
         sets.forget_all = [a + b for a, b in zip(sets.forget_train, sets.forget_heldout)]
+        sets.forget_paraphrase = [idx(lambda r, g=set(gs): r.paraphrase and r.group in g) for gs in requests]
+        sets.retain_paraphrase = idx(lambda r: r.paraphrase and r.group in kept)
         return sets
 
 
@@ -155,7 +162,8 @@ def unlearn_request(ctx: StageContext, t: int, earlier: list[str], records, orth
             "trainable_params": method.n_trainable}
 
 
-def train_detector(ctx: StageContext, t: int, records) -> dict:
+def train_detector(ctx: StageContext, t: int, records, dcfg: DetectorConfig | None = None,
+                   variants: bool = True) -> dict:
     """Request t's detector on its forget ``records``: the encoder LoRA is trained on every process
     (an engine run); calibration (cross-fitted by fact: a fact's phrasings share a fold) and the
     scores of every record (cached for evaluation) train nothing, so they run on the main process
@@ -165,7 +173,7 @@ def train_detector(ctx: StageContext, t: int, records) -> dict:
 
     cfg: O3Config = ctx.cfg
     data, _ = world(cfg)
-    dcfg, out = cfg.detector, ctx.dir
+    dcfg, out = dcfg or cfg.detector, ctx.dir
     optim = OptimConfig(lr=dcfg.lr, schedule="constant", weight_decay=0.0, grad_clip=1.0)
     engine = ctx.engine(max_steps=max(1, dcfg.train_steps), optim=optim)
     texts, facts = [r.question for r in records], [r.fact for r in records]
@@ -188,7 +196,7 @@ def train_detector(ctx: StageContext, t: int, records) -> dict:
         cos_dist, maha = detector.stats.parts(all_feats)
         scores = {"logit": detector.logit_from_features(all_feats), "cos_distance": cos_dist.mean(1),
                   "mahalanobis": maha.mean(1)}
-        for name, (variant, groups) in GATE_VARIANTS(dcfg, facts).items():  # what carries the gate
+        for name, (variant, groups) in (GATE_VARIANTS(dcfg, facts) if variants else {}).items():  # what carries the gate
             other = Detector(encoder, tokenizer, variant, dcfg.backbone)
             other.fit(feats, seed=cfg.run.seed + t, groups=groups)
             scores[f"logit_{name}"] = other.logit_from_features(all_feats)
@@ -247,8 +255,13 @@ def auroc(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> float
     return float(roc_auc_score(y, torch.cat([positive_scores, negative_scores]).double().numpy()))
 
 
-def measure(o3: O3Model, data: QAData, sets: EvalSets, t: int, logits: torch.Tensor | None) -> dict:
-    """The report's metrics after request t (1-based) for one model and gate."""
+def measure(o3: O3Model, data: QAData, sets: EvalSets, t: int, logits: torch.Tensor | None,
+            targets: list[list[str]] | None = None) -> dict:
+    """The report's metrics after request t (1-based) for one model and gate; with ``targets``
+    (per request, the unlearning answers its adapter was trained to give on its trained
+    questions) also ``composed_target_rate``: the share of requests 1..t's trained questions that
+    the composed adapters still answer with their own request's target. Each adapter was trained
+    alone on the base LM, so a rate below the adapters' own ``target_rate`` is interference."""
     def acc(idx):
         if not idx:
             return None
@@ -263,10 +276,18 @@ def measure(o3: O3Model, data: QAData, sets: EvalSets, t: int, logits: torch.Ten
     earlier = [i for s in sets.forget_all[:t - 1] for i in s]
     out = {"request": t, "forget_acc_train": acc(sets.forget_train[t - 1]),
            "forget_acc_heldout_templates": acc(sets.forget_heldout[t - 1]),
-           "retain_acc": acc(sets.retain), "utility": acc(sets.utility),
+           "forget_acc_paraphrase": acc(sets.forget_paraphrase[t - 1]),
+           "retain_acc": acc(sets.retain), "retain_acc_paraphrase": acc(sets.retain_paraphrase),
+           "utility": acc(sets.utility),
            "earlier_requests_forget_acc": acc(earlier) if earlier else None,
            "mean_w_forget": mean_w(sets.forget_all[t - 1]), "mean_w_retain": mean_w(sets.retain),
            "mean_w_utility": mean_w(sets.utility)}
+    if targets is not None and o3.adapters:
+        idx = [i for s in sets.forget_train[:t] for i in s]
+        weights = o3.adapter_weights(logits[idx] if logits is not None else None, len(idx))
+        answers = [a for request in targets[:t] for a in request]
+        hits = o3.answer_matches([data.records[i] for i in idx], weights, answers)
+        out["composed_target_rate"] = hits.float().mean().item()
     return out
 
 
@@ -274,13 +295,27 @@ def detector_metrics(scores: dict[str, torch.Tensor], sets: EvalSets, t: int, ke
     """AUROC of forget (requests 1..t) vs retain records for the gate and its parts."""
     forget = [i for s in sets.forget_all[:t] for i in s]
     heldout = [i for s in sets.forget_heldout[:t] for i in s]
+    paraphrase = [i for s in sets.forget_paraphrase[:t] for i in s]
+    negatives = sets.retain + sets.retain_paraphrase + sets.utility  # every question no request touches
     gate = scores[key][:, :t].amax(1)  # max over requests, monotone in w(x)
     cosine = -scores["cos_distance"][:, :t].amin(1)
     maha = -scores["mahalanobis"][:, :t].amin(1)
-    return {"auroc": auroc(gate[forget], gate[sets.retain]),
-            "auroc_heldout_templates": auroc(gate[heldout], gate[sets.retain]) if heldout else None,
+    return {"auroc": auroc(gate[forget], gate[sets.retain]),  # pooled: 2/3 of its positives are stored questions
+            # questions the detectors never stored (vs retained/utility questions)
+            "auroc_heldout_templates": auroc(gate[heldout], gate[negatives]) if heldout else None,
+            "auroc_paraphrase": auroc(gate[paraphrase], gate[negatives]) if paraphrase else None,
+            # at the calibrated threshold (w = ½): never-stored forget questions caught, untouched ones let through
+            "caught_new_forget": (gate[heldout + paraphrase] > 0).float().mean().item() if heldout + paraphrase
+            else None,
+            "passed_untouched": (gate[negatives] < 0).float().mean().item(),
             "auroc_max_cosine_only": auroc(cosine[forget], cosine[sets.retain]),
             "auroc_mahalanobis_only": auroc(maha[forget], maha[sets.retain])}
+
+
+def request_targets(cfg: O3Config, data: QAData, sets: EvalSets) -> list[list[str]]:
+    """Per request, the answers its adapter was trained on (as ``unlearn_request`` draws them)."""
+    return [unlearning_answers([data.records[i] for i in idx], cfg.unlearn, data, seed=cfg.run.seed * 1000 + t)
+            for t, idx in enumerate(sets.forget_train, start=1)]
 
 
 def evaluate_request(cfg: O3Config, data: QAData, sets: EvalSets, t: int, base_dir: str, adapters: list[str],
@@ -290,7 +325,7 @@ def evaluate_request(cfg: O3Config, data: QAData, sets: EvalSets, t: int, base_d
             scores = load_scores(score_paths)
             o3 = O3Model.from_parts(base_dir, [Path(a) for a in adapters], [], cfg.unlearn.gate,
                                     cfg.data.prompt_template, cfg.data.max_length, cfg.model.dtype, detectors=[])
-            return {**measure(o3, data, sets, t, scores["logit"]), **detector_metrics(scores, sets, t)}
+            return {**measure(o3, data, sets, t, scores["logit"], request_targets(cfg, data, sets)), **detector_metrics(scores, sets, t)}
     return on_main_then_broadcast(run)
 
 
@@ -305,7 +340,9 @@ def evaluate_base(cfg: O3Config, data: QAData, sets: EvalSets, base_dir: str) ->
 
         return {"forget_acc_train": [acc(s) for s in sets.forget_train],
                 "forget_acc_heldout_templates": [acc(s) for s in sets.forget_heldout],
-                "retain_acc": acc(sets.retain), "utility": acc(sets.utility)}
+                "forget_acc_paraphrase": [acc(s) for s in sets.forget_paraphrase],
+                "retain_acc": acc(sets.retain), "retain_acc_paraphrase": acc(sets.retain_paraphrase),
+                "utility": acc(sets.utility)}
     return on_main_then_broadcast(run)
 
 
@@ -318,9 +355,10 @@ def evaluate_ablation(cfg: O3Config, data: QAData, sets: EvalSets, base_dir: str
             o3 = O3Model.from_parts(base_dir, [Path(a) for a in adapters], [], gate, cfg.data.prompt_template,
                                     cfg.data.max_length, cfg.model.dtype, detectors=[])
             t = len(sets.forget_train)
+            targets = request_targets(cfg, data, sets)
             if scores is None:
-                return measure(o3, data, sets, t, None)
-            return {**measure(o3, data, sets, t, scores[key]), **detector_metrics(scores, sets, t, key)}
+                return measure(o3, data, sets, t, None, targets)
+            return {**measure(o3, data, sets, t, scores[key], targets), **detector_metrics(scores, sets, t, key)}
     return on_main_then_broadcast(run)
 
 

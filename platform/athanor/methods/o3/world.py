@@ -38,6 +38,16 @@ PATTERNS = ["what is the {noun} of {name} ?", "tell me the {noun} of {name} .", 
             "{name} has which {noun} ?", "what {noun} does {name} have ?", "the {noun} of {name} is what ?"]
 
 
+# Paraphrases: new word orders built only from words the patterns above already use. No attribute
+# is trained or stored by a detector in these phrasings for a requested person, so forgetting
+# must carry over to a wording that is no trained template at all. With
+# ``data.paraphrase_train_retained`` the base LM sees them for *retained* people only (it learns
+# the word order on facts no request touches); requested people's paraphrases stay unseen by the
+# base LM's training on them, by the adapters and by the detectors.
+PARAPHRASES = ["tell me which {noun} {name} has .", "the {noun} {name} has is what ?",
+               "{name} does have which {noun} ?"]
+
+
 def attribute_templates(k: int, noun: str, n: int) -> list[str]:
     return [PATTERNS[(k + i) % len(PATTERNS)].replace("{noun}", noun) for i in range(n)]
 
@@ -63,6 +73,7 @@ class QA:
     heldout: bool = False  # a phrasing never trained on (D.U.)
     attribute: str = ""
     fact: str = ""  # records of one fact in different phrasings share it
+    paraphrase: bool = False  # a PARAPHRASES wording (no trained template); trained only for retained people
 
 
 @dataclass
@@ -85,6 +96,9 @@ class DataConfig:
     attributes: int = 4  # first N of: hometown, job, pet, colour
     templates: int = 6  # question templates per attribute (at most 6) ...
     heldout_templates: int = 2  # ... of which the last N are never trained on
+    paraphrases: int = 3  # PARAPHRASES wordings per fact (at most 3): an evaluation set of no trained template
+    paraphrase_train_retained: bool = False  # True: the base LM also trains on retained people's paraphrases
+    dev_seed: int = 1  # the world the detector's γ / percentile / sharpness were tuned on (methods/o3/tune.py)
     countries: int = 20  # utility facts: made-up countries x (language, currency), never requested
     requests: int = 3  # sequential unlearning requests
     groups_per_request: int = 10  # people (authors) forgotten per request
@@ -109,6 +123,8 @@ class DataConfig:
         if not 0 <= self.heldout_templates < self.templates <= len(PATTERNS):
             raise ConfigError(f"data.templates={self.templates} must be in [1, {len(PATTERNS)}] and exceed "
                               f"data.heldout_templates={self.heldout_templates} >= 0")
+        if not 0 <= self.paraphrases <= len(PARAPHRASES):
+            raise ConfigError(f"data.paraphrases={self.paraphrases} must be in [0, {len(PARAPHRASES)}]")
         if "{question}" not in self.prompt_template:
             raise ConfigError(f"data.prompt_template={self.prompt_template!r} must contain {{question}}")
         if self.source == "world" and self.requests * self.groups_per_request >= self.people:
@@ -128,7 +144,9 @@ def _words(rng: random.Random, n: int, syllables: int, taken: set[str]) -> list[
 
 
 def generate_world(cfg: DataConfig) -> QAData:
-    """People x attributes x templates (the last ``heldout_templates`` held out) + utility facts."""
+    """People x attributes x templates (the last ``heldout_templates`` held out) + paraphrases +
+    utility facts. Paraphrase records are held out (never trained) unless the person is retained
+    and ``paraphrase_train_retained`` is on."""
     rng = random.Random(cfg.seed)
     taken: set[str] = set()
     # first and last names are each unique (either word identifies a person, as with real names)
@@ -143,13 +161,22 @@ def generate_world(cfg: DataConfig) -> QAData:
             for i, template in enumerate(templates):
                 records.append(QA(template.format(name=person), value, person, "fact",
                                   i >= cfg.templates - cfg.heldout_templates, attr, f"{person}|{attr}"))
+            for template in PARAPHRASES[:cfg.paraphrases]:
+                records.append(QA(template.replace("{noun}", noun).format(name=person), value, person, "fact",
+                                  True, attr, f"{person}|{attr}", paraphrase=True))
     for attr, (templates, values) in UTILITY.items():
         choices[attr] = values
         for country in countries:
             value = rng.choice(values)
             records += [QA(t.format(name=country), value, country, "utility", False, attr, f"{country}|{attr}")
                         for t in templates]
-    return QAData(records, people, choices)
+    data = QAData(records, people, choices)
+    if cfg.paraphrase_train_retained:  # retained people's paraphrases become training records
+        retained = set(retained_groups(data, request_groups(data, cfg)))
+        for r in records:
+            if r.paraphrase and r.group in retained:
+                r.heldout = False
+    return data
 
 
 def load_qa_dataset(cfg: DataConfig) -> QAData:
