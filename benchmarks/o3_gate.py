@@ -13,7 +13,10 @@ O3 model and one generate cost; on CUDA it is torch's peak allocated memory.
 
 Everything is synthetic except the tiny world's questions: an untrained base LM of the recipe's
 shape (or ``--lm 1b``), T LoRA adapters with random A and B (peft's format, the recipe's LoRA
-config), and T detectors fitted on MiniLM features of the recipe's three forget sets (cycled). The
+config), and T detectors fitted on MiniLM features of the recipe's three forget sets (cycled, each
+request its own copy of the files; each
+keeps its Mahalanobis statistics low-rank, ``detector.LayerStats``: n·d + n² numbers per layer for
+n stored questions instead of a d x d precision, so what grows with T is small). The
 targets (issue 16): gated at T=30 <= 1.5x gated at T=1 (latency and memory); gated at T=3 <= one
 encoder pass + 1.5x the base LM's generate.
 """
@@ -23,6 +26,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -110,6 +114,9 @@ def prepare(work: Path, t_max: int, lm: str, n_questions: int) -> dict:
         detector.fit(feats, seed=k, groups=[r.fact for r in records])
         detector.save(work / "detectors" / f"request_{k}")
         detectors.append(str(work / "detectors" / f"request_{k}"))
+    for t in range(len(detectors) + 1, t_max + 1):  # own files per request: no page cache shared between them
+        shutil.copytree(detectors[(t - 1) % len(sets.forget_train)], work / "detectors" / f"request_{t}")
+        detectors.append(str(work / "detectors" / f"request_{t}"))
     step = max(1, len(data.records) // n_questions)
     questions = [r.question for r in data.records[::step]][:n_questions]
     return {"base": str(work / "base"), "adapters": adapters, "detectors": detectors, "questions": questions,
@@ -133,7 +140,7 @@ def measure(kind: str, T: int, setup: dict, device: str, repeats: int, threads: 
         encoder = SharedEncoder(setup["encoder_path"], device)
         work = lambda: encoder.features(questions, setup["max_length"], None)  # noqa: E731
     else:
-        detectors = [setup["detectors"][t % len(setup["detectors"])] for t in range(T)]
+        detectors = setup["detectors"][:T]
         gate = "off" if kind == "base" else "max"
         o3 = O3Model.from_parts(setup["base"], setup["adapters"][:T], detectors, gate,
                                 setup["prompt_template"], stack=kind != "today").to(device)
@@ -175,7 +182,7 @@ def measure_in_child(*args) -> dict:
 
 def run(args) -> tuple[list[dict], dict]:
     work = Path(args.work or tempfile.mkdtemp(prefix="o3-gate-"))
-    print(f"preparing {max(args.T + args.today + [1])} adapters and 3 detectors in {work}", flush=True)
+    print(f"preparing {max(args.T + args.today + [1])} adapters and detectors in {work}", flush=True)
     setup = prepare(work, max(args.T + args.today + [1]), args.lm, args.questions)
     if args.device == "cpu":  # imported here once, so that forked children start with them
         import peft  # noqa: F401

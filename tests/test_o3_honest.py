@@ -67,11 +67,11 @@ def test_low_rank_mahalanobis_equals_the_dense_ledoit_wolf_precision():
     queries = torch.randn(3, 7, 48) @ mix + 1.0
     stats = LayerStats.fit(feats, "ledoit_wolf")
     assert stats.precision is None  # nothing d x d is kept...
-    assert all(v.shape[-1] != 48 or v.dim() < 3 or v.shape[-2] != 48 for v in stats.tensors().values())
+    assert all(v.shape[-2:] != (48, 48) for v in stats.tensors().values())
     dense = torch.stack([_precision(f, "ledoit_wolf") for f in feats]).double()
     for x in (queries, feats):
         centred = (x - stats.mean[:, None]).double()
         reference = torch.einsum("lnd,lde,lne->ln", centred, dense, centred)
-        torch.testing.assert_close(stats.mahalanobis(x).double(), reference, rtol=1e-4, atol=1e-4)  # ...same values
+        torch.testing.assert_close(stats.mahalanobis(x).double(), reference, rtol=1e-3, atol=1e-3)  # ...same values
     reloaded = LayerStats.from_tensors(stats.tensors())
     torch.testing.assert_close(reloaded.mahalanobis(queries), stats.mahalanobis(queries))

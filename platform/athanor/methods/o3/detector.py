@@ -78,17 +78,20 @@ class DetectorConfig:
     contrastive_weight: float = 1.0
     temperature: float = 0.05  # InfoNCE temperature on cosine similarities (SimCSE's 0.05)
     mlm_weight: float = 1.0
-    # γ: weight of the max-cosine distance. The official code used 1000 (RoBERTa-large, 1024-d);
-    # with 384-d MiniLM features a new phrasing's Mahalanobis part grows ~3x over the calibration
-    # one and should not drown the cosine part: at γ=1e3 1.7% of new phrasings of forgotten facts
-    # fell below w = ½ (pretrained features, tiny world), at γ=1e4 none did; retain stayed ~0 in both.
+    # γ (weight of the max-cosine distance), the calibration percentile and the sharpness were
+    # tuned on the dev world (data.dev_seed = 1; `python -m athanor.methods.o3.tune`, grid
+    # γ ∈ {1e2, 1e3, 3e3, 1e4, 3e4, 1e5} x percentile ∈ {1, 2.5, 5, 10} x sharpness ∈ {2, 4, 8, 16}),
+    # never on the default world the report evaluates. Only γ = 1e4 met every check there (best
+    # worst-case margin 0.031, set by retain accuracy 0.979 vs base 0.999); γ = 3e3 and 3e4 already
+    # failed (margins -0.006 and -0.040 at their best): a narrow optimum. The official code used 1e3
+    # (RoBERTa-large); percentile 10 and sharpness 16 beat 5 and 8 (margin 0.028) by a hair.
     gamma: float = 10000.0
     mahalanobis_weight: float = 1.0  # multiplies ½ Mahalanobis; 0: max-cosine only
     covariance: str = "ledoit_wolf"  # ledoit_wolf | empirical
     cv_folds: int = 10
     svm_nu: float = 0.01  # one-class SVM ν (official: 0.01)
-    threshold_percentile: float = 5.0  # τ: this percentile of the cross-fitted forget scores
-    sharpness: float = 8.0  # w at the median cross-fitted forget score = sigmoid(sharpness)
+    threshold_percentile: float = 10.0  # τ: this percentile of the cross-fitted forget scores
+    sharpness: float = 16.0  # w at the median cross-fitted forget score = sigmoid(sharpness)
     max_length: int = 64
 
     def validate(self) -> None:
@@ -295,21 +298,24 @@ def _low_rank(x: torch.Tensor) -> tuple[float, float]:
 class LayerStats:
     """A detector's per-layer statistics. Ledoit–Wolf's Σ_l = a_l·I + c_l·Xcᵀ Xc (Xc: the n
     centred forget features, n < d) is kept low-rank instead of as a d x d precision: by
-    Woodbury (Petersen & Pedersen, Matrix Cookbook eq. 156), with K = a·I_n + c·Xc Xcᵀ (n x n),
+    Woodbury (Petersen & Pedersen, Matrix Cookbook eq. 156), with K = a·I_n + c·Xc Xcᵀ = R Rᵀ
+    (Cholesky) and the whitened bank W = R⁻¹ Xc (n x d),
 
-        (x-μ)ᵀ Σ⁻¹ (x-μ) = ( ‖x-μ‖² - c · vᵀ K⁻¹ v ) / a,    v = Xc (x-μ),
+        (x-μ)ᵀ Σ⁻¹ (x-μ) = ( ‖x-μ‖² - c · ‖W (x-μ)‖² ) / a,
 
-    and Xc comes from the stored bank (unit rows) times the stored norms, so a detector holds
-    bank + norms + a Cholesky factor of K: n·d + n² numbers per layer, not n·d + d² (MiniLM,
-    n = 160 forget questions: 2.7 MiB instead of 5.0 MiB per request). ``precision`` (dense) is
-    used for ``covariance=empirical`` and for folders saved before this form existed."""
+    so a detector holds bank + W: 2·n·d numbers per layer, not n·d + d² (MiniLM, n = 160 forget
+    questions: 3.0 MiB instead of 5.0 MiB per request), and scoring is one n x d product per
+    layer (~10x faster than the d x d quadratic form). W is computed in float64 and kept in
+    float32; the squared norms are subtracted in float64 (relative error ~1e-4 against the dense
+    float64 form on MiniLM features, where ‖x-μ‖²/a is ~170x the result). ``precision`` (dense)
+    serves ``covariance=empirical`` and folders saved before this form existed."""
     bank: torch.Tensor  # [L, n, d] unit-norm stored features
     mean: torch.Tensor  # [L, d]
     precision: torch.Tensor | None = None  # [L, d, d] dense Σ⁻¹, or None for the low-rank form
     norms: torch.Tensor | None = None  # [L, n] norms of the stored features (bank · norms = features)
     ridge: torch.Tensor | None = None  # [L] a
     coef: torch.Tensor | None = None  # [L] c
-    chol: torch.Tensor | None = None  # [L, n, n] float64 Cholesky factor of K (derived, not saved)
+    whitened: torch.Tensor | None = None  # [L, n, d] W = R⁻¹ Xc (saved: loading computes nothing)
 
     @classmethod
     def fit(cls, feats: torch.Tensor, covariance: str) -> "LayerStats":
@@ -327,22 +333,25 @@ class LayerStats:
         return self.bank.double() * self.norms.double()[..., None] - self.mean.double()[:, None]
 
     def factorise(self) -> "LayerStats":
-        if self.precision is None and self.chol is None:
-            xc = self.centred_bank()
-            eye = torch.eye(xc.shape[1], dtype=torch.float64)
-            k = self.ridge[:, None, None] * eye + self.coef[:, None, None] * xc @ xc.transpose(1, 2)
-            self.chol = torch.linalg.cholesky(k)
+        if self.precision is None and self.whitened is None:
+            eye = torch.eye(self.bank.shape[1], dtype=torch.float64)
+            rows = []
+            for a, c, xc in zip(self.ridge, self.coef, self.centred_bank()):
+                chol = torch.linalg.cholesky(a * eye + c * xc @ xc.T)
+                rows.append(torch.linalg.solve_triangular(chol, xc, upper=False).float())
+            self.whitened = torch.stack(rows)
         return self
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """What ``save`` writes (the factor is recomputed on loading)."""
+        """What ``save`` writes. W is saved too: computing it at load time left ~5 MiB of
+        freed-but-held heap per detector (glibc fragmentation), which grew the gate's memory with T."""
         names = ("bank", "mean", "precision") if self.precision is not None else ("bank", "mean", "norms", "ridge",
-                                                                                  "coef")
+                                                                                  "coef", "whitened")
         return {k: getattr(self, k).contiguous() for k in names}
 
     @classmethod
     def from_tensors(cls, state: dict[str, torch.Tensor]) -> "LayerStats":
-        keys = ("bank", "mean", "precision", "norms", "ridge", "coef")
+        keys = ("bank", "mean", "precision", "norms", "ridge", "coef", "whitened")
         return cls(**{k: state[k] for k in keys if k in state}).factorise()
 
     def mahalanobis(self, feats: torch.Tensor) -> torch.Tensor:
@@ -350,10 +359,9 @@ class LayerStats:
         centred = feats - self.mean[:, None]
         if self.precision is not None:
             return torch.einsum("lnd,lde,lne->ln", centred, self.precision, centred)
-        centred = centred.double()
-        v = torch.einsum("lmd,lnd->lmn", self.centred_bank(), centred)  # Xc (x-μ): [L, n_stored, n]
-        quad = (v * torch.cholesky_solve(v, self.chol)).sum(1)
-        return ((centred.pow(2).sum(-1) - self.coef[:, None] * quad) / self.ridge[:, None]).float()
+        projected = torch.einsum("lmd,lnd->lnm", self.whitened, centred)  # W (x-μ): [L, n, n_stored]
+        quad = centred.double().pow(2).sum(-1) - self.coef[:, None] * projected.double().pow(2).sum(-1)
+        return (quad / self.ridge[:, None]).float()
 
     def parts(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - max cosine, Mahalanobis²), each [n, L]."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-GAMMAS = (1e2, 1e3, 1e4, 1e5)
+GAMMAS = (1e2, 1e3, 3e3, 1e4, 3e4, 1e5)
 PERCENTILES = (1.0, 2.5, 5.0, 10.0)
 SHARPNESS = (2.0, 4.0, 8.0, 16.0)
 COMMAND = "python -m athanor.methods.o3.tune --run.output_dir DIR"
