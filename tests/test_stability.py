@@ -118,6 +118,23 @@ def test_seed_sensitivity_and_the_spread_verdict():
     assert spread_verdict(q, b).startswith("higher")
 
 
+def test_independent_decay_is_judged_against_coupled_decay():
+    """The base config decays independently, so its row (the baseline's runs) is compared with the
+    LR-coupled arm — the paper's question — and every other variant with the baseline."""
+    from athanor.methods.stability_report import sensitivity_verdicts
+
+    def row(per_seed):
+        return {"64": {"per_seed": per_seed, "mean": sum(per_seed) / len(per_seed), "min": min(per_seed),
+                       "max": max(per_seed)}}
+    base = row([0.3, 0.32])
+    sens = {"baseline": base, "coupled_wd": row([0.5, 0.55]), "z_loss": row([0.33, 0.31]),
+            "independent_wd": {"64": {**base["64"], "same_runs_as": "baseline"}}}
+    verdicts = sensitivity_verdicts(sens)
+    assert verdicts["independent_wd"]["64"] == "vs coupled_wd: lower, beyond the seed spread"
+    assert verdicts["coupled_wd"]["64"] == "vs baseline: higher, beyond the seed spread"
+    assert verdicts["z_loss"]["64"].startswith("vs baseline: not lower") and "baseline" not in verdicts
+
+
 def test_width_fit_over_seeds_has_an_error_estimate():
     rng = torch.Generator().manual_seed(0)
     runs = [dict(run("baseline", w, 0.01, 2.0, attn=2.0 * w**0.8 * float(1 + 0.05 * torch.randn(1, generator=rng))),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -89,8 +90,7 @@ class SweepConfig:
     mup_base_width: int = 0  # µParam's base width (0: the smallest width)
     custom_variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {dotted key: value}
     executor: str = "local"  # local (worker processes) | inline (this process) | slurm (a job array) | ...
-    workers: int = 2  # local worker processes
-    threads_per_worker: int = 1  # torch threads per worker
+    workers: int = 2  # local worker processes (each with engine.cpu_threads torch threads)
     devices: list[str] = field(default_factory=list)  # CUDA devices, one per worker in turn ([] = inherit)
     keep_checkpoints: bool = False  # false: delete a finished point's checkpoints (its model/ stays)
 
@@ -110,8 +110,8 @@ class SweepConfig:
         if self.pair_depths and len(self.depths) != len(self.widths):
             raise ConfigError("sweep.pair_depths needs as many depths as widths")
         choice(self.executor, list(EXECUTORS), "sweep.executor")
-        for w in [*self.widths, *self.depths, *self.lrs, self.head_dim, self.workers, self.threads_per_worker]:
-            positive(w, "sweep.widths/depths/lrs/head_dim/workers/threads_per_worker")
+        for w in [*self.widths, *self.depths, *self.lrs, self.head_dim, self.workers]:
+            positive(w, "sweep.widths/depths/lrs/head_dim/workers")
         for w in self.widths:
             if w > self.head_dim and w % self.head_dim:
                 raise ConfigError(f"sweep.widths: {w} is not a multiple of sweep.head_dim={self.head_dim}")
@@ -137,9 +137,11 @@ class LogZDemoConfig:
     # 0, the paper's 1e-4, and 1e-2: our batches hold 1k tokens, the paper's 131k, so z-loss's
     # steady pull on log Z competes with far noisier gradients here (see the report)
     z_loss_weights: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-2])
-    # 10k steps at LR 1 with an untied output layer: the drift showed here (log Z 5.5 -> 8.5 without
-    # z-loss); 2000-4000 steps at LR 0.3, or tied embeddings at LR 1 for 10k steps, showed none.
-    steps: int = 10000
+    # LR 1 with an untied output layer. Without z-loss log Z drifted once at 10k steps (5.5 -> 8.5) and
+    # not in the next 10k-step default run (+0.43 over the second half); z-loss 1e-2 had brought it to
+    # ~0.5 by step 5000 there. 5000 steps keep the whole default within 15 minutes on 2 cores (the
+    # 10k-step demo was 28% of the sweep's time); 2000-4000 steps at LR 0.3 showed no drift either.
+    steps: int = 5000
     lr: float = 1.0
     schedule: str = "constant"  # no decay: the drift has the whole run at full LR
     qk_layernorm: bool = True  # keeps the attention-logit instability out of the picture
@@ -505,9 +507,15 @@ def describe(cfg: StabilityConfig) -> str:
             f"qk-layernorm {m.qk_layernorm}, µParam base width {m.mup_base_width or 'off'}.")
 
 
+def worker_threads(cfg: StabilityConfig) -> int:
+    """Torch threads per sweep worker: the one ``engine.cpu_threads`` setting every recipe uses (the
+    points' own runs get it too); 0 (torch's default) shares this machine's cores among the workers."""
+    return cfg.engine.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.sweep.workers)
+
+
 def _executor(cfg: StabilityConfig):
-    return make_executor(cfg.sweep.executor, workers=cfg.sweep.workers,
-                         threads_per_worker=cfg.sweep.threads_per_worker, devices=cfg.sweep.devices)
+    return make_executor(cfg.sweep.executor, workers=cfg.sweep.workers, threads_per_worker=worker_threads(cfg),
+                         devices=cfg.sweep.devices)
 
 
 def _drop_checkpoints(ctx: StageContext, jobs: list[Job]) -> None:

@@ -146,6 +146,20 @@ def spread_verdict(base: dict, other: dict) -> str:
     return "not lower (within the seed spread)"
 
 
+def sensitivity_verdicts(sens: dict) -> dict[str, dict[str, str]]:
+    """``[variant][model]`` -> whether the variant lowered LR sensitivity beyond the seed spread, against
+    the baseline; a row with the baseline's own runs (``same_runs_as``, the base config's independent
+    weight decay) is compared with ``coupled_wd`` instead — the paper's independent-vs-coupled question."""
+    base, out = sens.get("baseline", {}), {}
+    for variant, row in sens.items():
+        if variant == "baseline":
+            continue
+        alias = any(v.get("same_runs_as") for v in row.values())
+        ref, ref_name = (sens.get("coupled_wd", {}), "coupled_wd") if alias else (base, "baseline")
+        out[variant] = {m: f"vs {ref_name}: {spread_verdict(ref[m], row[m])}" for m in row if m in ref}
+    return out
+
+
 def compare_to_baseline(grid: list[dict], variant: str, sens: dict, top_lrs: list[float]) -> dict:
     """At the widest model ``variant`` and baseline share: their max attention logit at the highest
     LRs (geometric mean over seeds), and LR sensitivity (per seed, with the verdict) at every model size."""
@@ -241,7 +255,7 @@ def write_stability_report(root: str | Path, runs: list[dict], analysis: Analysi
                                           "max_log_z", "diverged", "initial_eval_loss", "final_log_z_mean",
                                           "min_attn_entropy", "max_act_rms", "final_grad_rms", "z_loss_weight",
                                           "name")} for r in grid],
-              "lr_sensitivity": sens, "optimal_lr": best, "comparisons": comparisons, "extrapolation": fits,
+              "lr_sensitivity": sens, "lr_sensitivity_verdicts": sensitivity_verdicts(sens), "optimal_lr": best, "comparisons": comparisons, "extrapolation": fits,
               "logz_demo": demo_summary, "plots": plots}
     if "qk_layernorm" in comparisons:
         c = comparisons["qk_layernorm"]
@@ -283,19 +297,20 @@ def report_lines(report: dict, analysis: AnalysisConfig, demo: LogZDemoConfig) -
              "## LR sensitivity  E_η[min(ℓ(η), ℓ0) − min_η ℓ(η)]  (lower is more stable)", "",
              f"Over LRs {', '.join(f'{lr:g}' for lr in lrs)}, one value per training seed (each seed's own LR curve); "
              "cells: mean [per seed] (LR of the best seed-mean loss, that loss). An intervention lowered LR "
-             "sensitivity *beyond the seed spread* when every one of its seeds is below every baseline seed.", "",
+             "sensitivity *beyond the seed spread* when every one of its seeds is below every baseline seed "
+             "(independent weight decay, the base config's, is compared with LR-coupled decay instead).", "",
              "| variant | " + " | ".join(f"model {m}" for m in models) + " | vs baseline |",
              "|---" * (len(models) + 2) + "|"]
-    base = sens.get("baseline", {})
+    verdicts = report.get("lr_sensitivity_verdicts", {})
     for variant, row in sens.items():
         cells = [(f"{_fmt(row[m]['mean'])} [{', '.join(_fmt(v) for v in row[m]['per_seed'])}] (best LR "
                   f"{_fmt(best[variant][m]['lr'])}, loss {_fmt(best[variant][m]['loss'])})") if m in row else "–"
                  for m in models]
-        alias = next((v.get("same_runs_as") for v in row.values() if v.get("same_runs_as")), None)
-        verdicts = "; ".join(f"model {m}: {spread_verdict(base[m], row[m])}" for m in models
-                             if m in row and m in base) if variant != "baseline" and not alias else \
-            ("the baseline's runs (the base config already is this variant)" if alias else "–")
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {verdicts} |")
+        alias = any(v.get("same_runs_as") for v in row.values())
+        verdict = "; ".join(f"model {m}: {v}" for m, v in verdicts.get(variant, {}).items()) or "–"
+        if alias:
+            verdict = f"the baseline's runs (the base config already is this variant); {verdict}"
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {verdict} |")
     for variant, c in report["comparisons"].items():
         lines += ["", f"## {variant} vs baseline at width {c['width']} ({c['depth']} layers; attention logits: "
                   "geometric mean over seeds)", ""]
