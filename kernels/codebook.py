@@ -68,7 +68,8 @@ def topk_indices_torch(x: Tensor, codebook: Tensor, k: int, block_size: int) -> 
         best_v = best_i = None
         for n0 in range(0, N, block):
             scores = (xt @ codes[..., n0 : n0 + block, :].transpose(-1, -2)).float()
-            v, i = scores.topk(min(k, scores.shape[-1]), dim=-1)
+            # k=1: a max reduction (vectorised) instead of topk's selection (~5x slower on CPU)
+            v, i = scores.max(-1, keepdim=True) if k == 1 else scores.topk(min(k, scores.shape[-1]), dim=-1)
             i += n0
             if best_v is not None:  # merge: top-k of (running top-k U this block's top-k)
                 v, order = torch.cat([best_v, v], -1).topk(min(k, best_v.shape[-1] + v.shape[-1]), dim=-1)
