@@ -115,6 +115,30 @@ def test_steering_changes_generations():
     assert not model.codebooks["heads1"].force  # the forcing ends with the block
 
 
+def test_steering_by_codes_moves_only_codes():
+    """The steering intervention copies codes from the target run into the source run: with the
+    target equal to the source's own last state it changes nothing, and forcing no codebook is
+    the plain greedy continuation (that forcing does change generations: the test above)."""
+    from athanor.methods.codebook import analysis as A
+
+    fsm = TokFSM(TokFSMConfig(states=24, edges=4, seq_states=6, train_sequences=8, eval_sequences=8))
+    model = CodebookModel(tiny_gpt(vocab=fsm.vocab_size, seed=2), sites=("heads", "mlp"), num_codes=16).eval()
+    walks = fsm.walks(12)
+    src = fsm.encode(walks[:, :5])
+    keys = A.codebook_keys(model)
+    assert keys[:4] == ["heads0/0", "heads0/1", "heads0/2", "heads0/3"] and "mlp1/0" in keys
+    plain = model.generate(src, fsm.digits)
+    plain_valid = lambda tgt: fsm.is_valid(tgt, fsm.decode_state(plain[:, -fsm.digits:])).float()  # noqa: E731
+    same = walks[:, 4]
+    torch.testing.assert_close(A._steered(model, fsm, src, src.clone(), same, keys), plain_valid(same))
+    other = (same + 1 + torch.arange(12) % 23) % 24
+    counter = fsm.encode(torch.cat([walks[:, :4], other[:, None]], 1))
+    torch.testing.assert_close(A._steered(model, fsm, src, counter, other, []), plain_valid(other))
+    out = A.steer(model, fsm, walks[:4], 5, torch.arange(24), torch.zeros(24, dtype=torch.long), seed=0)
+    assert {"all_heads", "all_heads_state_only", "layer0_heads", "layer1_heads", "all_codebooks", "random",
+            "none", "one_head"} <= set(out) and all(0 <= v <= 1 for v in out.values())
+
+
 def test_tokfsm_walks_follow_edges():
     fsm = TokFSM(TokFSMConfig(states=100, edges=10, seq_states=12, train_sequences=8, eval_sequences=4))
     walks = fsm.walks(6)
@@ -153,6 +177,8 @@ def test_exact_resume_mid_training(tmp_path):
 def test_bad_config_exits_2_before_compute(tmp_path):
     proc = run_recipe("codebook", "--codebook.sites", "[heads,mlpp]", "--run.output_dir", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "codebook.sites" in proc.stderr.strip().splitlines()[-1]
+    proc = run_recipe("codebook", "--codebook.site_codes.mlpp", "64", "--run.output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "site_codes" in proc.stderr.strip().splitlines()[-1]
     proc = run_recipe("codebook", "--analysis.prompt_states", "99", "--run.output_dir", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "prompt_states" in proc.stderr
     assert not (tmp_path / "o").exists()

@@ -1,8 +1,8 @@
 """What the codes mean on TokFSM: state detectors, purity, dead codes, transition accuracy, steering.
 
 State features (Tamkin et al. 2024, §4.2). At the last digit of each state in held-out walks,
-the label is that state s. A discrete feature f (one head's code, or a layer's tuple of codes
-over its heads) "detects s" with precision P(s | f) and recall P(f | s). For each state the
+the label is that state s. A discrete feature f (one codebook group's code, or a layer's tuple
+of the codes of all its codebooks: every head, plus the attention/MLP codebooks) "detects s" with precision P(s | f) and recall P(f | s). For each state the
 best feature is the one with the highest F1 on the *select* half of the held-out walks; its
 precision and recall are then measured on the other (*measure*) half. The baseline's best
 neuron (an MLP hidden unit or a residual-stream dim after a block, either sign) is chosen the same way
@@ -128,10 +128,15 @@ def dead_fraction(codes: torch.Tensor, num_codes: int) -> float:
     return 1 - float(used.float().mean())
 
 
-def tuple_ids(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """(..., G) top-1 codes -> one int per position (mixed radix N)."""
-    radix = num_codes ** torch.arange(codes.shape[-1], dtype=torch.long)
-    return (codes * radix).sum(-1)
+def tuple_ids(codes: torch.Tensor) -> torch.Tensor:
+    """(n, G) top-1 codes -> one int per row, equal exactly when the rows' codes are (no radix
+    arithmetic: G codebooks of N codes overflow int64 beyond a few heads)."""
+    return torch.unique(codes, dim=0, return_inverse=True)[1]
+
+
+def site_layer(site: str) -> str:
+    """'heads1' -> '1': the decoder layer a codebook site sits in."""
+    return site[len(site.rstrip("0123456789")):]
 
 
 @torch.no_grad()
@@ -147,45 +152,80 @@ def transition_accuracy(model: CodebookModel, fsm: TokFSM, walks: torch.Tensor, 
 
 
 @torch.no_grad()
-def steer(model: CodebookModel, fsm: TokFSM, walks: torch.Tensor, state_codes: dict[str, torch.Tensor],
-          one_head: torch.Tensor, prompt_states: int, targets: torch.Tensor, seed: int) -> dict:
-    """Force a target state's codes on the digits of the prompt's last state and check whether
-    the next generated state is a valid successor of the *target*.
+def steer(model: CodebookModel, fsm: TokFSM, walks: torch.Tensor, prompt_states: int, targets: torch.Tensor,
+          best_group: torch.Tensor, seed: int) -> dict:
+    """Steering by codes alone (an interchange intervention on the discrete bottleneck).
 
-    ``state_codes[key]``: (S, digits) the most common code of head ``key`` at each digit of each
-    state; ``one_head[s]``: index into ``state_codes`` keys of the head whose code best detects s.
-    Conditions: all heads, one head, random codes in all heads, and no forcing."""
+    For each held-out prompt and target state t: the *source* run is the prompt as it is; the
+    *target* run is the same prompt with its last state replaced by t. While the successor is
+    generated greedily (``fsm.digits`` tokens), the source run's codes at the last state's digits
+    and at the successor's digits generated so far are overwritten by the target run's codes at
+    those positions (the tokens stay the source's). Success: the generated successor is a valid
+    edge *from t*. Only integer codes move between the runs, so success says the codes carry
+    the state.
+
+    Why the successor's own digits are forced too: with a state written as several tokens, the
+    successor's second digit is predicted at the position of its first digit, where layer-0
+    attention reads the *raw* digit tokens of the last state (no codebook sits between them);
+    forcing only the state's own digits leaves that path to the source state
+    (``*_state_only``, reported for comparison).
+
+    Conditions: every codebook of the heads site (``all_heads``), all heads of one layer
+    (``layer<i>_heads``), each target's best single code group (``one_head``, ``best_group[t]``
+    indexes :func:`codebook_keys`), every codebook of every site (``all_codebooks``, when sites
+    other than heads exist), random codes in all heads at the same positions (``random``), no
+    forcing (``none``)."""
     model.eval()
-    keys = list(state_codes)
+    keys = codebook_keys(model)
+    heads = [k for k in keys if k.startswith("heads")] or keys
     P = len(walks)
-    ids = fsm.encode(walks)[:, :1 + prompt_states * fsm.digits]
-    force_at = list(range(ids.shape[1] - fsm.digits, ids.shape[1]))
-    gen = torch.Generator().manual_seed(seed)
-    rows = ids.repeat(len(targets), 1)  # target-major
+    source = walks[:, :prompt_states].repeat(len(targets), 1)  # target-major rows
     tgt = targets.repeat_interleave(P)
-    out = {}
-    num_codes = model.spec["num_codes"]
-    for condition in ("all_heads", "random", "none"):
-        force = {}
-        for key in keys:
-            if condition == "all_heads":
-                force[key] = state_codes[key][tgt]
-            elif condition == "random":
-                force[key] = torch.randint(num_codes, (len(rows), fsm.digits), generator=gen)
-        out[condition] = _valid_for_target(model, fsm, rows, tgt, force, force_at if force else None)
-    # one head: rows grouped by which head is forced (each target's own best head)
-    hits = []
-    for j, key in enumerate(keys):
-        mask = one_head[tgt] == j
-        if mask.any():
-            v = _valid_for_target(model, fsm, rows[mask], tgt[mask], {key: state_codes[key][tgt[mask]]}, force_at, reduce=False)
-            hits.append(v)
-    out["one_head"] = float(torch.cat(hits).float().mean()) if hits else float("nan")
+    counter = source.clone()
+    counter[:, -1] = tgt
+    src_ids, cf_ids = fsm.encode(source), fsm.encode(counter)
+    gen = torch.Generator().manual_seed(seed)
+    run = lambda rows, ks, **kw: _steered(model, fsm, src_ids[rows], cf_ids[rows], tgt[rows], ks, **kw)  # noqa: E731
+    everything = torch.ones(len(tgt), dtype=torch.bool)
+    out = {"all_heads": float(run(everything, heads).mean()),
+           "all_heads_state_only": float(run(everything, heads, state_only=True).mean())}
+    for layer in sorted({site_layer(k.split("/")[0]) for k in heads}, key=int):
+        in_layer = [k for k in heads if site_layer(k.split("/")[0]) == layer]
+        out[f"layer{layer}_heads"] = float(run(everything, in_layer).mean())
+    if len(heads) < len(keys):
+        out["all_codebooks"] = float(run(everything, keys).mean())
+    out["random"] = float(run(everything, heads, random=gen).mean())
+    out["none"] = float(run(everything, []).mean())
+    hits = [run(best_group[tgt] == j, [key]) for j, key in enumerate(keys) if (best_group[tgt] == j).any()]
+    out["one_head"] = float(torch.cat(hits).mean()) if hits else float("nan")
     return out
 
 
-def _valid_for_target(model, fsm, rows, tgt, force, force_at, reduce=True):
-    gen = model.generate(rows, fsm.digits, force_codes=force or None, force_at=force_at)
-    nxt = fsm.decode_state(gen[:, -fsm.digits:])
-    valid = fsm.is_valid(tgt, nxt)
-    return float(valid.float().mean()) if reduce else valid
+def codebook_keys(model: CodebookModel) -> list[str]:
+    """``"<site><layer>/<group>"`` for every codebook group, in the model's order."""
+    return [f"{site}/{g}" for site, layer in model.codebooks.items() for g in range(layer.groups)]
+
+
+def _steered(model: CodebookModel, fsm: TokFSM, src: torch.Tensor, cf: torch.Tensor, tgt: torch.Tensor,
+             keys: list[str], state_only: bool = False, random: torch.Generator | None = None) -> torch.Tensor:
+    """(rows,) float: 1 where the successor generated under the forcing is valid from ``tgt``."""
+    start = src.shape[1] - fsm.digits
+    B = len(src)
+    if random is not None:  # one random code per (row, position), fixed across generation steps
+        table = {k: torch.randint(model.codebooks[k.split("/")[0]].num_codes, (B, start + 2 * fsm.digits), generator=random)
+                 for k in keys}
+    for _ in range(fsm.digits):
+        end = start + fsm.digits if state_only else src.shape[1]
+        at = torch.arange(start, end)
+        if random is not None:
+            codes = {k: table[k][:, at] for k in keys}
+        elif keys:
+            recorded = record_codes(model, cf)
+            codes = {k: recorded[k.split("/")[0]][:, at, int(k.split("/")[1]), 0] for k in keys}
+        else:
+            codes = {}
+        positions = (torch.arange(B)[:, None] * src.shape[1] + at).reshape(-1)
+        with model.forcing({k: v.reshape(-1) for k, v in codes.items()}, positions):
+            nxt = model.lm(input_ids=src).logits[:, -1].argmax(-1, keepdim=True)
+        src, cf = torch.cat([src, nxt], 1), torch.cat([cf, nxt], 1)
+    return fsm.is_valid(tgt, fsm.decode_state(src[:, -fsm.digits:])).float()

@@ -150,13 +150,16 @@ def _child(module: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
 
 class CodebookModel(nn.Module):
     """A causal LM with codebook sites on some layers. ``sites``: e.g. ``["heads"]``; ``layers``:
-    indices (empty = all). Codebooks live in ``self.codebooks["<site><layer>"]`` (e.g. ``heads0``)."""
+    indices (empty = all); ``site_codes``: codes per codebook for some sites (default ``num_codes``).
+    Codebooks live in ``self.codebooks["<site><layer>"]`` (e.g. ``heads0``)."""
 
     def __init__(self, lm: nn.Module, sites=("heads",), layers=(), num_codes: int = 256, k: int = 1,
-                 reduce: str = "sum"):
+                 reduce: str = "sum", site_codes: dict | None = None):
         super().__init__()
         self.lm = lm
-        self.spec = dict(sites=list(sites), layers=list(layers), num_codes=num_codes, k=k, reduce=reduce)
+        site_codes = dict(site_codes or {})  # per-site code counts, e.g. {"mlp": 1024}; others: num_codes
+        self.spec = dict(sites=list(sites), layers=list(layers), num_codes=num_codes, k=k, reduce=reduce,
+                         site_codes=site_codes)
         self.codebooks = nn.ModuleDict()
         blocks = decoder_layers(lm)
         n_heads = lm.config.num_attention_heads
@@ -166,11 +169,11 @@ class CodebookModel(nn.Module):
                 if site == "heads":
                     oproj = _child(attn, OPROJ_NAMES, "output projection")
                     width = getattr(oproj, "in_features", None) or oproj.weight.shape[0]  # GPT-2 Conv1D is (in, out)
-                    layer = CodebookLayer(n_heads, width // n_heads, num_codes, k, reduce)
+                    layer = CodebookLayer(n_heads, width // n_heads, site_codes.get(site, num_codes), k, reduce)
                     oproj.register_forward_pre_hook(self._pre_hook(layer))
                 else:
                     width = lm.config.hidden_size
-                    layer = CodebookLayer(1, width, num_codes, k, reduce)
+                    layer = CodebookLayer(1, width, site_codes.get(site, num_codes), k, reduce)
                     target = attn if site == "attn" else _child(blocks[i], MLP_NAMES, "MLP")
                     target.register_forward_hook(self._post_hook(layer))
                 self.codebooks[f"{site}{i}"] = layer

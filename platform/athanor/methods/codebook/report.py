@@ -26,9 +26,10 @@ def _state_features(model: CodebookModel, baseline: CodebookModel, fsm, ids, wal
     n = len(ids)
     select = (torch.arange(n) < n // 2)[:, None].expand(n, len(ends)).reshape(-1)  # first half selects
     codes = A.record_codes(model, ids, batch)
-    S, N = fsm.cfg.states, model.spec["num_codes"]
+    S = fsm.cfg.states
     singles, tuples, per_layer, purity = [], [], {}, {}
     head_keys, head_best = [], []
+    layer_columns: dict[str, list[torch.Tensor]] = {}
     for site, c in codes.items():
         top1 = c[:, ends, :, 0].reshape(-1, c.shape[2])  # (n*S, G)
         for g in range(top1.shape[1]):
@@ -36,13 +37,20 @@ def _state_features(model: CodebookModel, baseline: CodebookModel, fsm, ids, wal
             singles.append(r)
             head_keys.append(f"{site}/{g}")
             head_best.append(r)
-        tup = A.tuple_ids(top1, N) if top1.shape[1] > 1 else top1[:, 0]
+        layer_columns.setdefault(A.site_layer(site), []).append(top1)
+        purity[site] = {"code": sum(A.purity(top1[:, g], labels, S) for g in range(top1.shape[1])) / top1.shape[1]}
+        per_layer[site] = {"single_code_precision_median": _median(
+            torch.stack([h["precision"] for h in head_best[-top1.shape[1]:]]).max(0).values)}
+    # A layer's code tuple: the codes of ALL its codebooks (every head, and the attention/MLP
+    # codebooks when present) at once, as one discrete feature.
+    for layer, columns in layer_columns.items():
+        tup = A.tuple_ids(torch.cat(columns, dim=1))
         r = A.best_discrete(tup, labels, select, S)
         tuples.append(r)
-        per_layer[site] = {"tuple_precision_median": _median(r["precision"]), "tuple_recall_median": _median(r["recall"]),
-                           "single_code_precision_median": _median(torch.stack([h["precision"] for h in head_best[-top1.shape[1]:]]).max(0).values)}
-        purity[site] = {"code": sum(A.purity(top1[:, g], labels, S) for g in range(top1.shape[1])) / top1.shape[1],
-                        "tuple": A.purity(tup, labels, S)}
+        per_layer[f"layer{layer}"] = {"tuple_precision_median": _median(r["precision"]),
+                                      "tuple_recall_median": _median(r["recall"]),
+                                      "tuple_purity": A.purity(tup, labels, S),
+                                      "distinct_tuples": int(tup.unique().numel())}
 
     def best_of(results):  # per state, the feature (over heads or layers) with the best F1 on the
         sp = torch.stack([r["select_precision"] for r in results])  # select half; its precision and
@@ -65,21 +73,7 @@ def _state_features(model: CodebookModel, baseline: CodebookModel, fsm, ids, wal
         "single_code_beats_neuron_fraction": float((single_p > neuron_single["precision"]).float().mean()),
         "per_layer": per_layer, "purity": purity,
     }
-    # steering needs, per head, the most common code at each digit of each state (select half)
-    state_codes = {}
-    half = n // 2
-    digit_pos = torch.stack([ends - fsm.digits + 1 + d for d in range(fsm.digits)], 1)  # (S_seq, digits)
-    for site, c in codes.items():
-        for g in range(c.shape[2]):
-            at = c[:half, :, g, 0][:, digit_pos]  # (half, S_seq, digits)
-            mode = torch.zeros(S, fsm.digits, dtype=torch.long)
-            for d in range(fsm.digits):
-                table = torch.zeros(N, S)
-                table.index_put_((at[..., d].reshape(-1), labels[:at[..., d].numel()]), torch.ones(at[..., d].numel()),
-                                 accumulate=True)
-                mode[:, d] = table.argmax(0)
-            state_codes[f"{site}/{g}"] = mode
-    extra = {"codes": codes, "labels": labels, "ends": ends, "state_codes": state_codes,
+    extra = {"codes": codes, "labels": labels, "ends": ends,
              "head_keys": head_keys, "one_head": single_pick}
     return features, extra
 
@@ -113,34 +107,33 @@ def analysis_stage(ctx: StageContext) -> dict:
     targets = torch.arange(S) if not a.steering_targets else torch.randperm(
         S, generator=torch.Generator().manual_seed(cfg.run.seed))[: a.steering_targets]
     prompts = walks[-a.steering_prompts:]  # measure half
-    out["steering"] = A.steer(model, fsm, prompts, extra["state_codes"], extra["one_head"], a.prompt_states,
-                              targets, seed=cfg.run.seed)
-    _heatmap(ctx, extra, model.spec["num_codes"], S)
+    out["steering"] = A.steer(model, fsm, prompts, a.prompt_states, targets, extra["one_head"], seed=cfg.run.seed)
+    _heatmap(ctx, extra, model, S)
     out["cpu_seconds"] = time.process_time() - cpu_started
     return out
 
 
 def _dead(model: CodebookModel, ids, batch: int) -> dict:
     codes = A.record_codes(model, ids, batch)
-    per_site = {site: A.dead_fraction(c, model.spec["num_codes"]) for site, c in codes.items()}
+    per_site = {site: A.dead_fraction(c, model.codebooks[site].num_codes) for site, c in codes.items()}
     return {"mean": sum(per_site.values()) / max(1, len(per_site)), **per_site}
 
 
-def _heatmap(ctx: StageContext, extra: dict, num_codes: int, S: int) -> None:
+def _heatmap(ctx: StageContext, extra: dict, model: CodebookModel, S: int) -> None:
     """P(state | code) for the head whose single codes detect states best, codes ordered by
     their most likely state."""
     codes, labels, ends = extra["codes"], extra["labels"], extra["ends"]
     best = torch.bincount(extra["one_head"], minlength=len(extra["head_keys"])).argmax()
     site, g = extra["head_keys"][best].split("/")
     top1 = codes[site][:, ends, int(g), 0].reshape(-1)
-    table = torch.zeros(num_codes, S)
+    table = torch.zeros(model.codebooks[site].num_codes, S)
     table.index_put_((top1, labels), torch.ones(len(labels)), accumulate=True)
     used = table.sum(1) > 0
     p = table[used] / table[used].sum(1, keepdim=True)
     order = p.argmax(1).argsort()
     fig, ax = plt.subplots(figsize=(7, 5))
     im = ax.imshow(p[order].T, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel(f"code of {site} head {g} (used codes, ordered by their most likely state)")
+    ax.set_xlabel(f"code of codebook {site}/{g} (used codes, ordered by their most likely state)")
     ax.set_ylabel("FSM state")
     ax.set_title("P(state | code) at the last digit of each state (held-out walks)")
     fig.colorbar(im, ax=ax)
@@ -150,11 +143,13 @@ def _heatmap(ctx: StageContext, extra: dict, num_codes: int, S: int) -> None:
 
 
 def _steering_plot(ctx: StageContext, steering: dict) -> None:
-    names = ["all_heads", "one_head", "random", "none"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.bar(names, [steering[n] for n in names], color=["tab:green", "tab:olive", "tab:gray", "lightgray"])
+    names = [n for n, v in steering.items() if isinstance(v, float)]
+    colors = {"random": "tab:gray", "none": "lightgray", "all_heads": "tab:green", "one_head": "tab:olive"}
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(names), 3.8))
+    ax.bar(names, [steering[n] for n in names], color=[colors.get(n, "tab:cyan") for n in names])
     ax.set_ylabel("next state valid for the target")
     ax.set_ylim(0, 1)
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_title("Steering by forcing a target state's codes")
     fig.tight_layout()
     fig.savefig(ctx.root / "steering.png", dpi=110)
@@ -220,12 +215,19 @@ def _fsm_lines(res: dict) -> list[str]:
             f"| best baseline neuron at the single code's recall: precision (median) | {sf['neuron_precision_median']:.3f} |",
             f"| best baseline neuron at the tuple's recall: precision (median) | {sf['neuron_precision_at_tuple_recall_median']:.3f} |",
             f"| states where the single code beats the neuron | {sf['single_code_beats_neuron_fraction']:.2f} |"]
-    for site, v in sf["per_layer"].items():
-        rows.append(f"| {site}: tuple precision / single-code precision (median) / purity code, tuple | "
-                    f"{v['tuple_precision_median']:.3f} / {v['single_code_precision_median']:.3f} / "
-                    f"{sf['purity'][site]['code']:.3f}, {sf['purity'][site]['tuple']:.3f} |")
+    for key, v in sf["per_layer"].items():
+        if "tuple_precision_median" in v:
+            rows.append(f"| {key} (all its codebooks): tuple precision / recall (median), purity, distinct tuples | "
+                        f"{v['tuple_precision_median']:.3f} / {v['tuple_recall_median']:.3f}, {v['tuple_purity']:.3f}, "
+                        f"{v['distinct_tuples']} |")
+        else:
+            rows.append(f"| {key}: best single-code precision (median), code purity | "
+                        f"{v['single_code_precision_median']:.3f}, {sf['purity'][key]['code']:.3f} |")
     rows += ["", "Steering (next generated state valid for the target state): "
-             + ", ".join(f"{k} {v:.3f}" for k, v in st.items()) + ".",
+             + ", ".join(f"{k} {v:.3f}" for k, v in st.items()) + ". The source run's codes at the last "
+             "prompt state's digits and at the successor's digits generated so far are replaced by those of the same "
+             "prompt with the target state in its place (only codes move; `*_state_only` forces the state's own "
+             "digits alone). Random: random codes at the same places.",
              "Features are chosen on the first half of the held-out walks and measured on the second half."]
     if any(isinstance(v, float) and math.isnan(v) for v in st.values()):
         rows.append("(nan: no head was chosen for any target)")
