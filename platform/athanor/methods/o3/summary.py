@@ -203,6 +203,20 @@ def markdown(report: dict) -> list[str]:
                   "| pretrained encoder | " + " | ".join(_fmt(untrained.get(k)) for k in keys) + " |", "",
                   "No difference at three decimals on this world: the training does not matter here."
                   if same else "The rows differ (numbers above)."]
+    lam0 = ablations.get("lambda0")
+    if lam0:
+        always = ablations.get("always_on", {})
+        rows = [("gated (max)", requests[-1].get("composed_target_rate"), lam0.get("composed_target_rate")),
+                ("ungated (w = 1)", always.get("composed_target_rate"), lam0.get("ungated_composed_target_rate")),
+                ("earlier requests' forget acc (gated)", requests[-1].get("earlier_requests_forget_acc"),
+                 lam0.get("earlier_requests_forget_acc")),
+                ("adapter overlap", report.get("adapter_overlap"), report.get("adapter_overlap_lambda0"))]
+        lines += ["", "## Interference between requests and λ", "",
+                  "composed_target_rate: share of every request's trained questions answered with that request's "
+                  "own unlearning target once all adapters are composed (each adapter was trained alone on the base "
+                  "LM; a drop is interference). recipes/configs/o3/interference.yaml is the setting built to show it.",
+                  "", f"| after the last request | λ = {report['orth_lambda']} | λ = 0 |", "|---|---|---|"]
+        lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} |" for name, a, b in rows]
     d = report["detector_parts"]
     lines += ["", "## What carries the gate", "",
               "AUROC forget vs retain after the last request: gate (SVM over layers of −γ·cos-distance "
