@@ -75,3 +75,19 @@ def test_low_rank_mahalanobis_equals_the_dense_ledoit_wolf_precision():
         torch.testing.assert_close(stats.mahalanobis(x).double(), reference, rtol=1e-3, atol=1e-3)  # ...same values
     reloaded = LayerStats.from_tensors(stats.tensors())
     torch.testing.assert_close(reloaded.mahalanobis(queries), stats.mahalanobis(queries))
+
+
+def test_tuning_scores_a_grid_point_by_its_worst_margin_to_the_checks():
+    from types import SimpleNamespace
+
+    from athanor.methods.o3.tune import margins
+
+    sets = SimpleNamespace(forget_heldout=[[0, 1]], forget_paraphrase=[[2, 3]], retain=[4, 5], retain_paraphrase=[],
+                           utility=[6])
+    base = {"retain": 1.0, "utility": 1.0, "paraphrase": 0.8}
+    good = {"forget_train": 0.0, "forget_heldout": 0.0, "forget_paraphrase": 0.0, "retain": 0.99, "utility": 1.0}
+    w = torch.tensor([1.0, 1.0, 0.9, 1.0, 0.0, 0.1, 0.0])
+    margin, separation = margins(good, base, w, sets)
+    assert abs(margin - 0.04) < 1e-9 and separation > 0.7  # retain 0.99 vs the 0.95 bar is the tightest
+    leaky = {**good, "forget_paraphrase": 0.1}  # 0.1 > 10% of the base's 0.8: below the bar
+    assert margins(leaky, base, w, sets)[0] < 0
