@@ -2,7 +2,8 @@
 recipe runs again) and its report.
 
     base -> base_eval -> for t in 1..T: request_t, detector_t, eval_t
-         -> ablations (always-on, per-request gate, gate variants, λ = 0 adapters, gradient ascent)
+         -> ablations (always-on, per-request gate, gate variants, λ = 0 adapters, gradient ascent,
+                       detectors on the pretrained encoder)
          -> report (with the O3 folder OUTPUT/o3, reloaded as a user would load it)
 """
 from __future__ import annotations
