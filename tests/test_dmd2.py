@@ -306,6 +306,22 @@ def test_report_says_what_limited_a_missed_check():
     assert "flat" in shortfall_note(missed, falling[:-1] + [(400, 15.1)], 400)[0]
 
 
+def test_an_ablation_is_called_better_or_worse_only_beyond_the_spread():
+    """Figures from a default run: no_backsim 19.83 ± 1.77 vs dmd2@4 19.64 ± 2.06 is no difference;
+    ratio1 13.81 ± 0.34 vs dmd2@1 12.30 ± 0.31 (training-seed sd 0.09) is worse."""
+    from athanor.methods.dmd2.report import ablation_table
+
+    table = {"fd": {"dmd2@1": 12.30, "dmd2@4": 19.64, "dmd2@4:no_backsim": 19.83, "dmd2@1:ratio1": 13.81},
+             "fd_std": {"dmd2@1": 0.31, "dmd2@4": 2.06, "dmd2@4:no_backsim": 1.77, "dmd2@1:ratio1": 0.34},
+             "class_acc": {"dmd2@1": 1.0, "dmd2@4": 1.0, "dmd2@4:no_backsim": 1.0, "dmd2@1:ratio1": 1.0}}
+    runs = {"": {"generator_sigmas": [80.0]}, "ratio1": {"generator_sigmas": [80.0]},
+            "no_backsim": {"generator_sigmas": [80.0, 9.7, 0.8, 0.03]}, "seed1": {"generator_sigmas": [80.0]}}
+    ablations = ablation_table(runs, table, training_sd=0.09)
+    assert set(ablations) == {"ratio1", "no_backsim"} and ablations["no_backsim"]["reference"] == "dmd2@4"
+    assert ablations["no_backsim"]["verdict"].startswith("within the spread")
+    assert ablations["ratio1"]["verdict"].startswith("higher (worse) beyond the spread")
+
+
 def test_teacher_from_a_pipeline_or_a_model_folder(teacher_dir):
     from pathlib import Path
 

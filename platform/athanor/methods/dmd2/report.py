@@ -103,7 +103,7 @@ def plot_fd_curves(curves: dict, table: dict, path: Path, eval_samples: int, tab
     ax.set_xlabel("generator step")
     ax.set_ylabel("FD vs held-out images")
     ax.set_title(f"one-step FD during training ({eval_samples} samples, one noise seed)"
-                 + (f"; lines and the table: {table_samples}" if table_samples else ""), fontsize=9)
+                 + (f"\nteacher lines and the report's table: {table_samples}" if table_samples else ""), fontsize=9)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -113,16 +113,41 @@ def plot_fd_curves(curves: dict, table: dict, path: Path, eval_samples: int, tab
     return path
 
 
-def ablation_lines(ablations: dict, table: dict) -> list[str]:
-    """Each ablation's multi-step FD against the 4-step generator's (dmd2@4), or one-step FD against dmd2@1."""
-    out = []
-    for name, row in ablations.items():
-        ref = "dmd2@4" if name == "no_backsim" and "dmd2@4" in table["fd"] else "dmd2@1"
-        if name == MULTISTEP:
-            continue
-        better = "lower (better)" if row["fd"] < table["fd"][ref] else "higher (worse)"
-        out.append(f"- ablation {name}: FD {row['fd']:.2f} ± {row['fd_std']:.2f} vs {ref} {table['fd'][ref]:.2f} "
-                   f"({better}; ± is the noise-seed sd, one training seed).")
+def ablation_reference(name: str, table: dict) -> str:
+    """no_backsim (a 4-step generator) is judged by its 4-step output against dmd2@4; the others by
+    their one-step output against dmd2@1."""
+    return "dmd2@4" if name == "no_backsim" and "dmd2@4" in table["fd"] else "dmd2@1"
+
+
+def ablation_verdict(row: dict, ref_fd: float, ref_sd: float, training_sd: float | None) -> str:
+    """Lower/higher FD only when the difference exceeds the spread: the two noise-seed sds plus the main
+    config's training-seed sd (an ablation is one training seed); otherwise no difference is shown."""
+    spread = row["fd_std"] + ref_sd + (training_sd or 0.0)
+    diff = row["fd"] - ref_fd
+    if abs(diff) <= spread:
+        return f"within the spread ({diff:+.2f}, spread {spread:.2f}): no difference shown"
+    return f"{'lower (better)' if diff < 0 else 'higher (worse)'} beyond the spread ({diff:+.2f}, spread {spread:.2f})"
+
+
+def ablation_lines(ablations: dict) -> list[str]:
+    """Each ablation's FD against its reference (``ablation_reference``) with the verdict."""
+    return [f"- ablation {name}: FD {row['fd']:.2f} ± {row['fd_std']:.2f} vs {row['reference']} {row['reference_fd']:.2f}: "
+            f"{row['verdict']} (± is the noise-seed sd; spread = both noise-seed sds + dmd2@1's training-seed sd)."
+            for name, row in ablations.items() if name != MULTISTEP]
+
+
+def ablation_table(runs: dict, table: dict, training_sd: float | None) -> dict:
+    """report.json's ``ablations``: each extra run's FD (the K-step output of a K-step generator; the
+    4-step run's own is dmd2@4), its reference sampler and the verdict."""
+    out = {}
+    for name in (n for n in runs if n and not n.startswith("seed")):
+        sampler = f"dmd2@{len(runs[name]['generator_sigmas'])}" + ("" if name == MULTISTEP else f":{name}")
+        row = {k: table[k][sampler] for k in ("fd", "fd_std", "class_acc")}
+        if name != MULTISTEP:
+            ref = ablation_reference(name, table)
+            row.update(reference=ref, reference_fd=table["fd"][ref],
+                       verdict=ablation_verdict(row, table["fd"][ref], table["fd_std"][ref], training_sd))
+        out[name] = row
     return out
 
 
@@ -160,10 +185,7 @@ def write_dmd2_report(cfg: DMD2RecipeConfig, data, teacher: dict, classifier: di
     save_pipeline(DMD2Pipeline(denoiser=model, scheduler=edm.scheduler(),
                                generator_sigmas=main["generator_sigmas"]), pipe_dir)
     report = {**table, "checks": {k: bool(v[0]) for k, v in checks.items()}, "dmd2@1_training_seeds": spread,
-              "ablations": {n: {k: table[k][s] for k in ("fd", "fd_std", "class_acc")}
-                            for n in runs if n and not n.startswith("seed")
-                            for s in [f"dmd2@{len(runs[n]['generator_sigmas'])}"
-                                      + ("" if n == MULTISTEP else f":{n}")]},
+              "ablations": ablation_table(runs, table, spread["sd"]),
               "held_out_images": len(data.held_out_images), "train_images": len(data.train_images),
               "teacher": teacher, "classifier_held_out_accuracy": classifier["held_out_accuracy"],
               "runs": {name or "main": {k: v for k, v in r.items() if k != "final_eval"} for name, r in runs.items()},
@@ -185,7 +207,7 @@ def write_dmd2_report(cfg: DMD2RecipeConfig, data, teacher: dict, classifier: di
                                                   " (one seed: no spread; add --evaluation.train_seeds)")
              + f"; mean / {teacher_n} = {spread[f'mean_over_{teacher_n}']:.2f} (the paper's one-step generator beats "
              "its teacher: < 1).", "",
-             *ablation_lines(report["ablations"], table), "", "Acceptance checks:", *verdict,
+             *ablation_lines(report["ablations"]), "", "Acceptance checks:", *verdict,
              *shortfall_note(checks, curves[""], cfg.run.max_steps), "",
              "FD vs generator step: fd_curve.png. Sample grids (one row per class): samples/*.png. "
              f"1-step pipeline: {pipe_dir} (DiffusionPipeline.from_pretrained(path, trust_remote_code=True)).",
