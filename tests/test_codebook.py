@@ -186,7 +186,8 @@ def test_bad_config_exits_2_before_compute(tmp_path):
 
 TINY = ["--run.max_steps", "250", "--run.progress", "false", "--data.fsm.states", "24", "--data.fsm.edges", "4",
         "--data.fsm.train_sequences", "4000", "--data.fsm.eval_sequences", "256", "--data.fsm.seq_states", "24",
-        "--codebook.num_codes", "64", "--codebook.replace_every", "50", "--analysis.steering_prompts", "8"]
+        "--codebook.num_codes", "64", "--codebook.site_codes.mlp", "128", "--codebook.replace_every", "50",
+        "--analysis.steering_prompts", "8"]
 
 
 @pytest.mark.slow
@@ -199,14 +200,15 @@ def test_recipe_end_to_end_tiny(tmp_path):
     for png in ("code_state_heatmap.png", "steering.png"):
         assert (out / png).stat().st_size > 1000
     loaded = CodebookModel.from_pretrained(out / "model")
-    assert set(loaded.codebooks) == {"heads0", "heads1"} and (out / "model" / "README.md").exists()
-    # At this size (24 states, 250 steps) only weak forms of the paper's effects showed when this
-    # was written: both models learn the FSM above chance (1/6 of next states are valid at random)
-    # and a layer's code tuple detects states above chance (1/24); tuple precision >= 0.9 and
-    # steering did NOT show (measured: codebook acc 0.53, tuple precision 0.33, steering = random).
-    sf = report["state_features"]
-    assert report["transition_acc"]["baseline"] > 0.9 and report["transition_acc"]["codebook"] > 0.35
-    assert sf["code_tuple_precision_median"] > 3 / 24
+    assert set(loaded.codebooks) == {"heads0", "mlp0", "heads1", "mlp1"} and (out / "model" / "README.md").exists()
+    # The paper's effects at this size (24 states, 250 steps; measured when written: transition
+    # accuracy 0.971 vs 1.000, layer code-tuple precision 1.000, steering 0.81 vs random codes 0.14,
+    # forcing the state's digits alone 0.22): the bottleneck costs little, a layer's codes name the
+    # state, and moving codes alone moves the model to the target state.
+    sf, st = report["state_features"], report["steering"]
+    assert report["transition_acc"]["codebook"] >= report["transition_acc"]["baseline"] - 0.08
+    assert sf["code_tuple_precision_median"] >= 0.9
+    assert st["all_heads"] >= st["random"] + 0.3 and st["all_heads"] > st["all_heads_state_only"]
 
 
 @pytest.mark.slow

@@ -57,6 +57,13 @@ class CodebookConfig:
     replace_min_uses: float = 1.0  # a code chosen fewer times than this since the last check is dead
     compare_no_replacement: bool = True  # also train without replacement (dead-code comparison)
     freeze_lm: bool = False  # train only the codebooks (probe a pretrained LM); the baseline is then untrained
+    # Where the codebook model's LM weights start: "baseline" (the trained baseline, codebooks inserted
+    # and k-means-initialised on its activations: how the paper builds its language-model codebooks)
+    # or "scratch" (the baseline's initialisation). From scratch, 1000 steps left the 100-state
+    # TokFSM codebook model unconverged (eval loss 1.42-1.54 vs the baseline's 1.21) and its
+    # transition accuracy swung 0.81-0.97 with the reconstruction weight alone.
+    init: str = "baseline"
+    steps: int = 0  # training steps of the codebook models (0: run.max_steps, as the baseline)
     # LR multiplier of the codes. At 1, the 100-state TokFSM codes fell behind their inputs (recon MSE
     # 1.4-2.5 in LayerNorm units, most codes dead, LM loss flat at ~log 10 from step 200 to 575).
     code_lr_scale: float = 1.0
@@ -78,6 +85,8 @@ class CodebookConfig:
         positive(self.kmeans_iters, "codebook.kmeans_iters", allow_zero=True)
         positive(self.replace_every, "codebook.replace_every", allow_zero=True)
         positive(self.code_lr_scale, "codebook.code_lr_scale")
+        choice(self.init, ("baseline", "scratch"), "codebook.init")
+        positive(self.steps, "codebook.steps", allow_zero=True)
 
 
 @dataclass
@@ -167,8 +176,17 @@ def train_stage(with_codebooks: bool, replace: bool = True):
         cfg, cb = ctx.cfg, ctx.cfg.codebook
         data = load_data(cfg)
         frozen_baseline = cb.freeze_lm and not with_codebooks
-        engine = ctx.engine(max_steps=0 if frozen_baseline else None)
-        model = attach(cfg, build_lm(cfg.model, data["vocab_size"], data["seq_len"]), with_codebooks)
+        steps = 0 if frozen_baseline else (cb.steps or None) if with_codebooks else None
+        engine = ctx.engine(max_steps=steps)
+        if with_codebooks and cb.init == "baseline":
+            from transformers import AutoModelForCausalLM
+
+            import athanor.models  # noqa: F401  (registers AthanorGPT with the Auto classes)
+
+            lm = AutoModelForCausalLM.from_pretrained(ctx.results["baseline"]["model"])
+        else:
+            lm = build_lm(cfg.model, data["vocab_size"], data["seq_len"])
+        model = attach(cfg, lm, with_codebooks)
         method = CodebookLM(model, data["train"], data["held_out"], data["batch_size"], seed=cfg.run.seed,
                             recon_weight=cb.recon_weight, replace_every=cb.replace_every if replace else 0,
                             replace_min_uses=cb.replace_min_uses, kmeans_iters=cb.kmeans_iters,
@@ -186,10 +204,11 @@ def train_stage(with_codebooks: bool, replace: bool = True):
 def stages(cfg: CodebookPaperConfig) -> list[Stage]:
     from .report import analysis_stage
 
+    start = ("baseline",) if cfg.codebook.init == "baseline" else ()
     out = [Stage("baseline", train_stage(False), describe="the transformer without codebooks"),
-           Stage("codebook", train_stage(True), describe="the same transformer with codebooks")]
+           Stage("codebook", train_stage(True), needs=start, describe="the same transformer with codebooks")]
     if cfg.codebook.compare_no_replacement and cfg.codebook.replace_every:
-        out.append(Stage("codebook_no_replace", train_stage(True, replace=False),
+        out.append(Stage("codebook_no_replace", train_stage(True, replace=False), needs=start,
                          describe="codebooks without dead-code replacement"))
     out.append(Stage("analysis", analysis_stage, needs=tuple(s.name for s in out),
                      describe="transition accuracy, state features, dead codes, steering"))
