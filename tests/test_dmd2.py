@@ -245,6 +245,7 @@ def test_recipe_end_to_end(tmp_path):
     stages = ["teacher", "classifier", "dmd2", "dmd2-4step", "dmd2-ratio1", "dmd2-no_gan", "dmd2-no_backsim", "dmd2-seed1"]
     assert all((out / stage / "STAGE.json").exists() for stage in stages)  # a re-run skips them all
     assert report["ablations"]["no_backsim"]["fd"] == report["fd"]["dmd2@4:no_backsim"]
+    assert report["ablations"]["no_backsim"]["reference"] == "dmd2@4" and report["ablations"]["no_gan"]["verdict"]
     seeds = report["dmd2@1_training_seeds"]
     assert seeds["seeds"] == [0, 1] and seeds["fd"] == [report["fd"]["dmd2@1"], report["fd"]["dmd2@1:seed1"]]
 

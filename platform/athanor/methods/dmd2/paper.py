@@ -24,7 +24,7 @@ class EvaluationConfig:
     samples: int = 2000  # generated samples per sampler in the final table
     seeds: int = 3  # noise seeds averaged in the final table
     # Extra DMD2 runs, each the main config with one change: 4step (the 4-step generator: dmd2@4) | ratio1 |
-    # no_gan | no_ema | no_backsim (a 4-step generator trained on noisy real images).
+    # no_gan | no_ema | no_backsim (a 4-step generator trained on noisy real images) | gan_x10 (10x GAN weight).
     runs: list[str] = field(default_factory=lambda: ["4step", "ratio1", "no_gan", "no_backsim"])
     # Extra training seeds of the main run (stage dmd2-seed<N>, sampler dmd2@1:seed<N>): dmd2@1 is
     # reported over run.seed and these, with its spread.
