@@ -1,8 +1,8 @@
 """Engine overhead: the pretrain recipe's step through ``Engine.fit`` against a bare torch loop and a
 plain accelerate loop on the same model, data, AdamW, schedule and clipping. One run:
 
-    .venv/bin/python benchmarks/overhead.py                 # ~3-5 min on the loaded 2-core machine
-    .venv/bin/python benchmarks/overhead.py --rounds 4      # quick look
+    .venv/bin/python benchmarks/overhead.py                 # ~5 min on an idle 2-core machine
+    .venv/bin/python benchmarks/overhead.py --rounds 2      # quick look
     .venv/bin/python benchmarks/overhead.py --write         # also (re)writes its section of RESULTS.md
 
 How the arms stay comparable on a machine other jobs are loading: the engine runs one long
@@ -12,8 +12,8 @@ order rotates each round). Each block's per-step time is timed on its own; an en
 runs from one ``next(data)`` to the next, so it holds everything the engine does around the
 method's step (metrics, probes, logging, progress bar, signal checks). The figures are medians over
 blocks, so a burst of load hits all three arms about alike. The first round is warm-up and left out,
-as are the end-of-run eval and checkpoint (a fixed cost, not a per-step one). ``--block`` is a
-multiple of the probe period (10), so every engine block pays its share of probes.
+as are the end-of-run eval and checkpoint (a fixed cost, not a per-step one). ``--block`` should be a
+multiple of the probe period (``probes.every``, 100 by default), so every engine block pays its share of probes.
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def measure(rounds: int, block: int, overrides: list[str]) -> dict:
                                        "--run.max_steps", str(max_steps), "--run.progress", "false", *overrides])
     set_cpu_threads(cfg.engine.cpu_threads)
     data = load_text_data(cfg.data)
-    method = Pretrain(cfg.model, data, cfg.data.batch_size, cfg.data.eval_batches)
+    method = Pretrain(cfg.model, data, cfg.data.batch_size, cfg.data.eval_batches, probe_every=cfg.probes.every)
     engine = Engine(cfg)
     method.setup(engine)
     model = engine.unwrap("model")
@@ -194,8 +194,8 @@ def write_section(text: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=12, help="measured rounds (plus one warm-up)")
-    parser.add_argument("--block", type=int, default=20, help="steps per arm per round (a multiple of 10)")
+    parser.add_argument("--rounds", type=int, default=4, help="measured rounds (plus one warm-up)")
+    parser.add_argument("--block", type=int, default=100, help="steps per arm per round (a multiple of probes.every)")
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     parser.add_argument("overrides", nargs="*", help="pretrain config overrides, e.g. --model.d_model 256")
     args, overrides = parser.parse_known_args(argv)

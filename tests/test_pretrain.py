@@ -108,3 +108,17 @@ def test_deepspeed_zero_two_processes(tmp_path, stage):
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.wte.weight.abs().sum() > 0  # ZeRO-3 gathered real weights, not empty shards
+
+
+def test_probes_every_n_steps(tmp_path):
+    """Probes (max attention logit, ...) land on the steps `probes.every` names, and never with 0."""
+    from athanor.methods import pretrain
+    from athanor.runner import run
+
+    small = ["--run.max_steps", "6", "--run.log_every", "1", "--model.d_model", "32", "--model.n_layers", "1",
+             "--data.max_chars", "20000", *SMALL]
+    run(pretrain.PAPER, ["--run.output_dir", str(tmp_path / "every3"), "--probes.every", "3", *small])
+    probed = [r["step"] for r in read_metrics(tmp_path / "every3") if "max_attn_logit" in r]
+    assert probed == [3, 6]
+    run(pretrain.PAPER, ["--run.output_dir", str(tmp_path / "never"), "--probes.every", "0", *small])
+    assert not [r for r in read_metrics(tmp_path / "never") if "max_attn_logit" in r]

@@ -72,13 +72,27 @@ def build_model(cfg: GPTModelConfig, vocab_size: int, seq_len: int):
 
 
 PROBE_ROWS = 16  # sequences the attention/activation probes look at: cheap at any batch size
-PROBE_EVERY = 10
+
+
+@dataclass
+class ProbeConfig:
+    # Steps between the instability probes (max attention logit, attention entropy, activation and
+    # gradient RMS), never more often than run.log_every; 0: never. A probe step costs ~50% more than
+    # a plain one at the default size (it materialises the attention of PROBE_ROWS sequences): every
+    # 10 steps that was 5% of the pretrain recipe's throughput (benchmarks/overhead.py). The
+    # stability sweep, which reads the probes' extremes over training, probes every 10.
+    every: int = 100
+
+    def validate(self) -> None:
+        positive(self.every, "probes.every", allow_zero=True)
 
 
 class Pretrain(Method):
-    def __init__(self, model_cfg: GPTModelConfig, data: TextData, batch_size: int, eval_batches: int):
+    def __init__(self, model_cfg: GPTModelConfig, data: TextData, batch_size: int, eval_batches: int,
+                 probe_every: int = 100):
         self.model_cfg, self.data = model_cfg, data
         self.batch_size, self.eval_batches = batch_size, eval_batches
+        self.probe_every = probe_every
 
     def setup(self, engine: Engine) -> None:
         self.engine = engine
@@ -102,8 +116,7 @@ class Pretrain(Method):
         return self.raw_model
 
     def train_step(self, batch: torch.Tensor) -> dict:
-        # Probes cost ~40% of a tiny model's step: at most every PROBE_EVERY steps.
-        probe_step = self.engine.step % max(self.engine.run.log_every, PROBE_EVERY) == 0
+        probe_step = bool(self.probe_every) and self.engine.step % max(self.engine.run.log_every, self.probe_every) == 0
         probe = probe_step and isinstance(self._unwrapped(), AthanorGPT)
         if probe:
             self._unwrapped().set_probes(True, PROBE_ROWS)
@@ -154,6 +167,7 @@ class PretrainConfig(TrainConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1))
     model: GPTModelConfig = field(default_factory=GPTModelConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
     hub: HubConfig = field(default_factory=HubConfig)
 
 
@@ -163,7 +177,7 @@ def train_stage(ctx: StageContext) -> dict:
 
     cfg = ctx.cfg
     data = load_text_data(cfg.data)
-    method = Pretrain(cfg.model, data, cfg.data.batch_size, cfg.data.eval_batches)
+    method = Pretrain(cfg.model, data, cfg.data.batch_size, cfg.data.eval_batches, probe_every=cfg.probes.every)
     engine, final = ctx.fit(method)
     initial = engine.history["initial_eval"]["loss"]
     result = {

@@ -48,7 +48,7 @@ from ..data import TextDataConfig
 from ..engine.metrics import read_metrics
 from ..runner import Paper, StageContext
 from ..sweep import Job, make_executor, sweep_stage
-from .pretrain import GPTModelConfig, PretrainConfig
+from .pretrain import GPTModelConfig, PretrainConfig, ProbeConfig
 
 # Config overrides (dotted keys of the pretrain config) per intervention. The base run is the
 # paper's setting with every fix off: pre-LN, no biases, no qk-layernorm, no z-loss, standard
@@ -455,10 +455,11 @@ class StabilityConfig(TrainConfig):
     sweep: SweepConfig = field(default_factory=SweepConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     logz_demo: LogZDemoConfig = field(default_factory=LogZDemoConfig)
+    probes: ProbeConfig = field(default_factory=lambda: ProbeConfig(every=10))  # the probes' extremes need them often
 
 
 def sweep_points(cfg: StabilityConfig) -> list[dict]:
-    base = {k: v for k, v in to_dict(cfg).items() if k in ("run", "optim", "engine", "model", "data")}
+    base = {k: v for k, v in to_dict(cfg).items() if k in ("run", "optim", "engine", "model", "data", "probes")}
     return grid_points(base, cfg.sweep, cfg.logz_demo, cfg.run.output_dir)
 
 
