@@ -74,6 +74,7 @@ class FactSplit:
 def _o3_config(cfg: FactsConfig) -> O3DataConfig:
     return O3DataConfig(source=cfg.source, seed=cfg.seed, people=cfg.old_people + cfg.new_people,
                         attributes=cfg.attributes, templates=cfg.templates, heldout_templates=cfg.tracking_templates,
+                        paraphrases=0,  # O3's paraphrase evaluation set is no part of SeND's world
                         countries=0, requests=1, groups_per_request=1, prompt_template=cfg.prompt_template,
                         max_length=cfg.max_length, batch_size=cfg.batch_size, subset=cfg.subset, split=cfg.split,
                         question_field=cfg.question_field, answer_field=cfg.answer_field, group_field=cfg.group_field,
