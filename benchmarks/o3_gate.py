@@ -78,10 +78,10 @@ def prepare(work: Path, t_max: int, lm: str, n_questions: int) -> dict:
     from peft import get_peft_model
 
     from athanor.methods.o3.detector import Detector, SharedEncoder, resolve_backbone
-    from athanor.methods.o3.lm import build_lm
+    from athanor.parts.lm import build_lm
     from athanor.methods.o3.lora import UnlearnConfig, lora_config
     from athanor.methods.o3.pipeline import O3Config, world
-    from athanor.methods.o3.world import build_word_tokenizer
+    from athanor.parts.fact_world import build_word_tokenizer
 
     cfg = O3Config()
     cfg.detector.cv_folds = 2  # calibration only: inference costs the same, fitting is 5x cheaper

@@ -13,11 +13,11 @@ import torch
 from athanor.config import OptimConfig, RunConfig, TrainConfig
 from athanor.data.images import ImageDataConfig, load_image_data
 from athanor.engine import Engine, read_metrics
-from athanor.methods.diffusion import (EDM, EDMClassPipeline, TeacherConfig, build_denoiser, edm_loss, euler_sample,
+from athanor.parts.diffusion import (EDM, EDMClassPipeline, TeacherConfig, build_denoiser, edm_loss, euler_sample,
                                        load_denoiser, save_pipeline)
 from athanor.methods.dmd2 import (Critic, DMD2, DMD2Config, DMD2Pipeline, check_launch, distribution_matching_loss,
                                   few_step_sample, generator_sigmas, train_dmd2)
-from athanor.methods.fd import FeatureClassifier, FrechetEvaluator, frechet_distance, gaussian_stats
+from athanor.parts.fd import FeatureClassifier, FrechetEvaluator, frechet_distance, gaussian_stats
 from conftest import ROOT, run_recipe
 
 TINY_TEACHER = TeacherConfig(width=16, layers=1, heads=2, patch_size=4)
@@ -326,7 +326,7 @@ def test_an_ablation_is_called_better_or_worse_only_beyond_the_spread():
 def test_teacher_from_a_pipeline_or_a_model_folder(teacher_dir):
     from pathlib import Path
 
-    from athanor.methods.diffusion import null_label
+    from athanor.parts.diffusion import null_label
 
     from_pipeline, edm = load_denoiser(teacher_dir)
     from_model, fallback = load_denoiser(Path(teacher_dir) / "denoiser", EDM(sigma_data=0.6))

@@ -12,7 +12,7 @@ import torch
 from athanor.config import OptimConfig, RunConfig, TrainConfig
 from athanor.data.batches import ShuffledBatches
 from athanor.engine import Engine, read_metrics
-from athanor.methods.diffusion import EDM, EDMClassPipeline, TeacherConfig, build_denoiser, euler_sample, save_pipeline
+from athanor.parts.diffusion import EDM, EDMClassPipeline, TeacherConfig, build_denoiser, euler_sample, save_pipeline
 from athanor.methods.ilf import PAPER
 from athanor.methods.ilf.feedback import FeedbackModule, attach_feedback, block_caching, count_block_calls
 from athanor.methods.ilf.pipeline import ILFPipeline, euler_on_grid, fix_component_library, ilf_sigmas

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from athanor.methods.o3.detector import Detector, DetectorConfig, SharedEncoder, resolve_backbone
-from athanor.methods.o3.lm import ModelConfig, build_lm
+from athanor.parts.lm import ModelConfig, build_lm
 from athanor.methods.o3.lora import UnlearnConfig, lora_config
 from athanor.methods.o3.model import O3Model
-from athanor.methods.o3.world import DataConfig, build_word_tokenizer, load_data
+from athanor.parts.fact_world import DataConfig, build_word_tokenizer, load_data
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from athanor.methods.o3.detector import LayerStats, _precision, entropy_contrastive, info_nce
 from athanor.methods.o3.pipeline import EvalSets
 from athanor.methods.o3.summary import checks
-from athanor.methods.o3.world import ATTRIBUTES, PATTERNS, DataConfig, generate_world, request_groups, retained_groups
+from athanor.parts.fact_world import ATTRIBUTES, PATTERNS, DataConfig, generate_world, request_groups, retained_groups
 
 
 def _pattern(r):

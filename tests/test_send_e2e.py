@@ -30,7 +30,7 @@ def tiny_base(tmp_path: Path) -> tuple[SendPaperConfig, Path]:
                                                "--send.record_every", "2", "--send.reestimate_every", "4",
                                                "--send.points", "2", "--send.drop_window", "3",
                                                "--send.fraction", "0.25", "--eigenscore.samples", "3"])
-    from athanor.methods.o3.lm import build_lm
+    from athanor.parts.lm import build_lm
     from athanor.methods.send.facts import load_facts, make_tokenizer
 
     data, _ = load_facts(cfg.data)
@@ -141,7 +141,7 @@ def test_paper_scale_configs_parse(name):
 @pytest.mark.slow
 def test_local_model_and_dataset_through_from_pretrained_and_load_dataset(tmp_path):
     """A tiny LM saved with save_pretrained and a local dataset folder read by datasets.load_dataset."""
-    from athanor.methods.o3.world import QA, QAData, build_word_tokenizer
+    from athanor.parts.fact_world import QA, QAData, build_word_tokenizer
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     people = [f"person{i}" for i in range(12)]

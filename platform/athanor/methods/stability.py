@@ -33,6 +33,7 @@ would cross a threshold — predicting an instability before training the model 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 import shutil
@@ -48,7 +49,11 @@ from ..data import TextDataConfig
 from ..engine.metrics import read_metrics
 from ..runner import Paper, StageContext
 from ..sweep import Job, make_executor, sweep_stage
-from .pretrain import GPTModelConfig, PretrainConfig, ProbeConfig
+from ..parts.gpt import GPTModelConfig, ProbeConfig
+
+# The paper every sweep point runs, named as a sweep job names it (``Job.paper``): stability sweeps
+# that paper's runs and reads its config class from it, so no paper imports another.
+POINT_PAPER = "athanor.methods.pretrain"
 
 # Config overrides (dotted keys of the pretrain config) per intervention. The base run is the
 # paper's setting with every fix off: pre-LN, no biases, no qk-layernorm, no z-loss, standard
@@ -463,6 +468,11 @@ def sweep_points(cfg: StabilityConfig) -> list[dict]:
     return grid_points(base, cfg.sweep, cfg.logz_demo, cfg.run.output_dir)
 
 
+def point_config_class() -> type:
+    """The config class of ``POINT_PAPER`` (``PretrainConfig``), from its ``PAPER``."""
+    return importlib.import_module(POINT_PAPER).PAPER.config
+
+
 def check_points(cfg: StabilityConfig, points: list[dict]) -> None:
     """Before compute: every point must be a valid ``PretrainConfig`` (a bad override exits 2), and
     a point's folder run with other settings is refused."""
@@ -473,7 +483,7 @@ def check_points(cfg: StabilityConfig, points: list[dict]) -> None:
             path = Path(tmp) / f"{i}.yaml"
             path.write_text(OmegaConf.to_yaml(point["config"]))
             try:
-                load_config(PretrainConfig, ["--config", str(path)])
+                load_config(point_config_class(), ["--config", str(path)])
             except ConfigError as e:
                 raise ConfigError(f"sweep point {point['name']}: {e}") from None
     for point in points:
@@ -494,7 +504,7 @@ def make_jobs(cfg: StabilityConfig, points: list[dict]) -> list[Job]:
         point_file.parent.mkdir(parents=True, exist_ok=True)
         point_file.write_text(OmegaConf.to_yaml(point["config"]))
         jobs.append(Job(point["name"], cfg.run.output_dir, "", ["--config", str(point_file)], point["cost"],
-                        paper="athanor.methods.pretrain"))
+                        paper=POINT_PAPER))
     return jobs
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import MLP_NAMES, CodebookModel, _child, decoder_layers
+from athanor.parts.lm import decoder_layers
+
+from .layers import MLP_NAMES, CodebookModel, child_module
 from .tokfsm import TokFSM
 
 
@@ -41,7 +43,7 @@ def record_neurons(model: CodebookModel, ids: torch.Tensor, positions: torch.Ten
     grabbed: list[torch.Tensor] = []
     hooks = []
     for block in decoder_layers(model.lm):
-        mlp = _child(block, MLP_NAMES, "MLP")
+        mlp = child_module(block, MLP_NAMES, "MLP")
         last_linear = [m for m in mlp.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"][-1]
         hooks.append(last_linear.register_forward_pre_hook(lambda _m, args: grabbed.append(args[0])))
         hooks.append(block.register_forward_hook(

@@ -33,9 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from athanor.kernels import codebook_topk
+from athanor.parts.lm import decoder_layers
 
 SITES = ("heads", "attn", "mlp")
-LAYER_LISTS = ("layers", "h", "blocks", "layer")
 ATTN_NAMES = ("self_attn", "attn", "attention")
 OPROJ_NAMES = ("o_proj", "proj", "c_proj", "dense", "out_proj")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
@@ -132,16 +132,7 @@ class CodebookLayer(nn.Module):
         return n_dead
 
 
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The transformer's block list: the ModuleList with num_hidden_layers entries."""
-    n = lm.config.num_hidden_layers
-    for name, module in lm.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in LAYER_LISTS:
-            return module
-    raise ValueError(f"{type(lm).__name__}: no decoder layer list named one of {LAYER_LISTS}")
-
-
-def _child(module: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+def child_module(module: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
     for name in names:
         if isinstance(getattr(module, name, None), nn.Module):
             return getattr(module, name)
@@ -164,17 +155,17 @@ class CodebookModel(nn.Module):
         blocks = decoder_layers(lm)
         n_heads = lm.config.num_attention_heads
         for i in (layers or range(len(blocks))):
-            attn = _child(blocks[i], ATTN_NAMES, "attention")
+            attn = child_module(blocks[i], ATTN_NAMES, "attention")
             for site in sites:
                 if site == "heads":
-                    oproj = _child(attn, OPROJ_NAMES, "output projection")
+                    oproj = child_module(attn, OPROJ_NAMES, "output projection")
                     width = getattr(oproj, "in_features", None) or oproj.weight.shape[0]  # GPT-2 Conv1D is (in, out)
                     layer = CodebookLayer(n_heads, width // n_heads, site_codes.get(site, num_codes), k, reduce)
                     oproj.register_forward_pre_hook(self._pre_hook(layer))
                 else:
                     width = lm.config.hidden_size
                     layer = CodebookLayer(1, width, site_codes.get(site, num_codes), k, reduce)
-                    target = attn if site == "attn" else _child(blocks[i], MLP_NAMES, "MLP")
+                    target = attn if site == "attn" else child_module(blocks[i], MLP_NAMES, "MLP")
                     target.register_forward_hook(self._post_hook(layer))
                 self.codebooks[f"{site}{i}"] = layer
 

@@ -55,7 +55,7 @@ from ...config import ConfigError, OptimConfig, TrainConfig, positive
 from ...data.batches import ShuffledBatches
 from ...engine import Engine, Method
 from ...runner import StageContext
-from ..diffusion import EDM, EDMClassPipeline, EMA, TeacherConfig, feature_block, load_denoiser, null_label
+from ...parts.diffusion import EDM, EDMClassPipeline, EMA, TeacherConfig, feature_block, load_denoiser, null_label
 
 MULTISTEP = "4step"
 VARIANTS = {  # extra DMD2 runs beside the main one: name -> DMD2Config field changes

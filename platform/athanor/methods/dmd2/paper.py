@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from ...config import ConfigError, OptimConfig, RunConfig, TrainConfig, positive
 from ...data.images import ImageDataConfig, load_image_data
 from ...runner import Paper, Stage, StageContext
-from ..diffusion import TeacherConfig, teacher_stage
-from ..fd import ClassifierConfig, load_evaluator, train_classifier
+from ...parts.diffusion import TeacherConfig, teacher_stage
+from ...parts.fd import ClassifierConfig, load_evaluator, train_classifier
 from .method import VARIANTS, DMD2Config, check_launch, run_dmd2
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...engine import read_metrics
-from ..diffusion import EDM, TeacherConfig, euler_sample, guided_nfe, load_denoiser, save_pipeline
+from ...parts.diffusion import EDM, TeacherConfig, euler_sample, guided_nfe, load_denoiser, save_pipeline
 from .method import MULTISTEP, VARIANTS, DMD2Pipeline, few_step_sample
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ def write_dmd2_report(cfg: DMD2RecipeConfig, data, teacher: dict, classifier: di
     pipeline of the main run and its model card."""
     from ...hub import write_model_card
     from ...report import write_report
-    from ..fd import evaluate_sampler, save_sample_grid
+    from ...parts.fd import evaluate_sampler, save_sample_grid
 
     ev = cfg.evaluation
     samplers = build_samplers(cfg.teacher, teacher["pipeline"], runs)

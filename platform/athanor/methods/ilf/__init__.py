@@ -20,8 +20,8 @@ from ...config import ConfigError, OptimConfig, RunConfig, TrainConfig
 from ...data.images import ImageDataConfig
 from ...hub import HubConfig
 from ...runner import Paper, Stage
-from ..diffusion import TeacherConfig, teacher_stage
-from ..fd import ClassifierConfig
+from ...parts.diffusion import TeacherConfig, teacher_stage
+from ...parts.fd import ClassifierConfig
 from .evaluation import EvaluationConfig, evaluate_stage
 from .report import report, summary
 from .training import ILFConfig, train_feedback, trajectories_stage, variant_config
@@ -65,7 +65,7 @@ def check(cfg: ILFRecipeConfig) -> None:
 
 
 def stages(cfg: ILFRecipeConfig) -> list[Stage]:
-    from ..fd import train_classifier
+    from ...parts.fd import train_classifier
 
     def classifier_stage(ctx):
         from ...data.images import load_image_data

@@ -8,7 +8,7 @@ measured too (one thread; inflated when the machine is shared). Quality:
   full-step teacher from the same initial noise: teacher@``reference_steps`` (default 20 = key_steps ×
   jump, the sampler whose jumps ILF@10 distils, as in the prototype that calibrated the issue), and for
   the key samplers also the converged teacher@``converged_steps`` (40);
-- FD (``athanor.methods.fd``) against the held-out images, for the key samplers, on
+- FD (``athanor.parts.fd``) against the held-out images, for the key samplers, on
   ``seeds × fd_samples_per_seed`` samples (the spread over noise seeds is shown).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...config import ConfigError, positive
-from ..diffusion import EDM, euler_sample, load_denoiser, sample_in_batches, save_pipeline
+from ...parts.diffusion import EDM, euler_sample, load_denoiser, sample_in_batches, save_pipeline
 from .feedback import FeedbackModule, attach_feedback, backbone_blocks, block_caching, count_block_calls
 from .pipeline import ILFPipeline, euler_on_grid, fix_component_library, ilf_sigmas
 
@@ -121,7 +121,7 @@ def evaluate_stage(ctx, feedback_stages: dict[str, str]) -> dict:
     """Stage: every sampler's cost and paired MSE (the curve), FD of the key samplers, the ILF pipeline.
     ``feedback_stages`` maps a sampler name (``ilf``, ``once``, ...) to its training stage."""
     from ...data.images import load_image_data
-    from ..fd import load_evaluator, save_sample_grid
+    from ...parts.fd import load_evaluator, save_sample_grid
 
     if not ctx.is_main:  # sampling is cheap next to training: one process evaluates, the others wait
         return {"evaluated_on": "main process"}

@@ -31,7 +31,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ...config import ConfigError
-from ..diffusion import disable_builtin_label_dropout
+from ...parts.diffusion import disable_builtin_label_dropout
 
 MODES = ("loop", "once")
 

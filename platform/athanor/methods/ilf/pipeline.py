@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import EDM, EDMClassPipeline, null_label
+from ...parts.diffusion import EDM, EDMClassPipeline, null_label
 from .feedback import FeedbackModule, attach_feedback
 
 

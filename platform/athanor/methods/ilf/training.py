@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from ...config import ConfigError, OptimConfig, positive
 from ...data.batches import ShuffledBatches
 from ...engine import Engine, Method
-from ..diffusion import EDM, load_denoiser
+from ...parts.diffusion import EDM, load_denoiser
 from .feedback import MODES, FeedbackModule, attach_feedback, backbone_blocks
 from .pipeline import euler_on_grid, euler_step, ilf_sigmas
 

@@ -8,7 +8,7 @@ from .lora import GradientAscent, OrthogonalPenalty, UnlearnConfig, UnlearnReque
 from .model import O3Model
 from .paper import PAPER
 from .pipeline import AblationConfig, O3Config
-from .world import QA, DataConfig, QAData, load_data
+from ...parts.fact_world import QA, DataConfig, QAData, load_data
 
 __all__ = ["PAPER", "O3Config", "AblationConfig", "Detector", "DetectorConfig", "DetectorTraining", "GradientAscent",
            "OrthogonalPenalty", "UnlearnConfig", "UnlearnRequest", "O3Model", "QA", "DataConfig", "QAData", "load_data"]

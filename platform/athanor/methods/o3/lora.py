@@ -30,8 +30,8 @@ from ...compat import full_numel
 from ...config import ConfigError, OptimConfig, choice, positive
 from ...data import ShuffledBatches
 from ...engine import Engine, Method
-from .lm import answer_matches, lm_inputs
-from .world import QA, QAData
+from ...parts.lm import answer_matches, lm_inputs
+from ...parts.fact_world import QA, QAData
 
 
 @dataclass

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from .detector import Detector
-from .lm import answer_matches, encode_records, load_lm, load_tokenizer
+from ...parts.lm import answer_matches, encode_records, load_lm, load_tokenizer
 from .lora import StackedLoRA, adapter_name
-from .world import QA
+from ...parts.fact_world import QA
 
 GATES = ("max", "per_request", "always_on", "off")
 

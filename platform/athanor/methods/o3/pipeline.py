@@ -20,10 +20,10 @@ from ...config import OptimConfig, RunConfig, TrainConfig, positive
 from ...engine import process_state
 from ...runner import StageContext
 from .detector import Detector, DetectorConfig, DetectorTraining, extract_features, load_backbone, resolve_backbone
-from .lm import AnswerLM, ModelConfig, build_lm, encode_records, load_lm, load_tokenizer
+from ...parts.lm import AnswerLM, ModelConfig, build_lm, encode_records, load_lm, load_tokenizer
 from .lora import GradientAscent, UnlearnConfig, UnlearnRequest, unlearning_answers
 from .model import O3Model
-from .world import DataConfig, QAData, build_word_tokenizer, load_data, request_groups, retained_groups
+from ...parts.fact_world import DataConfig, QAData, build_word_tokenizer, load_data, request_groups, retained_groups
 
 
 @dataclass

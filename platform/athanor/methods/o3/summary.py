@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .model import O3Model
-from .world import QAData
+from ...parts.fact_world import QAData
 
 if TYPE_CHECKING:
     from .pipeline import O3Config

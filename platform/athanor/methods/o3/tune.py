@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     from ...config import parse_or_exit
     from ...runner import run
     from . import PAPER
-    from .world import DataConfig
+    from ...parts.fact_world import DataConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--data.seed" not in argv:

@@ -1,7 +1,7 @@
 """Facts for SeND's continued-training regime: an old set the base LM has converged on, then a stream
 of additions.
 
-The tiny default is O3's fictitious-facts world (athanor.methods.o3.world, used read-only):
+The tiny default is O3's fictitious-facts world (athanor.parts.fact_world, used read-only):
 people × attributes × phrasings. The first ``old_people`` people are the old facts (the base stage
 trains on them to convergence); the other ``new_people`` arrive in ``additions`` equal chunks during
 continued training. The last ``tracking_templates`` phrasings of every fact are never trained on:
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import ConfigError, positive
-from ..o3.world import QA, DataConfig as O3DataConfig, build_word_tokenizer, generate_world, load_qa_dataset
+from ...parts.fact_world import QA, DataConfig as O3DataConfig, build_word_tokenizer, generate_world, load_qa_dataset
 
 
 @dataclass
@@ -114,7 +114,7 @@ def load_facts(cfg: FactsConfig):
 
 
 def make_tokenizer(cfg: FactsConfig, data, name_or_path: str):
-    from ..o3.lm import load_tokenizer
+    from ...parts.lm import load_tokenizer
 
     return load_tokenizer(name_or_path) if name_or_path else build_word_tokenizer(data)
 

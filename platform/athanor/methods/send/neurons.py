@@ -20,19 +20,7 @@ import contextlib
 
 import torch
 
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The transformer blocks of an HF causal LM (GPT-NeoX/Pythia, Llama/Mistral, GPT-2)."""
-    base = getattr(model, "module", model)  # DDP wrapper
-    for path in ("gpt_neox.layers", "model.layers", "transformer.h"):
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
+from ...parts.lm import decoder_layers
 
 
 def sensitivity(embeddings: torch.Tensor) -> torch.Tensor:

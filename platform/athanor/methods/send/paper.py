@@ -18,7 +18,7 @@ from ...config import ConfigError, OptimConfig, RunConfig, TrainConfig, positive
 from ...data import ShuffledBatches
 from ...hub import HubConfig
 from ...runner import Stage, StageContext
-from ..o3.lm import AnswerLM, ModelConfig, answer_matches, build_lm, encode_records, load_lm, load_tokenizer
+from ...parts.lm import AnswerLM, ModelConfig, answer_matches, build_lm, encode_records, load_lm, load_tokenizer
 from .eigenscore import random_eigenscore_check
 from .facts import FactsConfig, FactStream, load_facts, make_tokenizer
 from .training import ContinuedTraining, EigenScoreConfig, SendConfig, auroc, sampled_eigenscores

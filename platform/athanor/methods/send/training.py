@@ -25,7 +25,7 @@ import torch
 
 from ...config import ConfigError, positive
 from ...engine import Engine, Method
-from ..o3.lm import answer_matches, lm_inputs
+from ...parts.lm import answer_matches, lm_inputs
 from .eigenscore import eigenscore
 from .neurons import decoder_layers, dropped_neurons, layer_embeddings, last_prompt_position, sensitivity, top_sensitive
 

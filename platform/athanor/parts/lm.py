@@ -1,5 +1,7 @@
-"""The target LM: built from config (a tiny GPT-NeoX) or any HF causal LM, trained to memorise the
-QA facts with the loss on the answer tokens only, and scored by answer accuracy.
+"""Causal-LM helpers shared by the LM papers (O3, SeND, codebook): a target LM built from config (a
+tiny GPT-NeoX) or any HF causal LM, trained to memorise QA facts with the loss on the answer tokens
+only (``AnswerLM``), scored by answer accuracy (``answer_matches``, teacher forced), QA records
+encoded for it (``encode_records``), and the decoder's block list (``decoder_layers``).
 
 Accuracy of a record = every answer token is the model's argmax given the prompt (teacher forced),
 so one-word answers of the tiny world and multi-token answers of real datasets are treated alike.
@@ -12,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ...config import ConfigError, positive
-from ...data import ShuffledBatches
-from ...engine import Engine, Method
-from .world import QA, encode_qa
+from ..config import ConfigError, positive
+from ..data import ShuffledBatches
+from ..engine import Engine, Method
+from .fact_world import QA, encode_qa
 
 
 @dataclass
@@ -80,6 +82,21 @@ def encode_records(tokenizer, records: list[QA], prompt_template: str, max_lengt
     last = mask.long().cumsum(1) == mask.long().sum(1, keepdim=True)  # the EOS is the last label
     batch["answer_mask"] = mask & ~(last & mask)
     return batch
+
+
+LAYER_LISTS = ("layers", "h", "blocks", "layer")  # what HF decoders call their block list
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer's block list (GPT-NeoX/Pythia, Llama/Mistral, GPT-2, athanor's GPT): the
+    ModuleList with ``config.num_hidden_layers`` entries named one of ``LAYER_LISTS``; a DDP or
+    DeepSpeed wrapper is looked through."""
+    base = getattr(model, "module", model)
+    n = base.config.num_hidden_layers
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and name.split(".")[-1] in LAYER_LISTS:
+            return module
+    raise ValueError(f"{type(base).__name__}: no decoder layer list named one of {LAYER_LISTS}")
 
 
 def lm_inputs(batch: dict) -> dict:

@@ -23,6 +23,7 @@ from ..config import OptimConfig, TrainConfig, positive
 from ..data.batches import ShuffledBatches
 from ..engine import Engine, Method
 from ..runner import StageContext
+from .diffusion import sample_in_batches
 
 
 @dataclass
@@ -136,8 +137,6 @@ def evaluate_sampler(sample_fn, evaluator: FrechetEvaluator, labels: torch.Tenso
                      device) -> tuple[dict, torch.Tensor]:
     """FD and class accuracy averaged over ``seeds`` noise seeds (with their spread); also the first
     seed's images. Every sampler gets the same noise per seed, so differences between samplers are paired."""
-    from .diffusion import sample_in_batches
-
     scores, first = [], None
     for seed in range(seeds):
         images = sample_in_batches(sample_fn, labels, image_shape, seed, device)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ...config import ConfigError, positive
+from ..config import ConfigError, positive
 
 # Per attribute: the noun its questions use and its values.
 ATTRIBUTES = {

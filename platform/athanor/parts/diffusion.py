@@ -32,6 +32,7 @@ from diffusers.models.embeddings import LabelEmbedding
 
 from ..config import ConfigError, OptimConfig, TrainConfig, choice, positive
 from ..data.batches import ShuffledBatches
+from ..data.images import load_image_data
 from ..engine import Engine, Method
 from ..runner import StageContext
 
@@ -406,6 +407,4 @@ def teacher_stage(ctx) -> dict:
     """Runner stage shared by every diffusion paper (DMD2, ILF): train or adopt the EDM teacher.
     Needs ``ctx.cfg.data`` (an ``ImageDataConfig``) and ``ctx.cfg.teacher`` (a ``TeacherConfig``);
     the result's ``pipeline`` is the saved ``EDMClassPipeline`` folder."""
-    from ..data.images import load_image_data
-
     return _teacher(ctx, ctx.cfg.teacher, load_image_data(ctx.cfg.data))

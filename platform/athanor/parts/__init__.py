@@ -1,0 +1,10 @@
+"""The floor below the papers: what two or more papers share, so that no paper imports another.
+
+- ``diffusion``: class-conditional EDM teachers (diffusers DiT/UNet), their training Method and
+  stage, Euler samplers and the saved ``EDMClassPipeline`` (DMD2, ILF);
+- ``fd``: Fréchet distance on a small feature classifier's features (DMD2, ILF);
+- ``lm``: causal-LM helpers: a target LM built from config, teacher-forced answer scoring, QA
+  encoding, the decoder's block list (O3, SeND, codebook);
+- ``fact_world``: the synthetic world of fictitious facts and QA datasets (O3, SeND);
+- ``gpt``: athanor's GPT as a config section and its probe schedule (pretrain, stability).
+"""
