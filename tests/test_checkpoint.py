@@ -158,6 +158,7 @@ def test_planted_pickles_in_a_checkpoint_are_never_unpickled(tmp_path, uninterru
     marker.unlink()
     for name in ("method_state.pt", "random_states_0.pkl", "optimizer.bin", "rank0/method.pt", "pytorch_model.bin"):
         (folder / name).write_bytes(payload)
+    ckpt.write_manifest(folder)  # listed, as one who planted them would (unlisted files are refused anyway)
     def refuse(*args, **kwargs):
         raise AssertionError("resume called an unpickler")
     monkeypatch.setattr(torch, "load", refuse)
@@ -234,6 +235,7 @@ def test_publish_include_checkpoint_uploads_only_the_pickle_free_files(tmp_path)
     folder = ckpt.checkpoint_root(out) / "step-2"
     for name in ("random_states_0.pkl", "method_state.pt", "optimizer.bin"):
         (folder / name).write_bytes(b"planted")
+    ckpt.write_manifest(folder)  # listed: a checkpoint with unlisted files does not verify
     stage, _ = hub.build_upload_folder(out, "me/tiny", tmp_path / "stage", include_checkpoint=True)
     names = {p.relative_to(stage / "checkpoint" / "step-2").as_posix()
              for p in (stage / "checkpoint" / "step-2").rglob("*") if p.is_file()}

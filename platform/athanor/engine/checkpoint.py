@@ -3,25 +3,38 @@
 Every process writes into ``.tmp-step-N``; after a barrier the main process hashes every file
 into ``MANIFEST.json`` (names, sizes, sha256), fsyncs it and the folders, and renames the folder
 to ``step-N`` (an atomic rename on one filesystem), then fsyncs ``checkpoints/``. A killed save
-leaves only a ``.tmp-*`` folder that the next save clears. A ``step-N`` whose files no longer
-match its manifest (a node lost after the rename on a network filesystem, a truncated copy) is
-skipped on resume, with one line saying why, in favour of the newest one that verifies
-(``newest_verified``).
+leaves only a ``.tmp-*`` folder that the next save clears.
 
-What is in a folder and who writes it: see ``Engine.save_checkpoint``.
+A checkpoint folder is untrusted input (a copy from elsewhere, a tampered or half-synced one), so
+``check_folder`` accepts one only when it is a real folder (not a symlink) whose manifest lists
+exactly its regular files by plain relative names, each with its size and sha256 — no absolute
+paths, no ``..``, no symlinks, nothing missing, nothing unlisted — and whose ``trainer_state.json``
+records the step its name says. Nothing outside the folder is ever opened. A folder that fails is
+skipped on resume, with one line saying why, in favour of the next older one (``newest_verified``;
+the tensors themselves are checked against the model by ``checkpoint_checks``).
+
+What is in a folder and who writes it: see ``Checkpointer.save``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
-from pathlib import Path
+import stat
+from pathlib import Path, PurePosixPath
 
 from .state import fsync_path, write_json_durably
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "MANIFEST.json"
+TRAINER_STATE = "trainer_state.json"
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Rejected(Exception):
+    """A checkpoint that cannot be used; the message says why, in a few words (one line)."""
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -29,6 +42,8 @@ def checkpoint_root(output_dir: Path) -> Path:
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Every ``step-N`` entry that is (or links to) a folder, oldest first; symlinks are listed so
+    that resume can say why it refuses them."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
@@ -80,25 +95,123 @@ def write_manifest(folder: Path) -> dict:
     return manifest
 
 
-def verify(folder: Path) -> str | None:
-    """None when every file in the manifest is there with its size and hash, else why not.
-    Files the manifest does not list are not read by resume, so they do not fail it."""
-    folder = Path(folder)
+def _regular_files(folder: Path) -> set[str]:
+    """Relative names of the files under ``folder``, walked without following links: a symlink
+    (to a file or a folder) or anything but a regular file is refused, so no later read leaves it."""
+    names = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            relative = path.relative_to(folder).as_posix()
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                raise Rejected(f"{relative} is a symlink")
+            if name in filenames:
+                if not stat.S_ISREG(mode):
+                    raise Rejected(f"{relative} is not a regular file")
+                names.add(relative)
+    return names
+
+
+def _is_plain_relative(name) -> bool:
+    """A name inside the folder: relative, normalised, no ``..`` or ``.`` part, no backslash or NUL."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and path.as_posix() == name and not {"..", "."} & set(path.parts)
+
+
+def _read_json(path: Path, what: str):
     try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
-    except FileNotFoundError:
-        return f"it has no {MANIFEST} (its save did not finish, or it predates manifests)"
-    except (ValueError, KeyError, TypeError) as err:
-        return f"its {MANIFEST} is unreadable ({type(err).__name__})"
+        return json.loads(path.read_text())
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise Rejected(f"its {what} is not JSON ({type(err).__name__})") from None
+
+
+def _manifest_files(folder: Path) -> dict[str, dict]:
+    manifest = _read_json(folder / MANIFEST, MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise Rejected(f"its {MANIFEST} has no 'files' table naming the folder's files")
     for name, entry in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        size = path.stat().st_size
+        if not _is_plain_relative(name) or name == MANIFEST:
+            raise Rejected(f"its {MANIFEST} lists {name[:80]!r}, not a plain relative name inside the folder")
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if type(size) is not int or size < 0 or not isinstance(digest, str) or not SHA256.match(digest):
+            raise Rejected(f"its {MANIFEST} entry for {name} lacks a byte count or a sha256")
+    return files
+
+
+def _check_files(folder: Path) -> None:
+    present = _regular_files(folder)
+    if MANIFEST not in present:
+        raise Rejected(f"it has no {MANIFEST} (its save did not finish, or it predates manifests)")
+    files = _manifest_files(folder)
+    for name in sorted(files):
+        if name not in present:
+            raise Rejected(f"{name} is missing")
+    unlisted = sorted(present - set(files) - {MANIFEST})
+    if unlisted:
+        raise Rejected(f"{unlisted[0]} is not in its manifest")
+    for name, entry in sorted(files.items()):
+        size = (folder / name).stat().st_size
         if size != entry["bytes"]:
-            return f"{name} has {size} bytes, its manifest says {entry['bytes']}"
-        if _sha256(path) != entry["sha256"]:
-            return f"{name} does not match its sha256 in the manifest"
+            raise Rejected(f"{name} has {size} bytes, its manifest says {entry['bytes']}")
+        if _sha256(folder / name) != entry["sha256"]:
+            raise Rejected(f"{name} does not match its sha256 in the manifest")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_trainer_state(folder: Path) -> dict:
+    """``trainer_state.json`` with the type of every field the engine reads checked; the step it
+    records must be the one the folder is named after (a copy of step-5 named step-99 is not 99)."""
+    state = _read_json(Path(folder) / TRAINER_STATE, TRAINER_STATE)
+    if not isinstance(state, dict):
+        raise Rejected(f"its {TRAINER_STATE} is not a JSON object")
+    step, world_size = state.get("step"), state.get("world_size")
+    if type(step) is not int or step < 0:
+        raise Rejected(f"its {TRAINER_STATE} records step {str(step)[:40]!r}, not a whole number")
+    named = STEP_DIR.match(Path(folder).name)
+    if named and int(named.group(1)) != step:
+        raise Rejected(f"it records step {step}, not the step its name says (a copied or renamed folder)")
+    if type(world_size) is not int or world_size < 1:
+        raise Rejected(f"its {TRAINER_STATE} records world size {str(world_size)[:40]!r}")
+    if type(state.get("accumulation_counter", 0)) is not int or not isinstance(state.get("schedules"), dict):
+        raise Rejected(f"its {TRAINER_STATE} lacks its accumulation counter or LR schedules")
+    history = state.get("history")
+    if not isinstance(history, dict) or not all(
+            isinstance(metrics, dict) and all(isinstance(k, str) and _is_number(v) for k, v in metrics.items())
+            for metrics in history.values()):
+        raise Rejected(f"its {TRAINER_STATE} history is not eval metrics by name")
+    if not isinstance(state.get("scaler"), (dict, type(None))):
+        raise Rejected(f"its {TRAINER_STATE} loss scaler is not a table")
+    return state
+
+
+def check_folder(folder: Path) -> dict:
+    """The folder's trainer state, once the folder itself and every file in it passed (see the
+    module's docstring); ``Rejected`` otherwise."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise Rejected("it is a symlink, not a folder of this run")
+    if not folder.is_dir():
+        raise Rejected("it is not a folder")
+    _check_files(folder)
+    return read_trainer_state(folder)
+
+
+def verify(folder: Path) -> str | None:
+    """None when ``check_folder`` accepts the folder, else why not (one line)."""
+    try:
+        check_folder(folder)
+    except Rejected as why:
+        return str(why)
+    except OSError as err:  # unreadable, or changed while being read
+        return f"it cannot be read ({type(err).__name__}: {err.strerror or err})"
     return None
 
 
@@ -126,17 +239,22 @@ def publish(tmp: Path, step: int) -> Path:
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old)
+        old.unlink() if old.is_symlink() else shutil.rmtree(old)  # a refused symlink: the link goes, not its target
     else:
         tmp.rename(final)
     fsync_path(final.parent)
     return final
 
 
-def prune(output_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints, and in any case the newest one with a manifest
-    (older ones may be needed when newer ones turn out damaged)."""
-    found = list_checkpoints(output_dir)
+def prune(output_dir: Path, keep_last: int, current_step: int | None = None, protected=()) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``current_step``, and in any case the newest
+    one with a manifest (older ones may be needed when newer ones turn out damaged). Never deleted:
+    a symlink or anything else not a real ``step-N`` folder, a folder newer than ``current_step``,
+    and the ``protected`` names (the newer checkpoints a resume skipped: they may hold progress a
+    person can still recover, so they are left for a person to look at)."""
+    found = [(step, path) for step, path in list_checkpoints(output_dir)
+             if not path.is_symlink() and path.name not in protected
+             and (current_step is None or step <= current_step)]
     with_manifest = [path for _, path in found if (path / MANIFEST).is_file()]
     keep = {path for _, path in found[-keep_last:]} | set(with_manifest[-1:])
     for _, path in found:

@@ -10,7 +10,6 @@ reads a model's ``every`` rate. Nothing in the engine knows which method it runs
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -21,19 +20,17 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast, set_seed
-from safetensors.torch import load_model, save_model
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from .. import compat
 from ..config import ConfigError, OptimConfig, TrainConfig
-from . import checkpoint as ckpt
 from . import resume_config
+from .checkpointer import Checkpointer
 from .guard import NonFiniteGuard, NonFiniteStop
 from .lock import OutputLock
 from .metrics import MetricsLogger
 from .schedule import Schedule, build_optimizer, param_groups
-from .state import fsync_path, load_state, rng_state, save_state, set_rng_state, write_json_durably
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written, run me again (SLURM requeues)
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (128 + SIGINT), as a shell reports it; the first one checkpoints
@@ -87,6 +84,24 @@ class Method:
         pass
 
 
+class MetricsWindow:
+    """The metrics of the micro-batches since the last logged row, and when that window began."""
+
+    def __init__(self):
+        self.values: dict[str, list] = {}
+        self.start = time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.values.setdefault(k, []).append(v.detach().float() if torch.is_tensor(v) else float(v))
+
+    def take(self) -> tuple[dict, float]:
+        """(the window's values, its seconds), and a new window begins."""
+        values, seconds = self.values, time.perf_counter() - self.start
+        self.values, self.start = {}, time.perf_counter()
+        return values, seconds
+
+
 @dataclass
 class Slot:
     model: torch.nn.Module
@@ -124,6 +139,7 @@ class Engine:
         self._on_main_then_all(lambda: self._claim_output_dir(config))
         self.guard = NonFiniteGuard(self)
         self.slots: dict[str, Slot] = {}
+        self.checkpointer = Checkpointer(self.output_dir, self.accelerator, self.slots, run.keep_last)
         self.frozen: dict[str, torch.nn.Module] = {}
         self._unwrapped: dict[str, tuple] = {}  # name -> (wrapped model, unwrapped model)
         self.step = 0
@@ -280,71 +296,97 @@ class Engine:
     def fit(self, method: Method, data: Iterator, max_steps: int | None = None) -> dict:
         """Run ``method`` on ``data`` (a stateful iterator) to ``max_steps``; resumes when asked."""
         max_steps = self.run.max_steps if max_steps is None else max_steps
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._on_main_then_all(self._lock.acquire)  # held since __init__ unless an earlier fit ended
-        config_values = resume_config.optimizer_values(self.slots)
-        self._resume(method, data)
-        resume_config.apply_optimizer_values(self.slots, config_values)  # the config's values, not the saved ones
-        logger = MetricsLogger(self.output_dir, self.is_main, keep_up_to=self.step)
-        if self.step == 0 and "initial_eval" not in self.history:
-            self.history["initial_eval"] = self._evaluate(method)
-            logger.log(0, {f"eval_{k}": v for k, v in self.history["initial_eval"].items()})
+        logger = self._begin(method, data)
         previous_handlers = self._install_signal_handlers()
         bar = tqdm(total=max_steps, initial=self.step, disable=not (self.is_main and self.run.progress),
                    desc=self.output_dir.name, dynamic_ncols=True)
-        window: dict[str, list] = {}
-        t_window = time.perf_counter()
+        window = MetricsWindow()
         try:
             while self.step < max_steps:
                 self.step += 1
-                lrs = {name: self.lr(name) for name in self.slots}  # the LR this step uses
-                for _ in range(self.engine_cfg.grad_accum):
-                    batch = self._to_device(next(data))
-                    with self.accelerator.accumulate(*[s.model for s in self.slots.values()]):
-                        out = method.train_step(batch)
-                    for k, v in out.items():
-                        window.setdefault(k, []).append(v.detach().float() if torch.is_tensor(v) else float(v))
+                lrs = self._train_step(method, data, window)
                 is_last = self.step == max_steps
-                row = {}
-                if self.step % self.run.log_every == 0 or is_last:
-                    row = self._reduce_window(window, time.perf_counter() - t_window, method, lrs)
-                    window, t_window = {}, time.perf_counter()
-                if (self.run.eval_every and self.step % self.run.eval_every == 0) or is_last:
-                    evals = self._evaluate(method)
-                    row.update({f"eval_{k}": v for k, v in evals.items()})
-                    if is_last:
-                        self.history["final_eval"] = evals
-                if row and self.guard.skipped:
-                    row["nonfinite_skipped"] = self.guard.skipped
-                if row:
-                    logger.log(self.step, row)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss", "lr")})
+                self._log_and_evaluate(method, window, lrs, is_last, logger, bar)
                 bar.update(1)
                 stop = self._stop_requested()
                 if (self.run.save_every and self.step % self.run.save_every == 0) or is_last or stop:
-                    self.guard.check_weights()  # no checkpoint of non-finite weights, whatever the policy
-                    logger.flush()  # buffered metrics lines of the steps this checkpoint holds
-                    self.save_checkpoint(method, data)
+                    self._save(method, data, logger)
                 if stop:
-                    bar.close()
-                    logger.close()
-                    self.accelerator.print(f"signal {stop}: checkpoint at step {self.step} written, exiting")
-                    raise SystemExit(INTERRUPTED_EXIT_CODE if stop == signal.SIGINT else PREEMPTED_EXIT_CODE)
+                    self._exit_on_signal(stop, bar, logger)
         except NonFiniteStop as nonfinite:
             bar.close()  # the line goes below the progress bar, not into it
             if self.is_main:
                 print(f"error: {nonfinite.message}", file=sys.stderr, flush=True)
             raise
         finally:
-            bar.close()
-            logger.close()
-            self._restore_signal_handlers(previous_handlers)
-            if self.is_main:
-                self._lock.release()
+            self._end(bar, logger, previous_handlers)
         self._pass_on_late_signal(previous_handlers)
         if "final_eval" not in self.history:  # resumed at max_steps: evaluate the loaded model
             self.history["final_eval"] = self._evaluate(method)
         return self.history["final_eval"]
+
+    def _begin(self, method: Method, data) -> MetricsLogger:
+        """Lock the folder, resume (the config's optimizer values put over the saved ones), open
+        the metrics and, on a fresh start, evaluate once (step 0)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._on_main_then_all(self._lock.acquire)  # held since __init__ unless an earlier fit ended
+        config_values = resume_config.optimizer_values(self.slots)
+        resumed = self.checkpointer.resume(self.run.resume, method, data)
+        if resumed is not None:
+            self.step, self.history = resumed["step"], resumed["history"]
+        resume_config.apply_optimizer_values(self.slots, config_values)  # the config's values, not the saved ones
+        # Rows past the resumed step are dropped (they are redone), so each step is logged once; a
+        # fresh start keeps none, not even an earlier attempt's step-0 eval.
+        logger = MetricsLogger(self.output_dir, self.is_main, keep_up_to=self.step if self.step > 0 else -1)
+        if self.step == 0 and "initial_eval" not in self.history:
+            self.history["initial_eval"] = self._evaluate(method)
+            logger.log(0, {f"eval_{k}": v for k, v in self.history["initial_eval"].items()})
+        return logger
+
+    def _train_step(self, method: Method, data, window: "MetricsWindow") -> dict:
+        """The micro-batches of one step (``engine.grad_accum``); returns the LR each model used."""
+        lrs = {name: self.lr(name) for name in self.slots}  # the LR this step uses
+        for _ in range(self.engine_cfg.grad_accum):
+            batch = self._to_device(next(data))
+            with self.accelerator.accumulate(*[s.model for s in self.slots.values()]):
+                window.add(method.train_step(batch))
+        return lrs
+
+    def _log_and_evaluate(self, method: Method, window: "MetricsWindow", lrs: dict, is_last: bool,
+                          logger: MetricsLogger, bar) -> None:
+        """The step's metrics row, on the log and eval schedules (and at the last step)."""
+        row = {}
+        if self.step % self.run.log_every == 0 or is_last:
+            row = self._reduce_window(*window.take(), method, lrs)
+        if (self.run.eval_every and self.step % self.run.eval_every == 0) or is_last:
+            evals = self._evaluate(method)
+            row.update({f"eval_{k}": v for k, v in evals.items()})
+            if is_last:
+                self.history["final_eval"] = evals
+        if row and self.guard.skipped:
+            row["nonfinite_skipped"] = self.guard.skipped
+        if row:
+            logger.log(self.step, row)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss", "lr")})
+
+    def _save(self, method: Method, data, logger: MetricsLogger) -> None:
+        self.guard.check_weights()  # no checkpoint of non-finite weights, whatever the policy
+        logger.flush()  # buffered metrics lines of the steps this checkpoint holds
+        self.save_checkpoint(method, data)
+
+    def _exit_on_signal(self, stop: int, bar, logger: MetricsLogger) -> None:
+        bar.close()
+        logger.close()
+        self.accelerator.print(f"signal {stop}: checkpoint at step {self.step} written, exiting")
+        raise SystemExit(INTERRUPTED_EXIT_CODE if stop == signal.SIGINT else PREEMPTED_EXIT_CODE)
+
+    def _end(self, bar, logger: MetricsLogger, previous_handlers: dict) -> None:
+        """At every exit of ``fit``: close the bar and the metrics, give the signals back, unlock."""
+        bar.close()
+        logger.close()
+        self._restore_signal_handlers(previous_handlers)
+        if self.is_main:
+            self._lock.release()
 
     def _to_device(self, batch):
         if torch.is_tensor(batch):
@@ -435,109 +477,5 @@ class Engine:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, method: Method, data) -> Path:
-        """Write ``checkpoints/step-N``: the state of every stateful object, with no Python objects.
-
-        - ``model-<name>.safetensors`` and ``optimizer-<name>.safetensors`` + ``.json`` (its tensors;
-          its param groups and plain values) per trained model, from the main process (DDP keeps them
-          equal on all processes). Under DeepSpeed ``deepspeed-<name>/`` instead, in DeepSpeed's own
-          format, each process writing its shards (those ``.pt`` files are the only ones read by
-          ``torch.load``, inside DeepSpeed; see the README);
-        - ``trainer_state.json``: step, world size, eval history, LR schedules, loss scaler; and a
-          copy of the run's ``config.yaml`` (what resume compares the new config with);
-        - ``rank<r>/``, what differs between processes: ``rng`` (Python, numpy, torch, CUDA),
-          ``method`` (the method's state dict, its own torch.Generator included), ``data.json``;
-        - ``MANIFEST.json`` (every file's size and sha256), written last, then the rename.
-        """
-        tmp = ckpt.temporary_dir(self.output_dir, self.step)
-        if self.is_main:
-            ckpt.clear_stale_temporaries(self.output_dir)
-        self.accelerator.wait_for_everyone()
-        own = tmp / f"rank{self.rank}"
-        own.mkdir(parents=True, exist_ok=True)
-        save_state(rng_state(self.device), own, "rng")
-        save_state(method.state_dict(), own, "method")
-        if hasattr(data, "state_dict"):
-            write_json_durably(own / "data.json", data.state_dict())
-        if self.uses_deepspeed:  # a collective: every process writes its ZeRO shards
-            for name, slot in self.slots.items():
-                slot.model.save_checkpoint(str(tmp), tag=f"deepspeed-{name}", save_latest=False)
-        elif self.is_main:
-            for name, slot in self.slots.items():
-                weights = tmp / f"model-{name}.safetensors"
-                save_model(self.accelerator.unwrap_model(slot.model), str(weights), force_contiguous=True)
-                fsync_path(weights)
-                save_state(slot.optimizer.state_dict(), tmp, f"optimizer-{name}")
-        if self.is_main:
-            scaler = self.accelerator.scaler
-            write_json_durably(tmp / "trainer_state.json", {
-                "step": self.step, "world_size": self.world_size, "history": self.history,
-                "accumulation_counter": self.accelerator.step,
-                "schedules": {n: s.schedule.state_dict() for n, s in self.slots.items()},
-                "scaler": scaler.state_dict() if scaler is not None else None})
-            if (self.output_dir / "config.yaml").is_file():  # the checkpoint says what wrote it, wherever it goes
-                (tmp / "config.yaml").write_bytes((self.output_dir / "config.yaml").read_bytes())
-        self.accelerator.wait_for_everyone()
-        final = tmp.parent / f"step-{self.step}"
-        if self.is_main:
-            ckpt.write_manifest(tmp)
-            final = ckpt.publish(tmp, self.step)
-            ckpt.prune(self.output_dir, self.run.keep_last)
-        self.accelerator.wait_for_everyone()
-        return final
-
-    def _checkpoint_to_resume(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: with ``auto`` the newest whose manifest verifies (one line
-        per newer one skipped, and why), else the one named. The main process hashes; the others
-        learn its choice by a broadcast."""
-        code, chosen, problem = -1, None, None  # code: step of the chosen, -1 none, -2 the named one is bad
-        if self.is_main:
-            if resume == "auto":
-                chosen, skipped = ckpt.newest_verified(self.output_dir)
-                for path, why in skipped:
-                    instead = f"resuming from {chosen.name} instead" if chosen else "no earlier one verifies: starting afresh"
-                    print(f"skipping checkpoint {path.name} ({path}): {why}; {instead}", flush=True)
-                code = int(chosen.name.split("-")[1]) if chosen else -1
-            else:
-                problem = ckpt.verify(Path(resume))
-                code = -2 if problem else 0
-        if self.world_size > 1:
-            code = int(broadcast(torch.tensor([code], dtype=torch.long, device=self.device), from_process=0).item())
-        if code == -2:
-            raise ConfigError(f"run.resume={resume}: cannot resume from it: {problem or 'it does not verify'}")
-        if resume != "auto":
-            return Path(resume)
-        return ckpt.checkpoint_root(self.output_dir) / f"step-{code}" if code >= 0 else None
-
-    def _resume(self, method: Method, data) -> None:
-        resume = self.run.resume
-        if resume == "none":
-            if ckpt.list_checkpoints(self.output_dir):
-                raise ConfigError(f"{self.output_dir} already holds checkpoints; use --run.resume auto "
-                                  f"to continue or choose another --run.output_dir")
-            return
-        path = self._checkpoint_to_resume(resume)
-        if path is None:
-            return
-        state = ckpt.read_json(path / "trainer_state.json")
-        if state["world_size"] != self.world_size:
-            raise ConfigError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
-                              f"{self.world_size}; resume with the same world size")
-        for name, slot in self.slots.items():
-            if self.uses_deepspeed:
-                slot.model.load_checkpoint(str(path), tag=f"deepspeed-{name}")
-            else:
-                # safetensors knows "cpu" but not DDP-on-CPU's "cpu:0"
-                load_model(self.accelerator.unwrap_model(slot.model), str(path / f"model-{name}.safetensors"),
-                           device="cpu" if self.device.type == "cpu" else str(self.device))
-                slot.optimizer.load_state_dict(load_state(path, f"optimizer-{name}"))
-            slot.schedule.load_state_dict(state["schedules"][name])
-        if state.get("scaler") is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.accelerator.step = state.get("accumulation_counter", 0)
-        own = path / f"rank{self.rank}"
-        method.load_state_dict(load_state(own, "method"))
-        set_rng_state(load_state(own, "rng"), self.device)
-        if hasattr(data, "load_state_dict") and (own / "data.json").exists():
-            data.load_state_dict(json.loads((own / "data.json").read_text()))
-        self.step, self.history = state["step"], state["history"]
-        self.accelerator.print(f"resumed from {path} at step {self.step}")
+        """Write ``checkpoints/step-N`` of the current step (what it holds: ``Checkpointer.save``)."""
+        return self.checkpointer.save(self.step, self.history, method, data)
