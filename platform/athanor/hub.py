@@ -10,6 +10,7 @@ publish made itself (marked by ``.athanor-upload``): a folder it did not make is
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import math
@@ -18,13 +19,15 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.errors import OfflineModeIsEnabled
 
 from .config import ConfigError
+from .hub_http import HUB_TIMEOUT_S, HubError, PublishInputError, hub_error, hub_timeout, with_deadline  # noqa: F401
 from .redact import holds_secret, redact
 
 
@@ -61,21 +64,6 @@ OPTIMIZER_PATTERNS = ("optimizer*", "*optim_states*", "scheduler*")
 CODE_LOADED_PATTERNS = ("*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt", "zero_to_*.py")  # and the scripts that read them
 BOOKKEEPING_KEYS = {"steps", "n_params", "world_size", "seed"}  # report.json numbers that are not metrics
 STAGING_MARKER = ".athanor-upload"  # in a staging folder publish made: only such a folder is ever emptied
-# Seconds one Hub request may wait for the server (connect, send, each read); huggingface_hub's own
-# client waits forever, so a black-holed endpoint would hang the end of a run.
-HUB_TIMEOUT_S = 60.0
-
-
-class HubError(RuntimeError):
-    """A Hub call failed (offline, unreachable, unauthorised, ...); printed as one line, with
-    credentials in URLs and secret values hidden."""
-
-    def __init__(self, message: str):
-        super().__init__(redact(message))
-
-
-class PublishInputError(HubError):
-    """Bad input to publish (no such run, no saved model, bad repo id): exit code 2."""
 
 
 def repo_id_problem(repo_id: str) -> str | None:
@@ -125,10 +113,10 @@ def find_artifacts(output_dir: Path) -> list[Path]:
     found: list[Path] = []
 
     def visit(folder: Path) -> None:
-        if any((folder / m).is_file() for m in ARTIFACT_MARKERS):
+        if any(_own_file(folder / m) for m in ARTIFACT_MARKERS):
             found.append(folder)  # a pipeline's unet/ or vae/ belongs to it: do not descend
             return
-        for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for child in sorted(p for p in folder.iterdir() if _own_dir(p)):  # never into a linked folder
             if (child.name not in NOT_ARTIFACTS and not child.name.startswith(".")
                     and not (child / STAGING_MARKER).exists()):  # an earlier upload folder is no artifact
                 visit(child)
@@ -136,6 +124,24 @@ def find_artifacts(output_dir: Path) -> list[Path]:
     visit(output_dir)
     found.sort(key=lambda p: (p != output_dir, p != output_dir / "model", str(p)))
     return found
+
+
+def _own_file(path: Path) -> bool:
+    """A regular file of the run folder itself: not a symbolic link and not reached through one
+    (paths here are built from the resolved run folder, so any link on the way changes them)."""
+    return path.is_file() and path.resolve() == path.absolute()
+
+
+def _own_dir(path: Path) -> bool:
+    return path.is_dir() and path.resolve() == path.absolute()
+
+
+def _links_skipped(names: list[str]) -> None:
+    """One line for every symbolic link publish left out: it reads nothing outside the run folder."""
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        print(f"warning: publish skipped {len(names)} symbolic link(s), since it uploads nothing from outside "
+              f"the run folder: {shown}", file=sys.stderr, flush=True)
 
 
 def _library(folder: Path) -> str:
@@ -186,22 +192,30 @@ def _prepare_staging(stage: Path, out: Path) -> None:
     (stage / STAGING_MARKER).write_text("made by athanor publish; emptied by the next publish into it\n")
 
 
-def _copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if path.is_file() and not any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in skip):
+def _copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = (), links: list[str] | None = None) -> None:
+    """The regular files under ``src`` (links neither followed nor copied: named in ``links``)."""
+    for folder, dirs, names in os.walk(src):  # followlinks=False: a linked folder is listed, not entered
+        here = Path(folder)
+        for name in sorted(names + [d for d in dirs if (here / d).is_symlink()]):
+            path, rel = here / name, (here / name).relative_to(src)
+            if any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in skip):
+                continue
+            if not _own_file(path):
+                if links is not None and path.is_symlink():
+                    links.append(path.as_posix())
+                continue
             _link_or_copy(path, dst / rel)
 
 
 def _read_yaml(path: Path) -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+    return OmegaConf.to_container(OmegaConf.load(path)) if _own_file(path) else {}
 
 
 def _existing_card(folder: Path) -> ModelCard | None:
     path = folder / "README.md"
-    return ModelCard.load(path) if path.is_file() else None
+    return ModelCard.load(path) if _own_file(path) else None
 
 
 def _recorded_command(card: ModelCard | None) -> str | None:
@@ -226,13 +240,14 @@ def build_model_card(output_dir: Path, main_artifact: Path, repo_id: str, files:
                      command: str | None = None) -> ModelCard:
     """Card metadata (library, base model, datasets, tags, metrics from ``report.json`` as
     model-index results) and text (summary, metrics, files, how to load, exact command)."""
-    report = json.loads((output_dir / "report.json").read_text()) if (output_dir / "report.json").is_file() else {}
+    output_dir = Path(output_dir).resolve()  # what _own_file compares against
+    report = json.loads((output_dir / "report.json").read_text()) if _own_file(output_dir / "report.json") else {}
     config = _read_yaml(output_dir / "config.yaml")
     library = _library(main_artifact)
     old = _existing_card(main_artifact)
     model_cfg, data_cfg = config.get("model") or {}, config.get("data") or {}
     base_model = (old.data.base_model if old else None) or model_cfg.get("name_or_path") or model_cfg.get("base")
-    if library == "peft":
+    if library == "peft" and _own_file(main_artifact / "adapter_config.json"):
         base_model = base_model or json.loads((main_artifact / "adapter_config.json").read_text()).get(
             "base_model_name_or_path")
     if base_model and Path(str(base_model)).exists():  # a local folder is not a Hub id
@@ -252,7 +267,7 @@ def build_model_card(output_dir: Path, main_artifact: Path, repo_id: str, files:
                          tags=tags, pipeline_tag=task, model_name=repo_id.split("/")[-1],
                          eval_results=results or None)
     summary = ""
-    if (output_dir / "report.md").is_file():  # the report's first paragraph, without its title
+    if _own_file(output_dir / "report.md"):  # the report's first paragraph, without its title
         paragraphs = [p.strip() for p in (output_dir / "report.md").read_text().split("\n\n")]
         summary = next((p for p in paragraphs if p and not p.startswith(("#", "|"))), "")
     command = redact(command or _recorded_command(old) or "(not recorded; see training_config.yaml)")
@@ -283,59 +298,68 @@ def build_upload_folder(output_dir: str | Path, repo_id: str, staging_dir: str |
     if not artifacts:
         raise PublishInputError(f"{output_dir} holds no saved model (config.json, adapter_config.json or "
                                 f"model_index.json): has the run finished?")
+    stage = _staging_folder(out, staging_dir, artifacts)
+    links: list[str] = []
+    try:
+        main = _fill_upload_folder(stage, out, artifacts, links, include_checkpoint, include_optimizer_state)
+        files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*")
+                       if p.is_file() and p.name not in ("README.md", STAGING_MARKER))
+        card = build_model_card(out, main, repo_id, ["README.md", *files], command)
+        (stage / "README.md").unlink(missing_ok=True)  # may be a hard link to the run's own card
+        card.save(stage / "README.md")
+    except OSError as e:  # a full disk, a folder that turned read-only: one line, the run folder untouched
+        raise HubError(f"cannot build the upload folder in {stage}: {e.strerror or e}") from None
+    _links_skipped([Path(link).relative_to(out).as_posix() for link in links])
+    return stage, card
+
+
+def _staging_folder(out: Path, staging_dir: str | Path | None, artifacts: list[Path]) -> Path:
+    """The emptied upload folder: ``--staging-dir``, else ``OUTPUT/hub_upload``, else (the run folder
+    is read-only) a new temporary folder, said on one line."""
     stage = Path(staging_dir).absolute() if staging_dir else out / HUB_UPLOAD_DIR
     stage = stage.parent.resolve() / stage.name  # the folder itself, if a link, is refused rather than followed
     if any(a == stage or a.is_relative_to(stage) or stage.is_relative_to(a) for a in artifacts):
         raise PublishInputError(f"staging folder {stage} must not be or hold a saved model of the run")
+    try:
+        _prepare_staging(stage, out)
+        return stage
+    except OSError as e:
+        if staging_dir or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise PublishInputError(f"cannot make the upload folder {stage}: {e.strerror or e}") from None
+    stage = Path(tempfile.mkdtemp(prefix="athanor-upload-"))
     _prepare_staging(stage, out)
+    print(f"note: {out} is not writable: the upload folder is built in {stage} (--staging-dir chooses where)",
+          file=sys.stderr, flush=True)
+    return stage
+
+
+def _fill_upload_folder(stage: Path, out: Path, artifacts: list[Path], links: list[str],
+                        include_checkpoint: bool, include_optimizer_state: bool) -> Path:
+    """Copy (hard-link) the run's own files into ``stage``; returns the main artifact."""
     main = artifacts[0]
     for artifact in artifacts:
-        _copy_tree(artifact, stage if artifact == main else stage / artifact.relative_to(out))
-    if (out / "config.yaml").is_file():
-        _copy_text_without_secrets(out / "config.yaml", stage / "training_config.yaml")
-    for path in (out / f for f in RUN_FILES):
-        if path.is_file():
-            _copy_text_without_secrets(path, stage / path.name)
-    for path in sorted(out.glob("*.png")):
-        _link_or_copy(path, stage / path.name)
+        _copy_tree(artifact, stage if artifact == main else stage / artifact.relative_to(out), links=links)
+    run_files = [("config.yaml", "training_config.yaml"), *((f, f) for f in RUN_FILES)]
+    for name, target in run_files + [(p.name, p.name) for p in sorted(out.glob("*.png"))]:
+        path = out / name
+        if path.is_symlink():
+            links.append(path.as_posix())
+        elif _own_file(path) and path.suffix == ".png":
+            _link_or_copy(path, stage / target)
+        elif _own_file(path):
+            _copy_text_without_secrets(path, stage / target)
     if include_checkpoint or include_optimizer_state:
         from .engine.checkpoint import latest_verified_checkpoint
 
         ckpt = latest_verified_checkpoint(out)
         if ckpt is None:
-            raise PublishInputError(f"{output_dir} has no checkpoint (that verifies against its manifest) to include")
+            raise PublishInputError(f"{out} has no checkpoint (that verifies against its manifest) to include")
+        if not _own_dir(ckpt):
+            raise PublishInputError(f"checkpoint {ckpt} is reached through a symbolic link: publish reads nothing "
+                                    f"outside the run folder")
         skip = CODE_LOADED_PATTERNS + (() if include_optimizer_state else OPTIMIZER_PATTERNS)
-        _copy_tree(ckpt, stage / "checkpoint" / ckpt.name, skip=skip)
-    files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*")
-                   if p.is_file() and p.name not in ("README.md", STAGING_MARKER))
-    card = build_model_card(out, main, repo_id, ["README.md", *files], command)
-    (stage / "README.md").unlink(missing_ok=True)  # may be a hard link to the run's own card
-    card.save(stage / "README.md")
-    return stage, card
-
-
-def _hub_error(error: Exception, endpoint: str, repo_id: str) -> HubError:
-    """One line a person can act on, for the ways an upload fails."""
-    if isinstance(error, OfflineModeIsEnabled):
-        return HubError("HF_HUB_OFFLINE=1 is set, so nothing can be uploaded; unset it and run again")
-    if isinstance(error, HfHubHTTPError) and error.response is not None:
-        status = error.response.status_code
-        if status == 401:
-            return HubError(f"the Hub at {endpoint} rejected the token (401 Unauthorized): set HF_TOKEN to a "
-                            f"token with write access")
-        if status == 403:
-            return HubError(f"the token may not write to {repo_id} at {endpoint} (403 Forbidden)")
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return HubError(f"the Hub at {endpoint} answered {status} for {repo_id}: {first}")
-    names = " ".join(cls.__name__ for cls in type(error).__mro__)
-    if "Timeout" in names and "Connect" not in names:
-        return HubError(f"the Hub at {endpoint} did not answer within {hub_timeout():g} s ({type(error).__name__}); "
-                        f"check the network or HF_ENDPOINT (ATHANOR_HUB_TIMEOUT sets the wait)")
-    if isinstance(error, (ConnectionError, TimeoutError)) or "Connect" in names or "Timeout" in names:
-        return HubError(f"cannot reach the Hub at {endpoint} ({type(error).__name__}); check the network "
-                        f"or HF_ENDPOINT")
-    first = (str(error).strip().splitlines() or [""])[0]
-    return HubError(f"upload to {repo_id} at {endpoint} failed: {type(error).__name__}: {first}")
+        _copy_tree(ckpt, stage / "checkpoint" / ckpt.name, skip=skip, links=links)
+    return main
 
 
 def publish(output_dir: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False,
@@ -355,47 +379,21 @@ def publish(output_dir: str | Path, repo_id: str, *, private: bool = False, dry_
 
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     if constants.HF_HUB_OFFLINE:
-        raise _hub_error(OfflineModeIsEnabled(), endpoint, repo_id)
+        raise hub_error(OfflineModeIsEnabled(), endpoint, repo_id)
     token = token or get_token()
     if not token:
         raise HubError("no Hugging Face token: set HF_TOKEN (with write access) or run `hf auth login`")
-    _bound_hub_requests()
     api = HfApi(endpoint=endpoint, token=token)
     # Belt and braces: the folder holds no optimizer state unless asked, and the upload skips it too.
     ignore = [STAGING_MARKER, *([] if include_optimizer_state else [f"**/{p}" for p in OPTIMIZER_PATTERNS])]
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, ignore_patterns=ignore,
-                                 commit_message=f"athanor publish {Path(output_dir).name}")
+    try:  # each call within ATHANOR_HUB_DEADLINE seconds, each request within ATHANOR_HUB_TIMEOUT
+        with_deadline(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "creating the repository")
+        info = with_deadline(lambda: api.upload_folder(
+            folder_path=folder, repo_id=repo_id, ignore_patterns=ignore,
+            commit_message=f"athanor publish {Path(output_dir).name}"), "the upload")
     except Exception as e:  # every failure becomes one line; the folder stays for a retry
-        raise _hub_error(e, endpoint, repo_id) from None
+        raise hub_error(e, endpoint, repo_id) from None
     return PublishResult(folder, repo_id, getattr(info, "commit_url", None) or str(info), card)
-
-
-def hub_timeout() -> float:
-    try:
-        value = float(os.environ.get("ATHANOR_HUB_TIMEOUT", HUB_TIMEOUT_S))
-    except ValueError:
-        raise PublishInputError(f"ATHANOR_HUB_TIMEOUT={os.environ['ATHANOR_HUB_TIMEOUT']!r}: expected seconds") from None
-    if not (math.isfinite(value) and value > 0):
-        raise PublishInputError(f"ATHANOR_HUB_TIMEOUT={value}: expected seconds > 0")
-    return value
-
-
-def _bound_hub_requests() -> None:
-    """Give huggingface_hub's shared HTTP client (its default has no timeout at all) a timeout on
-    every request, keeping the rest of its default set-up (request hooks, redirects)."""
-    import httpx2
-    from huggingface_hub.utils import _http
-
-    seconds = hub_timeout()
-
-    def client():
-        session = _http.default_client_factory()
-        session.timeout = httpx2.Timeout(seconds)
-        return session
-
-    _http.set_client_factory(client)
 
 
 def maybe_publish(hub: HubConfig, output_dir: str | Path, *, is_main: bool | None = None) -> PublishResult | None:
