@@ -34,12 +34,43 @@ def positive(value: float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # bytes, as Linux file systems count them
+
+
+def _path_text_problem(output_dir: str) -> str | None:
+    """Why ``output_dir`` is no name to write a run under, whatever the disk says: a ``#`` (a
+    comment to YAML and to sbatch lines), control characters (a newline in a path breaks every log
+    and script naming it), bytes that are not UTF-8, a name longer than the file system allows."""
+    if "#" in output_dir:
+        return "holds '#' (YAML, shells and sbatch lines read it as the start of a comment); choose a name without it"
+    bad = next((c for c in output_dir if not c.isprintable() and c != " "), None)
+    if bad is not None and "\udc80" <= bad <= "\udcff":
+        return f"is not valid UTF-8 (byte 0x{ord(bad) - 0xdc00:02x}); choose a UTF-8 name"
+    if bad is not None:
+        return f"holds the control character {bad!r}; choose a name without it"
+    if len(output_dir.encode()) > PATH_MAX:
+        return f"is longer than {PATH_MAX} bytes"
+    long = next((part for part in Path(output_dir).parts if len(part.encode()) > NAME_MAX), None)
+    if long is not None:
+        return f"has a folder name longer than {NAME_MAX} bytes ({long[:20]}...)"
+    return None
+
+
 def _output_dir_problem(output_dir: str) -> str | None:
     """Why the run could not write into ``output_dir``, else None: checked at parse time so a
     typo costs one line, not a traceback after the model is built."""
     if not output_dir:
         return "is empty"
-    path = Path(output_dir).absolute()
+    problem = _path_text_problem(output_dir)
+    if problem:
+        return problem
+    try:
+        return _output_dir_disk_problem(Path(output_dir).absolute())
+    except OSError as e:
+        return f"cannot be inspected: {e.strerror}"
+
+
+def _output_dir_disk_problem(path: Path) -> str | None:
     if path.exists() and not path.is_dir():
         return "is a file, not a folder"
     existing = path
@@ -129,6 +160,10 @@ class EngineConfig:
         choice(self.mixed_precision, ("no", "bf16", "fp16"), "engine.mixed_precision")
         positive(self.grad_accum, "engine.grad_accum")
         positive(self.cpu_threads, "engine.cpu_threads", allow_zero=True)
+        cpus = os.cpu_count() or 1
+        if self.cpu_threads > cpus:  # torch would start that many OpenMP threads per process
+            raise ConfigError(f"engine.cpu_threads={self.cpu_threads} is more than this machine's {cpus} CPUs "
+                              f"(0: torch's default)")
 
 
 @dataclass
@@ -167,6 +202,9 @@ def _cli_to_dotlist(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             value = argv[i + 1]
             i += 1
         i += 1
+        problem = _cli_value_problem(value)
+        if problem:
+            raise ConfigError(f"--{key} {problem}")
         if key == "config":
             files.append(value)
         else:
@@ -174,14 +212,49 @@ def _cli_to_dotlist(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, dotlist
 
 
+def _cli_value_problem(value: str) -> str | None:
+    """A command-line value YAML would not read back as typed: control characters (a newline is
+    folded into a space), bytes that are not UTF-8."""
+    bad = next((c for c in value if not c.isprintable() and c not in " \t"), None)
+    if bad is None:
+        return None
+    if "\udc80" <= bad <= "\udcff":
+        return f"value is not valid UTF-8 (byte 0x{ord(bad) - 0xdc00:02x})"
+    return f"value holds the control character {bad!r}"
+
+
+def _parse_override(item: str) -> Any:
+    """One ``key=value`` as YAML reads it. A plain (unquoted) string must come back as typed: a
+    `` #`` would start a comment and drop the rest silently. Tags (``!!python/object``) and other
+    YAML errors are one line naming the key."""
+    import yaml
+
+    key, _, raw = item.partition("=")
+    try:
+        layer = OmegaConf.from_dotlist([item])
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"bad value for --{key} {raw!r}: {str(e).splitlines()[0]}") from None
+    parsed = OmegaConf.to_container(layer, resolve=False)  # ${...} stays as typed
+    for part in key.split("."):
+        parsed = parsed.get(part) if isinstance(parsed, dict) else None
+    if isinstance(parsed, str) and raw.strip()[:1] not in ("'", '"') and parsed != raw.strip():
+        raise ConfigError(f"bad value for --{key} {raw!r}: YAML reads it as {parsed!r} (a ' #' starts a "
+                          f"comment); quote it to keep it whole")
+    return layer
+
+
 def _load_yaml(path: str) -> Any:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return OmegaConf.load(p)
+        loaded = OmegaConf.load(p)
     except Exception as e:  # yaml errors span lines; keep the first
-        raise ConfigError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot read config file {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"config file {path} holds a {type(loaded).__name__.replace('Config', '').lower()}, "
+                          f"expected a mapping of sections (run:, optim:, ...)")
+    return loaded
 
 
 def _reject_nonfinite(obj: Any, prefix: str = "") -> None:
@@ -214,10 +287,7 @@ def load_config(cls: type, argv: Sequence[str] | None = None) -> Any:
     schema = OmegaConf.structured(cls)
     files, dotlist = _cli_to_dotlist(argv)
     layers = [_load_yaml(f) for f in files]
-    try:
-        layers.append(OmegaConf.from_dotlist(dotlist))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+    layers.extend(_parse_override(item) for item in dotlist)
     merged = schema
     for layer in layers:
         try:
@@ -226,7 +296,7 @@ def load_config(cls: type, argv: Sequence[str] | None = None) -> Any:
             raise ConfigError(_valid_keys_message(schema, e.full_key)) from None
         except ValidationError as e:
             raise ConfigError(f"bad value for '{e.full_key}': {str(e).splitlines()[0]}") from None
-        except OmegaConfBaseException as e:
+        except (OmegaConfBaseException, TypeError) as e:
             raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
     try:
         config = OmegaConf.to_object(merged)
@@ -255,8 +325,15 @@ def parse_or_exit(cls: type, argv: Sequence[str] | None = None) -> Any:
     try:
         return load_config(cls, args)
     except ConfigError as e:
-        print(f"error: {_redacted(e)}", file=sys.stderr)
+        _say_once(e)
         sys.exit(2)
+
+
+def _say_once(error: Exception) -> None:
+    """The error line, from the main process only: under ``accelerate launch`` every process meets
+    the same bad value (or refused resume), and the user reads it once."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {_redacted(error)}", file=sys.stderr, flush=True)
 
 
 def _redacted(error: Exception) -> str:
@@ -274,7 +351,7 @@ class exit_on_config_error:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and issubclass(exc_type, ConfigError):
-            print(f"error: {_redacted(exc)}", file=sys.stderr)
+            _say_once(exc)
             sys.exit(2)
         return False
 

@@ -23,8 +23,10 @@ trained model there (gathering ZeRO-3 shards, saving on the main process, then a
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +119,40 @@ class StageContext:
 
 
 STAGE_FILE = "STAGE.json"
+# A full disk (or quota) mid-run: one line, this code. What was written before stays: checkpoints are
+# renamed into place only once complete, metrics lines are whole or dropped on resume as torn.
+DISK_FULL_EXIT_CODE = 74  # EX_IOERR
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class exit_on_disk_full:
+    """Context manager: an ``OSError`` saying the disk (or quota) is full ends the run with one line
+    and ``DISK_FULL_EXIT_CODE``; other errors pass through."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None or not issubclass(exc_type, OSError) or exc.errno not in DISK_FULL_ERRNOS:
+            return False
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: disk full{where} ({exc.strerror or os.strerror(exc.errno)}): the run stopped; what it "
+              f"wrote before is kept in {self.root} (checkpoints, metrics.jsonl); free space and run the same "
+              f"command again to resume", file=sys.stderr, flush=True)
+        sys.exit(DISK_FULL_EXIT_CODE)
+
+
+def check_stage_folder(folder: Path) -> None:
+    """A stage folder whose ``checkpoints`` is a file (or a link to none) would fail at its first save:
+    refuse it now. (Whether a link to a folder elsewhere may hold checkpoints is the checkpoint code's call.)"""
+    checkpoints = folder / "checkpoints"
+    if (checkpoints.exists() or checkpoints.is_symlink()) and not checkpoints.is_dir():
+        what = "a symbolic link to no folder" if checkpoints.is_symlink() else "a file"
+        raise ConfigError(f"{checkpoints} is {what}, not the run's checkpoint folder: move it away and run "
+                          f"again (nothing in it was touched)")
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -135,6 +171,7 @@ def run_stage(ctx: StageContext, stage: Stage) -> dict:
         raise ConfigError(f"stage {stage.name} needs {', '.join(missing)}, which did not run before it")
     if stage.record and finished_stage(stage_ctx.dir) is not None:
         return finished_stage(stage_ctx.dir)
+    check_stage_folder(stage_ctx.dir)
     stage_ctx.dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     result = stage.fn(stage_ctx)
@@ -172,13 +209,14 @@ def run(paper: Paper, argv=None) -> dict:
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"{paper.name}: stage names repeat: {names}")
-    for stage in stages:
-        with exit_on_config_error():  # e.g. a data file found missing when the stage loads it
-            ctx.results[stage.name] = run_stage(ctx, stage)
-    if not ctx.is_main:
-        ctx.barrier()
-        return {}
-    report = paper.report(ctx, ctx.results)
+    with exit_on_disk_full(ctx.root):
+        for stage in stages:
+            with exit_on_config_error():  # e.g. a data file found missing when the stage loads it
+                ctx.results[stage.name] = run_stage(ctx, stage)
+        if not ctx.is_main:
+            ctx.barrier()
+            return {}
+        report = paper.report(ctx, ctx.results)
     report.setdefault("seconds", time.time() - started)
     hub = getattr(cfg, "hub", None)
     if hub is not None:

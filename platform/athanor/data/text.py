@@ -45,6 +45,8 @@ class TextDataConfig:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 0.5)")
         if self.source != "shakespeare" and not self.source.startswith("hf:") and not Path(self.source).exists():
             raise ConfigError(f"data.source={self.source!r}: no such file or folder (or use shakespeare, hf:<name>)")
+        if self.source != "shakespeare" and not self.source.startswith("hf:"):
+            local_files(self.source)  # a folder of images or of mixed kinds: refused before any compute
         if self.tokenizer != "bytes" and Path(self.tokenizer).suffix and not Path(self.tokenizer).exists():
             raise ConfigError(f"data.tokenizer={self.tokenizer!r}: no such file or folder")
 
@@ -94,15 +96,41 @@ def load_documents(cfg: TextDataConfig) -> list[str]:
         name, _, subset = cfg.source[3:].partition(":")
         ds = datasets.load_dataset(name, subset or None, split=cfg.split)
         return list(ds[cfg.text_field])
-    path = Path(cfg.source)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    if all(p.suffix in (".txt", ".md", "") for p in files):
-        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    files, kind = local_files(cfg.source)
+    if kind == "text":
+        return [_read_text_file(p, cfg.source) for p in files]
     import datasets
 
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[files[0].suffix]
     ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
     return list(ds[cfg.text_field])
+
+
+TEXT_SUFFIXES = (".txt", ".md", "")
+TABLE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def local_files(source: str) -> tuple[list[Path], str]:
+    """The files a local ``data.source`` names (a file, or every file under a folder) and their one
+    kind (``text`` or a ``datasets`` builder); anything else is a ConfigError naming what was found."""
+    path = Path(source)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"data.source={source!r}: the folder holds no files")
+    kinds = {"text" if p.suffix in TEXT_SUFFIXES else TABLE_KINDS.get(p.suffix, p.suffix) for p in files}
+    unknown = sorted(k for k in kinds if k.startswith("."))
+    if unknown:
+        raise ConfigError(f"data.source={source!r}: holds {', '.join(unknown)} files, which are not text; expected "
+                          f".txt/.md (or no suffix), or .jsonl/.json/.parquet/.csv with a data.text_field column")
+    if len(kinds) > 1:
+        raise ConfigError(f"data.source={source!r}: mixes kinds of files ({', '.join(sorted(kinds))}); use one kind")
+    return files, kinds.pop()
+
+
+def _read_text_file(path: Path, source: str) -> str:
+    data = path.read_bytes()
+    if b"\0" in data[:65536]:  # an image, an archive, a model file: not text whatever its name
+        raise ConfigError(f"data.source={source!r}: {path} is not a text file (it holds NUL bytes)")
+    return data.decode("utf-8", errors="replace")
 
 
 def byte_tokenizer():

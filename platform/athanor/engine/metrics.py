@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import ConfigError
+
 FLUSH_SECONDS = 5.0  # a `tail -f metrics.jsonl` still sees the run live
 FLUSH_ROWS = 100
 
@@ -23,15 +25,20 @@ def _read_rows(path: Path) -> tuple[list[dict], str | None]:
     A bad line anywhere else is not a torn write: it is an error naming the line."""
     if not path.exists():
         return [], None
-    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
     rows = []
     for n, (i, line) in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)  # bytes: not UTF-8 is a bad line too
         except ValueError:
-            if n == len(lines) - 1:
-                return rows, line
-            raise ValueError(f"{path}:{i} is not a JSON line (and not the last line, so not a torn write)") from None
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif n == len(lines) - 1:
+            return rows, line.decode(errors="replace")
+        else:  # ConfigError: the run stops with this one line (exit 2) and the file is left as it is
+            raise ConfigError(f"{path}:{i} is not a JSON line (and not the last line, so not a torn write): "
+                              f"fix or delete that line, then run again")
     return rows, None
 
 
