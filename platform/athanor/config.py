@@ -38,11 +38,10 @@ NAME_MAX, PATH_MAX = 255, 4096  # bytes, as Linux file systems count them
 
 
 def _path_text_problem(output_dir: str) -> str | None:
-    """Why ``output_dir`` is no name to write a run under, whatever the disk says: a ``#`` (a
-    comment to YAML and to sbatch lines), control characters (a newline in a path breaks every log
-    and script naming it), bytes that are not UTF-8, a name longer than the file system allows."""
-    if "#" in output_dir:
-        return "holds '#' (YAML, shells and sbatch lines read it as the start of a comment); choose a name without it"
+    """Why ``output_dir`` is no name to write a run under, whatever the disk says: control characters
+    (a newline in a path breaks every log and script naming it), bytes that are not UTF-8, a name
+    longer than the file system allows. (A ``#`` that YAML would cut off is refused with the
+    command-line value; one kept verbatim is a valid name, quoted wherever athanor writes it.)"""
     bad = next((c for c in output_dir if not c.isprintable() and c != " "), None)
     if bad is not None and "\udc80" <= bad <= "\udcff":
         return f"is not valid UTF-8 (byte 0x{ord(bad) - 0xdc00:02x}); choose a UTF-8 name"
