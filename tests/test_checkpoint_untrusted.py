@@ -199,6 +199,8 @@ CONTENT_CASES = {
         f / "rank0" / "method.json", lambda s: {k: v for k, v in s.items() if k != "seen"}),
     "data position of another kind": lambda f: edit_json(f / "rank0" / "data.json", lambda s: {**s, "index": "x"}),
     "schedule with a foreign field": lambda f: edit_json(f / "trainer_state.json", schedule_with_foreign_field),
+    "config.yaml not YAML": lambda f: (f / "config.yaml").write_text("run: {max_steps: [\n"),
+    "config.yaml a list": lambda f: (f / "config.yaml").write_text("- 1\n- 2\n"),
 }
 
 

@@ -25,6 +25,8 @@ import shutil
 import stat
 from pathlib import Path, PurePosixPath
 
+from omegaconf import DictConfig, OmegaConf
+
 from .state import fsync_path, write_json_durably
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -192,6 +194,19 @@ def read_trainer_state(folder: Path) -> dict:
     return state
 
 
+def _check_saved_config(folder: Path) -> None:
+    """The copy of ``config.yaml`` resume compares the new config with must read as a mapping
+    (OmegaConf's loader is YAML's safe one: no tags that build objects)."""
+    if not (folder / "config.yaml").is_file():
+        return
+    try:
+        config = OmegaConf.load(folder / "config.yaml")
+    except Exception as err:  # a YAML, OmegaConf or decoding error: whichever, the file is unusable
+        raise Rejected(f"its config.yaml does not read as a config ({type(err).__name__})") from None
+    if not isinstance(config, DictConfig):
+        raise Rejected("its config.yaml is not a mapping of sections")
+
+
 def check_folder(folder: Path) -> dict:
     """The folder's trainer state, once the folder itself and every file in it passed (see the
     module's docstring); ``Rejected`` otherwise."""
@@ -201,6 +216,7 @@ def check_folder(folder: Path) -> dict:
     if not folder.is_dir():
         raise Rejected("it is not a folder")
     _check_files(folder)
+    _check_saved_config(folder)
     return read_trainer_state(folder)
 
 
@@ -260,11 +276,3 @@ def prune(output_dir: Path, keep_last: int, current_step: int | None = None, pro
     for _, path in found:
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_json_durably(path, obj)

@@ -5,9 +5,10 @@ What those files say is checked here, from their headers, before a single tensor
 memory or into a model: every safetensors header is parsed by bounds-checked code (a 2^62 header
 length or an offset past the end of the file is refused, not allocated), every tensor a JSON
 structure names must be in its safetensors file, and every tensor's dtype and shape must be those
-of what will receive it — the model's weights, the optimizer's per-parameter state, the RNGs, the
-method's own state where it already holds a tensor at that place. LR schedules, the loss scaler and
-the data stream's position must have the fields, and the kinds of value, the current ones have.
+of what will receive it — the model's weights, the optimizer's per-parameter state, the RNGs. LR
+schedules, the loss scaler and the data stream's position must have the fields, and the kinds of
+value, the current ones have. A method's own state is only parsed here (its shape may change as it
+trains: SeND's records grow); the method's ``load_state_dict`` is its check (see ``Checkpointer``).
 Each failure is a ``Rejected`` naming the file and what is wrong.
 """
 from __future__ import annotations
@@ -150,21 +151,23 @@ def check_optimizer(state, optimizer, stem: str) -> None:
                                f"the parameter is {param.dtype} {list(param.shape)}")
 
 
-def same_kind(saved, current, what: str) -> None:
+def same_kind(saved, current, what: str, lists_as_now: bool = True) -> None:
     """``saved`` has ``current``'s fields (no others) and kinds of value, recursively; numbers are
-    one kind (an LR may be an int in one and a float in the other), None matches anything."""
+    one kind (an LR may be an int in one and a float in the other), None matches anything. With
+    ``lists_as_now`` a list must have the current one's length and kinds (an LR per group), else it
+    need only be a list (a data stream's buffer may grow)."""
     if saved is None or current is None:
         return
     if isinstance(current, dict):
         if not isinstance(saved, dict) or not set(saved) <= set(current):
             raise Rejected(f"{what} has other fields than this run's")
         for key in saved:
-            same_kind(saved[key], current[key], f"{what}.{key}")
+            same_kind(saved[key], current[key], f"{what}.{key}", lists_as_now)
         return
     if isinstance(current, (list, tuple)):
-        if not isinstance(saved, (list, tuple)) or len(saved) != len(current):
-            raise Rejected(f"{what} is not a list of {len(current)}")
-        for i, (a, b) in enumerate(zip(saved, current)):
+        if not isinstance(saved, (list, tuple)) or (lists_as_now and len(saved) != len(current)):
+            raise Rejected(f"{what} is not a list{f' of {len(current)}' if lists_as_now else ''}")
+        for i, (a, b) in enumerate(zip(saved, current) if lists_as_now else ()):
             same_kind(a, b, f"{what}[{i}]")
         return
     kinds = {"a boolean": (bool,), "a number": (int, float), "a string": (str,)}
@@ -195,20 +198,3 @@ def check_rng(state, stem: str) -> None:
     if "cuda" in state and (_spec(state["cuda"]) is None or _spec(state["cuda"]).dtype != torch.uint8
                             or len(_spec(state["cuda"]).shape) != 1):
         raise Rejected(f"{stem}: the CUDA RNG state is not a generator state")
-
-
-def check_method_state(state, template, what: str = "method") -> None:
-    """Where the method's current state holds a tensor, the saved state must hold one of the same
-    dtype and shape (a generator's state, a mask, an average). Other entries may differ: a
-    method's state may grow as it trains (a list of requests), and the method reads it."""
-    if _spec(template) is not None:
-        if _spec(state) != _spec(template):
-            spec = _spec(state)
-            raise Rejected(f"{what} is {'not a tensor' if spec is None else f'{spec.dtype} {list(spec.shape)}'}, "
-                           f"the method's is {template.dtype} {list(template.shape)}")
-    elif isinstance(template, dict) and isinstance(state, dict):
-        for key in set(state) & set(template):
-            check_method_state(state[key], template[key], f"{what}/{key}")
-    elif isinstance(template, (list, tuple)) and isinstance(state, (list, tuple)) and len(state) == len(template):
-        for i, (a, b) in enumerate(zip(state, template)):
-            check_method_state(a, b, f"{what}/{i}")

@@ -194,18 +194,17 @@ class Checkpointer:
             checks.same_kind(state["scaler"], self.accelerator.scaler.state_dict(), "the loss scaler")
 
     def _load_own_parts(self, path: Path, method, data) -> str | None:
-        """Load this process's method and data states (checked against the current ones first);
-        when either refuses its state, both are put back as they were and the reason returned."""
+        """Load this process's method and data states (the data position checked against the
+        current one first); when either refuses its state, both are put back as they were and the
+        reason returned."""
         own = path / f"rank{self.accelerator.process_index}"
         fresh_method = _copy_state(method.state_dict())
         fresh_data = data.state_dict() if hasattr(data, "state_dict") else None
         try:
-            saved = load_state(own, "method")
-            checks.check_method_state(saved, fresh_method)
-            method.load_state_dict(saved)
+            method.load_state_dict(load_state(own, "method"))
             if fresh_data is not None and (own / "data.json").is_file():
                 position = json.loads((own / "data.json").read_text())
-                checks.same_kind(position, fresh_data, "data.json")
+                checks.same_kind(position, fresh_data, "data.json", lists_as_now=False)
                 data.load_state_dict(position)
         except Exception as err:
             method.load_state_dict(fresh_method)
