@@ -22,7 +22,7 @@ import torch
 
 
 def gate_metrics(logits: torch.Tensor, sets, T: int) -> dict:
-    from athanor.methods.o3.pipeline import auroc
+    from athanor.methods.o3.evaluation import auroc
 
     gate = logits[:, :T].amax(1)
     forget = [i for s in sets.forget_all[:T] for i in s]
@@ -36,8 +36,8 @@ def run_seed(seed: int, train_steps: int | None) -> dict:
     from athanor.config import OptimConfig
     from athanor.engine import Engine
     from athanor.methods.o3.detector import Detector, DetectorTraining, extract_features, resolve_backbone
-    from athanor.methods.o3.paper import forget_records
-    from athanor.methods.o3.pipeline import O3Config, world
+    from athanor.methods.o3.evaluation import forget_records
+    from athanor.methods.o3 import O3Config, world
 
     cfg = O3Config()
     cfg.run.seed, cfg.run.progress, cfg.run.eval_every = seed, False, 0

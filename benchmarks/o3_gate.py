@@ -15,7 +15,7 @@ Everything is synthetic except the tiny world's questions: an untrained base LM 
 shape (or ``--lm 1b``), T LoRA adapters with random A and B (peft's format, the recipe's LoRA
 config), and T detectors fitted on MiniLM features of the recipe's three forget sets (cycled, each
 request its own copy of the files; each
-keeps its Mahalanobis statistics low-rank, ``detector.LayerStats``: n·d + n² numbers per layer for
+keeps its Mahalanobis statistics low-rank, ``layer_stats.LayerStats``: n·d + n² numbers per layer for
 n stored questions instead of a d x d precision, so what grows with T is small). The
 targets (issue 16): gated at T=30 <= 1.5x gated at T=1 (latency and memory); gated at T=3 <= one
 encoder pass + 1.5x the base LM's generate.
@@ -79,8 +79,8 @@ def prepare(work: Path, t_max: int, lm: str, n_questions: int) -> dict:
 
     from athanor.methods.o3.detector import Detector, SharedEncoder, resolve_backbone
     from athanor.parts.lm import build_lm
-    from athanor.methods.o3.lora import UnlearnConfig, lora_config
-    from athanor.methods.o3.pipeline import O3Config, world
+    from athanor.methods.o3.method import UnlearnConfig, lora_config
+    from athanor.methods.o3 import O3Config, world
     from athanor.parts.fact_world import build_word_tokenizer
 
     cfg = O3Config()

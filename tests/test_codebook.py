@@ -10,7 +10,7 @@ from athanor.kernels import use_backend
 from athanor.methods import codebook
 from athanor.methods.codebook import CodebookLayer, CodebookModel
 from athanor.methods.codebook.method import CodebookLM
-from athanor.methods.codebook.paper import CodebookPaperConfig
+from athanor.methods.codebook.config import CodebookPaperConfig
 from athanor.methods.codebook.tokfsm import TokFSM, TokFSMConfig
 from athanor.models import AthanorGPT, AthanorGPTConfig
 from athanor.runner import run

@@ -15,8 +15,8 @@ from athanor.engine import Engine, read_metrics
 from athanor.parts.diffusion import EDM, EDMClassPipeline, TeacherConfig, build_denoiser, euler_sample, save_pipeline
 from athanor.methods.ilf import PAPER
 from athanor.methods.ilf.feedback import FeedbackModule, attach_feedback, block_caching, count_block_calls
-from athanor.methods.ilf.pipeline import ILFPipeline, euler_on_grid, fix_component_library, ilf_sigmas
-from athanor.methods.ilf.training import FeedbackDistillation, ILFConfig, jump_pairs, teacher_trajectories
+from athanor.methods.ilf.diffusers_pipeline import ILFPipeline, euler_on_grid, fix_component_library, ilf_sigmas
+from athanor.methods.ilf.method import FeedbackDistillation, ILFConfig, jump_pairs, teacher_trajectories
 from athanor.runner import run
 from conftest import ROOT
 

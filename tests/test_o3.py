@@ -7,7 +7,7 @@ import torch
 from athanor.methods.o3.detector import (Detector, DetectorConfig, DetectorTraining, entropy_contrastive,
                                           extract_features)
 from athanor.parts.lm import encode_records
-from athanor.methods.o3.lora import OrthogonalPenalty, UnlearnConfig, earlier_lora_A, lora_config, unlearning_answers
+from athanor.methods.o3.method import OrthogonalPenalty, UnlearnConfig, earlier_lora_A, lora_config, unlearning_answers
 from athanor.methods.o3.model import O3Model, load_adapted_lm
 from athanor.parts.fact_world import DataConfig, build_word_tokenizer, generate_world, request_groups, retained_groups
 from conftest import run_recipe

@@ -71,7 +71,7 @@ def test_fresh_process_reload_reproduces_gated_outputs(small_run):
     code = f"""
 import json, torch
 from athanor.methods.o3 import O3Model
-from athanor.methods.o3.pipeline import load_scores
+from athanor.methods.o3.evaluation import load_scores
 from athanor.parts.fact_world import DataConfig, load_data
 o3 = O3Model.from_pretrained({str(out / 'o3')!r})
 questions = {[s['question'] for s in samples]!r}

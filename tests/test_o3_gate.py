@@ -8,7 +8,7 @@ import torch
 
 from athanor.methods.o3.detector import Detector, DetectorConfig, SharedEncoder, resolve_backbone
 from athanor.parts.lm import ModelConfig, build_lm
-from athanor.methods.o3.lora import UnlearnConfig, lora_config
+from athanor.methods.o3.method import UnlearnConfig, lora_config
 from athanor.methods.o3.model import O3Model
 from athanor.parts.fact_world import DataConfig, build_word_tokenizer, load_data
 

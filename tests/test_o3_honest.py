@@ -4,9 +4,10 @@ low-rank (Woodbury) Mahalanobis statistics that keep a detector's memory off d x
 import pytest
 import torch
 
-from athanor.methods.o3.detector import LayerStats, _precision, entropy_contrastive, info_nce
-from athanor.methods.o3.pipeline import EvalSets
-from athanor.methods.o3.summary import checks
+from athanor.methods.o3.detector import entropy_contrastive, info_nce
+from athanor.methods.o3.layer_stats import LayerStats, _precision
+from athanor.methods.o3.evaluation import EvalSets
+from athanor.methods.o3.report import checks
 from athanor.parts.fact_world import ATTRIBUTES, PATTERNS, DataConfig, generate_world, request_groups, retained_groups
 
 

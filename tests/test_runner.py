@@ -67,7 +67,7 @@ def test_a_fit_that_dies_midway_resumes_exactly(finished, tmp_path, monkeypatch)
                 raise NodeLost("the node went away")
             return super().__next__()
 
-    monkeypatch.setattr(template, "ShuffledBatches", DiesAtStep60)
+    monkeypatch.setattr(template.stages, "ShuffledBatches", DiesAtStep60)  # where fit_stage finds it
     with pytest.raises(NodeLost):
         run(template.PAPER, ["--run.output_dir", str(crashed), *FAST])
     assert not (crashed / "fit" / "STAGE.json").exists() and max(losses(crashed / "fit")) == 60

@@ -11,10 +11,10 @@ import torch
 
 from athanor.config import load_config
 from athanor.methods import send
-from athanor.methods.send import paper as send_paper
+from athanor.methods.send import stages as send_paper
 from athanor.methods.send.facts import FactStream
 from athanor.methods.send.neurons import sensitivity, top_sensitive
-from athanor.methods.send.paper import SendPaperConfig
+from athanor.methods.send.config import SendPaperConfig
 from athanor.runner import StageContext, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_resume_mid_run_is_exact_and_drops_the_top_k(tmp_path, monkeypatch):
 
 def test_dropped_neurons_are_the_top_k_of_the_recorded_embeddings(tmp_path, monkeypatch):
     """Re-derive the dropped set from the recorded embeddings and check the layer output in training."""
-    from athanor.methods.send import training
+    from athanor.methods.send import method as training
 
     cfg, base = tiny_base(tmp_path)
     seen = {}

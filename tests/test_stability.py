@@ -102,7 +102,7 @@ def test_default_grid_puts_every_intervention_in_the_table_with_two_seeds_and_wi
 
 
 def test_seed_sensitivity_and_the_spread_verdict():
-    from athanor.methods.stability_report import spread_verdict
+    from athanor.methods.stability.report import spread_verdict
 
     runs = [dict(run(v, 64, lr, loss), seed=s) for v, s, losses in
             (("baseline", 0, (3.0, 2.0, 5.5)), ("baseline", 1, (3.2, 2.1, 5.5)),
@@ -121,7 +121,7 @@ def test_seed_sensitivity_and_the_spread_verdict():
 def test_independent_decay_is_judged_against_coupled_decay():
     """The base config decays independently, so its row (the baseline's runs) is compared with the
     LR-coupled arm — the paper's question — and every other variant with the baseline."""
-    from athanor.methods.stability_report import sensitivity_verdicts
+    from athanor.methods.stability.report import sensitivity_verdicts
 
     def row(per_seed):
         return {"64": {"per_seed": per_seed, "mean": sum(per_seed) / len(per_seed), "min": min(per_seed),
@@ -249,7 +249,7 @@ def test_every_variant_builds_a_valid_pretrain_run():
 def test_log_z_drift_is_measured_on_window_means_not_the_last_point(tmp_path, tail, drifts):
     """Flat log Z with one spike at the last logged step is no drift; a steady climb is."""
     from athanor.methods.stability import series
-    from athanor.methods.stability_report import DRIFT, logz_summary, logz_verdict
+    from athanor.methods.stability.report import DRIFT, logz_summary, logz_verdict
 
     values = [5.0] * 100 + [tail(i) for i in range(100)]
     values[-1] += 4.0  # one spike, as logged probes show

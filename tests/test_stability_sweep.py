@@ -203,10 +203,10 @@ def test_gpu_config_scales_the_same_recipe(tmp_path):
     assert len(cfg.sweep.seeds) >= 2 and "coupled_wd" in cfg.sweep.variants
     widest = next(p for p in points if p["width"] == 2048)["config"]["model"]
     assert (widest["n_layers"], widest["n_heads"]) == (12, 32)
-    assert stability._executor(cfg).threads == cfg.engine.cpu_threads == 4  # one thread setting: engine.cpu_threads
+    assert stability.sweep_executor(cfg).threads == cfg.engine.cpu_threads == 4  # one thread setting: engine.cpu_threads
     slurm = load_config(stability.StabilityConfig, ["--sweep.executor", "slurm", "--sweep.workers", "16",
                                                     "--engine.cpu_threads", "3"])
-    executor = stability._executor(slurm)
+    executor = stability.sweep_executor(slurm)
     assert type(executor).__name__ == "SlurmExecutor" and executor.workers == 16  # athanor.cluster plugs in
     assert executor.threads_per_worker == 3
 
@@ -216,7 +216,7 @@ def test_sweep_workers_take_their_threads_from_engine_cpu_threads():
     from athanor.config import ConfigError, load_config
     from athanor.methods import stability
 
-    assert stability._executor(load_config(stability.StabilityConfig, [])).threads == 1  # the default: one
+    assert stability.sweep_executor(load_config(stability.StabilityConfig, [])).threads == 1  # the default: one
     cfg = load_config(stability.StabilityConfig, ["--engine.cpu_threads", "0", "--sweep.workers", "2"])
     assert stability.worker_threads(cfg) == max(1, (os.cpu_count() or 1) // 2)
     with pytest.raises(ConfigError, match="threads_per_worker"):  # the old key is gone, not silently ignored

@@ -16,10 +16,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
@@ -30,27 +30,12 @@ from .checkpointer import Checkpointer
 from .guard import NonFiniteGuard, NonFiniteStop
 from .lock import OutputLock
 from .metrics import MetricsLogger
+from .api import Parallelism, Update, accelerator_parallelism, launch_settings
 from .schedule import Schedule, build_optimizer, param_groups
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written, run me again (SLURM requeues)
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (128 + SIGINT), as a shell reports it; the first one checkpoints
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-
-def _launch_settings(cpu_requested: bool) -> tuple[bool, bool, bool]:
-    """(cpu, deepspeed, distributed) for this process, from the config and accelerate's launcher."""
-    cpu = cpu_requested or not torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return cpu, deepspeed, int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def process_state(cpu: bool = False) -> PartialState:
-    """accelerate's per-process state, set up exactly as ``Engine`` sets it up. Code that runs
-    before any engine exists (a stage that only evaluates, a resumed recipe whose stages are all
-    done) must use this rather than a bare ``PartialState()``: under DeepSpeed on CPU that comes
-    up as a single process, and every later engine inherits it."""
-    cpu, deepspeed, distributed = _launch_settings(cpu)
-    return PartialState(cpu=cpu and not deepspeed, **({"backend": "gloo"} if cpu and distributed else {}))
 
 
 class Method:
@@ -117,7 +102,7 @@ class Engine:
         ``OUTPUT/config.yaml``. ``output_dir`` overrides ``run.output_dir`` (multi-stage recipes)."""
         run, optim, engine = config.run, config.optim, config.engine
         self.run, self.optim_cfg, self.engine_cfg = run, optim, engine
-        cpu, deepspeed, distributed = _launch_settings(engine.cpu)
+        cpu, deepspeed, distributed = launch_settings(engine.cpu)
         if cpu and engine.mixed_precision == "fp16":
             raise ConfigError("engine.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
         # Accelerator(cpu=True) silently drops DeepSpeed; on a GPU-less machine DeepSpeed picks its
@@ -142,6 +127,7 @@ class Engine:
         self.checkpointer = Checkpointer(self.output_dir, self.accelerator, self.slots, run.keep_last)
         self.frozen: dict[str, torch.nn.Module] = {}
         self._unwrapped: dict[str, tuple] = {}  # name -> (wrapped model, unwrapped model)
+        self._after_step: dict[str, list[Callable[[], None]]] = {}  # name -> hooks run at the end of its steps
         self.step = 0
         self.history: dict[str, Any] = {}  # initial/final eval metrics, carried across resumes
         self._stop_signal = None
@@ -201,6 +187,11 @@ class Engine:
     def uses_deepspeed(self) -> bool:
         return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
+    @property
+    def parallelism(self) -> Parallelism:
+        """How this run distributes its models (``launch_parallelism`` before an engine exists)."""
+        return accelerator_parallelism(self.accelerator)
+
     # ---------------------------------------------------------------- models
     def register(self, name: str, model: torch.nn.Module, *, optim: OptimConfig | None = None,
                  max_steps: int | None = None, every: int = 1, lr_scales: dict | None = None,
@@ -228,9 +219,10 @@ class Engine:
         """Whether ``name`` updates at this step (its ``every`` rate, counted from step 1)."""
         return (self.step - 1) % self.slots[name].every == 0
 
-    def optimize(self, name: str, loss: torch.Tensor) -> torch.Tensor | None:
+    def optimize(self, name: str, loss: torch.Tensor) -> Update:
         """Backward ``loss`` into ``name``'s parameters; on the last micro-batch of a step, clip,
-        step the optimizer and the schedule, and zero the gradients. Returns the grad norm."""
+        step the optimizer and the schedule, zero the gradients, then run ``name``'s after-step
+        hooks (``after_step``). Returns what it did: whether the step ended, the grad norm."""
         slot = self.slots[name]
         if self.uses_deepspeed:  # DeepSpeed steps inside backward: the loss is the last thing to check
             self.guard.check_loss_before_backward(name, loss)
@@ -247,7 +239,14 @@ class Engine:
         else:
             self.accelerator.backward(loss)
         if not self.accelerator.sync_gradients:
-            return None
+            return Update(stepped=False)
+        update = Update(stepped=True, grad_norm=self._step(name, slot))
+        for hook in self._after_step.get(name, ()):
+            hook()
+        return update
+
+    def _step(self, name: str, slot: Slot) -> torch.Tensor | None:
+        """The end of a step: clip, step the optimizer and the schedule, zero the grads; the grad norm."""
         norm = None
         if not self.uses_deepspeed:  # DeepSpeed clips inside its engine step
             # The norm is taken even without clipping (max_norm=inf): a NaN/inf gradient must be seen
@@ -265,6 +264,18 @@ class Engine:
         slot.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def after_step(self, name: str, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` at the end of every step of ``name`` (EMAs, SeND's schedule); from ``Method.setup``."""
+        self._after_step.setdefault(name, []).append(hook)
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """``tensor`` summed (``reduction="sum"``) or averaged (``"mean"``) over processes."""
+        return self.accelerator.reduce(tensor, reduction=reduction)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` concatenated along the first dimension, on every process."""
+        return self.accelerator.gather(tensor)
+
     def unwrap(self, name: str) -> torch.nn.Module:
         # Cached per wrapped model: accelerate's unwrap_model reads package metadata on every call
         # (~30 ms of CPU, a tenth of a tiny model's step), and the answer never changes.
@@ -278,7 +289,7 @@ class Engine:
         """``save_pretrained`` of the registered model ``name`` into ``folder``: ZeRO-3 shards are
         gathered on every process, the main process writes (safetensors), then all wait."""
         model = self.slots[name].model if name in self.slots else self.frozen[name]
-        zero3 = self.uses_deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        zero3 = self.parallelism.shards_parameters
         state_dict = self.accelerator.get_state_dict(model) if zero3 else None  # a collective: all ranks
         if self.is_main:
             unwrapped = self.accelerator.unwrap_model(model)

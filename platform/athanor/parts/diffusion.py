@@ -26,11 +26,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, EDMEulerScheduler, ImagePipelineOutput, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
-from ..config import ConfigError, OptimConfig, TrainConfig, choice, positive
+from ..config import ConfigError, OptimConfig, choice, positive
 from ..data.batches import ShuffledBatches
 from ..data.images import load_image_data
 from ..engine import Engine, Method
@@ -253,7 +254,6 @@ class EDMClassPipeline(DiffusionPipeline):
 
     ``pipe(class_labels=[3, 7], num_inference_steps=40, guidance_scale=1.0, output_type="pil")``;
     ``output_type="latent"`` returns the model-space tensor in [-1, 1]."""
-
     model_cpu_offload_seq = "denoiser"
 
     def __init__(self, denoiser, scheduler: EDMEulerScheduler):
@@ -298,8 +298,6 @@ def save_pipeline(pipeline: DiffusionPipeline, folder: str | Path) -> Path:
 def load_denoiser(path: str | Path, fallback: EDM | None = None):
     """(model, EDM) from a pipeline folder (``denoiser`` + ``scheduler`` subfolders) or a diffusers model
     folder (its EDM constants then come from ``fallback``)."""
-    import diffusers
-
     path = Path(path)
     if (path / "model_index.json").exists():
         index = json.loads((path / "model_index.json").read_text())
@@ -330,6 +328,8 @@ class DenoiserTraining(Method):
         self.model = engine.register("denoiser", model, optim=self.cfg.optim, max_steps=self.cfg.steps,
                                      batch_size=self.cfg.batch_size)
         self.ema = EMA(engine.unwrap("denoiser"), self.cfg.ema_decay) if self.cfg.ema_decay else None
+        if self.ema is not None:
+            engine.after_step("denoiser", lambda: self.ema.update(self.engine.unwrap("denoiser")))
         # Noise differs per process (accelerate seeds every process alike) and is checkpointed for exact resume.
         self.rng = torch.Generator(device=engine.device).manual_seed(self.seed * 1009 + engine.rank)
 
@@ -338,9 +338,7 @@ class DenoiserTraining(Method):
         drop = torch.rand(len(labels), generator=self.rng, device=self.rng.device) < self.cfg.label_dropout
         labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         loss = edm_loss(self.edm, self.model, images, labels, self.cfg.p_mean, self.cfg.p_std, self.rng)
-        self.engine.optimize("denoiser", loss)
-        if self.ema is not None and self.engine.accelerator.sync_gradients:
-            self.ema.update(self.engine.unwrap("denoiser"))
+        self.engine.optimize("denoiser", loss)  # at a step's end the after-step hook updates the EMA
         return {"loss": loss.detach(), "samples": len(images)}
 
     def sampling_model(self) -> torch.nn.Module:
@@ -366,12 +364,6 @@ class DenoiserTraining(Method):
         self.rng.set_state(state["rng"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-
-
-def train_teacher(stage_dir: Path, recipe_cfg: TrainConfig, cfg: TeacherConfig, data) -> dict:
-    """Train (or adopt, with ``teacher.name_or_path``) the teacher in ``stage_dir`` outside the runner;
-    ``recipe_cfg`` gives the run/optim/engine sections (see ``teacher_stage``)."""
-    return _teacher(StageContext(cfg=recipe_cfg, root=Path(stage_dir), folder="."), cfg, data)
 
 
 def _teacher(ctx: StageContext, cfg: TeacherConfig, data) -> dict:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from ..config import ConfigError, positive
 
@@ -236,9 +238,6 @@ def retained_groups(data: QAData, requests: list[list[str]]) -> list[str]:
 
 def build_word_tokenizer(data: QAData, extra_words=("unknown",)):
     """A word-level tokenizer over the world's words (one token per word: one-token answers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     words = sorted({w for r in data.records for w in (r.question + " " + r.answer).split()} | set(extra_words)
                    | {w for values in data.answer_choices.values() for w in values})
     specials = ["[PAD]", "[UNK]", "[EOS]"]

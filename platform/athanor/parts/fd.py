@@ -24,6 +24,7 @@ from ..data.batches import ShuffledBatches
 from ..engine import Engine, Method
 from ..runner import StageContext
 from .diffusion import sample_in_batches
+from ..report import plt
 
 
 @dataclass
@@ -151,10 +152,6 @@ def save_sample_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Pat
                      title: str = "") -> Path:
     """A PNG grid: one row per class, ``per_class`` samples each (images in [-1, 1]), tiled into one
     array (one matplotlib image, not one axes per sample: that is ~100x slower)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     channels, height, width = images.shape[1:]
     classes = sorted(set(labels.tolist()))

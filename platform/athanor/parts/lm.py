@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from ..config import ConfigError, positive
 from ..data import ShuffledBatches
@@ -40,8 +41,6 @@ class ModelConfig:
 
 
 def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:
@@ -52,8 +51,6 @@ def load_tokenizer(name_or_path: str):
 
 
 def build_lm(cfg: ModelConfig, vocab_size: int, max_length: int):
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
-
     if cfg.name_or_path:
         try:
             return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=getattr(torch, cfg.dtype))
@@ -67,8 +64,6 @@ def build_lm(cfg: ModelConfig, vocab_size: int, max_length: int):
 
 
 def load_lm(folder: str | Path, dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
 
 

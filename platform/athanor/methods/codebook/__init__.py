@@ -3,12 +3,13 @@
 - ``layers``: ``CodebookModel`` puts codebook bottlenecks on any HF decoder by hooks (per head,
   whole attention output, MLP output), steering by ``generate(..., force_codes=...)``, and a
   ``save_pretrained``/``from_pretrained`` folder that keeps the codebooks;
-- ``tokfsm``: the TokFSM data; ``method``: the training step; ``analysis``: state features,
-  purity, dead codes, transition accuracy, steering; ``paper``/``report``: the runner paper.
+- ``tokfsm``: the TokFSM data; ``config``: the typed config; ``method``: the training step, data
+  and models; ``analysis``: state features, purity, dead codes, transition accuracy, steering;
+  ``stages``: the stages and ``PAPER``; ``report``: the analysis stage, the report, the model folder.
 """
+from .config import CodebookPaperConfig
 from .layers import CodebookLayer, CodebookModel
-from .paper import CodebookPaperConfig, make_paper
+from .method import CodebookLM
+from .stages import PAPER
 
-PAPER = make_paper()
-
-__all__ = ["PAPER", "CodebookLayer", "CodebookModel", "CodebookPaperConfig"]
+__all__ = ["PAPER", "CodebookLayer", "CodebookModel", "CodebookPaperConfig", "CodebookLM"]

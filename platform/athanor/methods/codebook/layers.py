@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from athanor.kernels import codebook_topk
 from athanor.parts.lm import decoder_layers
@@ -261,7 +262,6 @@ class CodebookModel(nn.Module):
     def from_pretrained(cls, folder, **kwargs) -> "CodebookModel":
         """Loads a folder written by ``save_pretrained`` (the LM through AutoModelForCausalLM)."""
         import athanor.models  # noqa: F401  registers AthanorGPT with the Auto classes
-        from transformers import AutoModelForCausalLM
 
         folder = Path(folder)
         lm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)

@@ -1,14 +1,21 @@
 """The training step of a (codebook) language model: LM loss + w * reconstruction MSE, dead-code
-replacement every ``replace_every`` steps, k-means initialisation of the codebooks."""
+replacement every ``replace_every`` steps, k-means initialisation of the codebooks; the data and
+the LM it trains (TokFSM or text; AthanorGPT or any HF causal LM) with its codebooks attached."""
 from __future__ import annotations
 
 import torch
-from torch import nn
+from accelerate.utils import broadcast
+from transformers import AutoModelForCausalLM
 
+from athanor.config import ConfigError
 from athanor.data import ShuffledBatches, sharded_batches
+from athanor.data.text import load_text_data
 from athanor.engine import Engine, Method
+from athanor.models import AthanorGPT, AthanorGPTConfig  # also registers AthanorGPT with the Auto classes
 
+from .config import CodebookPaperConfig, ModelConfig
 from .layers import CodebookModel
+from .tokfsm import TokFSM
 
 
 class CodebookLM(Method):
@@ -80,8 +87,6 @@ class CodebookLM(Method):
         gen = torch.Generator().manual_seed(self.seed * 7919 + self.engine.step)
         n = sum(layer.replace_dead(self.replace_min_uses, gen) for layer in model.codebooks.values())
         if self.engine.world_size > 1:  # every process keeps rank 0's codes
-            from accelerate.utils import broadcast
-
             for layer in model.codebooks.values():
                 layer.codebook.data = broadcast(layer.codebook.data.contiguous(), from_process=0)
         self.replaced_total += n
@@ -94,7 +99,7 @@ class CodebookLM(Method):
             ids = batch["input_ids"].to(self.engine.device)
             losses.append(self.model(input_ids=ids, labels=ids).loss.float())
         loss = torch.stack(losses).mean()
-        return {"loss": self.engine.accelerator.reduce(loss, reduction="mean")}
+        return {"loss": self.engine.reduce(loss, reduction="mean")}
 
     def state_dict(self) -> dict:
         model = self.engine.unwrap("model")
@@ -108,5 +113,32 @@ class CodebookLM(Method):
         self.replaced_total = int(state.get("replaced_total", 0))
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def load_data(cfg: CodebookPaperConfig) -> dict:
+    """{'train', 'held_out': {'input_ids'}, 'vocab_size', 'seq_len', 'fsm' (TokFSM or None)}."""
+    if cfg.data.kind == "tokfsm":
+        fsm = TokFSM(cfg.data.fsm)
+        sets = fsm.datasets()
+        return {"train": sets["train"], "held_out": {"input_ids": sets["eval"]["input_ids"]}, "walks": sets["eval"]["states"],
+                "vocab_size": fsm.vocab_size, "seq_len": fsm.seq_len, "fsm": fsm, "batch_size": cfg.data.fsm.batch_size}
+    text = load_text_data(cfg.data.text)
+    return {"train": {"input_ids": text.train_blocks}, "held_out": {"input_ids": text.eval_blocks}, "fsm": None,
+            "vocab_size": len(text.tokenizer), "seq_len": text.train_blocks.shape[1], "batch_size": cfg.data.text.batch_size}
+
+
+def build_lm(cfg: ModelConfig, vocab_size: int, seq_len: int):
+    if cfg.name_or_path:
+        lm = AutoModelForCausalLM.from_pretrained(cfg.name_or_path)
+        if lm.config.vocab_size < vocab_size:
+            raise ConfigError(f"model.name_or_path has a vocabulary of {lm.config.vocab_size}, the tokenizer {vocab_size}")
+        return lm
+    # max_seq_len leaves room for the tokens generated after a full-length prompt
+    return AthanorGPT(AthanorGPTConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                                       d_ff=cfg.d_ff, max_seq_len=seq_len + 16, position=cfg.position))
+
+
+def attach(cfg: CodebookPaperConfig, lm, with_codebooks: bool) -> CodebookModel:
+    cb = cfg.codebook
+    if not with_codebooks:
+        return CodebookModel(lm, sites=())
+    return CodebookModel(lm, sites=cb.sites, layers=cb.layers, num_codes=cb.num_codes, k=cb.k, reduce=cb.reduce,
+                         site_codes=cb.site_codes)

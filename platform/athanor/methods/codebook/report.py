@@ -3,15 +3,18 @@ steering bars, and the Hub-ready model folder."""
 from __future__ import annotations
 
 import math
+import shutil
 import time
 
 import torch
 
+from athanor.hub import write_model_card
 from athanor.report import plot_metrics, plt, write_report
 from athanor.runner import StageContext
 
 from . import analysis as A
 from .layers import CodebookModel
+from .method import load_data
 
 
 def _median(t: torch.Tensor) -> float:
@@ -79,8 +82,6 @@ def _state_features(model: CodebookModel, baseline: CodebookModel, fsm, ids, wal
 
 
 def analysis_stage(ctx: StageContext) -> dict:
-    from .paper import load_data
-
     cfg, a = ctx.cfg, ctx.cfg.analysis
     cpu_started = time.process_time()
     data = load_data(cfg)
@@ -157,8 +158,6 @@ def _steering_plot(ctx: StageContext, steering: dict) -> None:
 
 
 def report(ctx: StageContext, results: dict) -> dict:
-    from .paper import publish_folder
-
     res = dict(results["analysis"])
     res.pop("seconds", None)
     steps = {name: results[name]["steps"] for name in results if "steps" in results[name]}
@@ -240,3 +239,15 @@ def summary(report: dict) -> str:
                 f"code-tuple precision {report['state_features']['code_tuple_precision_median']:.3f}, "
                 f"steering {report['steering']['all_heads']:.2f} vs random {report['steering']['random']:.2f}")
     return f"LM-loss cost of the codebooks {report['lm_loss_cost']:+.4f}"
+
+
+def publish_folder(ctx: StageContext, report: dict) -> None:
+    """OUTPUT/model: the codebook model (LM + codebooks), loadable with CodebookModel.from_pretrained."""
+    target = ctx.root / "model"
+    shutil.copytree(ctx.results["codebook"]["model"], target, dirs_exist_ok=True)
+    metrics = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    write_model_card(target, title="Codebook Features model (athanor)", metrics=metrics, tags=["codebook-features"],
+                     summary="A causal LM with codebook bottlenecks (Tamkin et al. 2024). Load with "
+                             "`from athanor.methods.codebook import CodebookModel; "
+                             "CodebookModel.from_pretrained(folder)` to keep the codebooks; "
+                             "`AutoModelForCausalLM.from_pretrained(folder)` gives the LM without them.")

@@ -30,7 +30,7 @@ steps from noise without gradients (what G meets at inference), without it from 
 
 Generator EMA: sampling uses θ̄ ← d θ̄ + (1 − d) θ (``ema_decay``; 0 disables).
 
-Distributed: generator and critic are two ``engine.register`` calls, i.e. two ``accelerator.prepare``
+Distributed: generator and critic are two ``engine.register`` calls, i.e. two accelerate ``prepare``
 calls (accelerate refuses two models in one call under DeepSpeed). With DDP, passes that must not
 synchronise or collect gradients (no-grad sampling, the frozen critic in the generator's GAN loss) use
 the unwrapped modules. With DeepSpeed ZeRO-1/2 each model is its own DeepSpeed engine sharing one
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +52,8 @@ from torch import nn
 
 from ...config import ConfigError, OptimConfig, TrainConfig, positive
 from ...data.batches import ShuffledBatches
-from ...engine import Engine, Method
+from ...data.images import ImageDataConfig, load_image_data
+from ...engine import Engine, Method, launch_parallelism
 from ...runner import StageContext
 from ...parts.diffusion import EDM, EDMClassPipeline, EMA, TeacherConfig, feature_block, load_denoiser, null_label
 
@@ -179,7 +179,7 @@ class DMD2(Method):
     # ------------------------------------------------------------------ setup
     def setup(self, engine: Engine) -> None:
         self.engine = engine
-        if engine.uses_deepspeed and engine.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        if engine.parallelism.shards_parameters:
             raise ConfigError("DMD2 runs with DDP or DeepSpeed ZeRO-1/2: ZeRO-3 partitions the parameters that the "
                               "no-grad generator and frozen-critic passes read directly")
         teacher, self.edm = load_denoiser(self.teacher_dir, EDM.from_config(self.teacher_cfg))
@@ -196,6 +196,8 @@ class DMD2(Method):
         self.critic = engine.register("critic", critic, optim=critic_optim, max_steps=self.generator_updates * ratio,
                                       batch_size=self.cfg.batch_size)
         self.ema = EMA(engine.unwrap("generator"), self.cfg.ema_decay) if self.cfg.ema_decay else None
+        if self.ema is not None:
+            engine.after_step("generator", lambda: self.ema.update(self.engine.unwrap("generator")))
         self.sigmas = generator_sigmas(self.edm, self.cfg.generator_steps).to(engine.device)
         # Noise differs per process (accelerate seeds every process alike) and is checkpointed for exact resume.
         self.rng = torch.Generator(device=engine.device).manual_seed(self.seed * 1009 + engine.rank)
@@ -258,9 +260,7 @@ class DMD2(Method):
             gan = self._generator_gan_loss(x, batch["labels"])
             loss = loss + self.cfg.gan_weight * gan
             metrics["generator_gan_loss"] = gan.detach()
-        norm = self.engine.optimize("generator", loss)
-        if self.ema is not None and self.engine.accelerator.sync_gradients:
-            self.ema.update(self.engine.unwrap("generator"))
+        norm = self.engine.optimize("generator", loss).grad_norm  # a step's end also updates the EMA (setup)
         if norm is not None:
             metrics["generator_grad_norm"] = norm
         return x.detach(), metrics
@@ -385,7 +385,17 @@ def run_dmd2(ctx: StageContext, cfg: DMD2Config, teacher_cfg: TeacherConfig, tea
 
 def check_launch() -> None:
     """Before any compute: refuse a launch DMD2 cannot run under (see ``DMD2.setup``)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" \
-            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
+    if launch_parallelism().shards_parameters:
         raise ConfigError("DMD2 runs with DDP or DeepSpeed ZeRO-1/2 (launch/zero2*.yaml), not ZeRO-3: ZeRO-3 "
                           "partitions the parameters that the no-grad generator and frozen-critic passes read")
+
+
+_IMAGES: dict[str, object] = {}
+
+
+def images(cfg: ImageDataConfig):
+    """The image data of ``cfg`` (the recipe's ``data``), loaded once per process and data config."""
+    key = repr(cfg)
+    if key not in _IMAGES:
+        _IMAGES[key] = load_image_data(cfg)
+    return _IMAGES[key]

@@ -3,17 +3,20 @@ against held-out images over several noise seeds, the acceptance checks, FD curv
 and the main run's one-step diffusers pipeline with its model card."""
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...engine import read_metrics
+from ...hub import write_model_card
 from ...parts.diffusion import EDM, TeacherConfig, euler_sample, guided_nfe, load_denoiser, save_pipeline
-from .method import MULTISTEP, VARIANTS, DMD2Pipeline, few_step_sample
-
-if TYPE_CHECKING:
-    from .paper import DMD2RecipeConfig
+from ...parts.fd import evaluate_sampler, load_evaluator, save_sample_grid
+from ...report import plt, write_report
+from ...runner import StageContext
+from .config import DMD2RecipeConfig, all_runs, stage_name
+from .method import MULTISTEP, VARIANTS, DMD2Pipeline, few_step_sample, images
 
 
 def build_samplers(teacher_cfg: TeacherConfig, teacher_dir: str, runs: dict) -> dict:
@@ -78,8 +81,6 @@ def shortfall_note(checks: dict, curve: list, updates: int) -> list[str]:
 def training_seed_spread(table: dict, runs: dict, main_seed: int, teacher_n: str) -> dict:
     """dmd2@1 (table FD, noise seeds averaged) of the main config over its training seeds: the main
     run and the ``seed<N>`` runs; mean, sample sd, and the ratio of the mean to ``teacher_n``'s FD."""
-    import statistics
-
     seeds = {main_seed: table["fd"]["dmd2@1"]}
     seeds.update({runs[n]["seed"]: table["fd"][f"dmd2@1:{n}"] for n in runs if n.startswith("seed")})
     fds = list(seeds.values())
@@ -89,11 +90,6 @@ def training_seed_spread(table: dict, runs: dict, main_seed: int, teacher_n: str
 
 
 def plot_fd_curves(curves: dict, table: dict, path: Path, eval_samples: int, table_samples: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, pts in curves.items():
         if pts:
@@ -155,10 +151,6 @@ def write_dmd2_report(cfg: DMD2RecipeConfig, data, teacher: dict, classifier: di
                       seconds: float) -> dict:
     """Main process: the sampler table (report.json/md), sample grids, FD curves, the 1-step diffusers
     pipeline of the main run and its model card."""
-    from ...hub import write_model_card
-    from ...report import write_report
-    from ...parts.fd import evaluate_sampler, save_sample_grid
-
     ev = cfg.evaluation
     samplers = build_samplers(cfg.teacher, teacher["pipeline"], runs)
     labels = torch.arange(ev.samples) % data.num_classes
@@ -221,3 +213,13 @@ def write_dmd2_report(cfg: DMD2RecipeConfig, data, teacher: dict, classifier: di
                      metrics={f"FD {k}": v for k, v in table["fd"].items()}, library="diffusers",
                      tags=["dmd2", "distillation", "class-conditional", "image-generation"])
     return report
+
+
+def report(ctx: StageContext, results: dict) -> dict:
+    """The runner's report of the DMD2 paper (main process)."""
+    cfg = ctx.cfg
+    data = images(cfg.data)
+    evaluator = load_evaluator(results["classifier"]["model"], data.held_out_images)
+    runs = {run: results[stage_name(run)] for run in all_runs(cfg)}
+    return write_dmd2_report(cfg, data, results["teacher"], results["classifier"], runs, evaluator, ctx.root,
+                             time.time() - ctx.started)

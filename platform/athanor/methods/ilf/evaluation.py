@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ...config import ConfigError, positive
+from ...data.images import load_image_data
 from ...parts.diffusion import EDM, euler_sample, load_denoiser, sample_in_batches, save_pipeline
+from ...parts.fd import load_evaluator, save_sample_grid
+from .diffusers_pipeline import ILFPipeline, euler_on_grid, fix_component_library, ilf_sigmas
 from .feedback import FeedbackModule, attach_feedback, backbone_blocks, block_caching, count_block_calls
-from .pipeline import ILFPipeline, euler_on_grid, fix_component_library, ilf_sigmas
 
 
 @dataclass
@@ -120,9 +122,6 @@ def interpolated_mse(points: list[dict], blocks: float) -> float | None:
 def evaluate_stage(ctx, feedback_stages: dict[str, str]) -> dict:
     """Stage: every sampler's cost and paired MSE (the curve), FD of the key samplers, the ILF pipeline.
     ``feedback_stages`` maps a sampler name (``ilf``, ``once``, ...) to its training stage."""
-    from ...data.images import load_image_data
-    from ...parts.fd import load_evaluator, save_sample_grid
-
     if not ctx.is_main:  # sampling is cheap next to training: one process evaluates, the others wait
         return {"evaluated_on": "main process"}
     cfg, jump = ctx.cfg.evaluation, ctx.cfg.ilf.jump

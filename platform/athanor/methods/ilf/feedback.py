@@ -23,6 +23,7 @@ costs no block evaluation (the residual-reuse form of FORA / Δ-DiT for residual
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -91,6 +92,11 @@ class FeedbackModule(ModelMixin, ConfigMixin):
         return self.scale * self.block(hidden_states, *args, **kwargs)
 
 
+# The hooks attached to each backbone, both held weakly (the hooks live as long as their handles on the
+# backbone's blocks): a backbone that goes away takes its entry along.
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class FeedbackHooks:
     """Hooks that run ``feedback`` inside ``backbone``'s forward (see the module docstring).
 
@@ -99,7 +105,7 @@ class FeedbackHooks:
     each feed back, and each would re-trigger the other's re-run)."""
 
     def __init__(self, backbone: nn.Module, feedback: nn.Module):
-        previous = getattr(backbone, "_feedback_hooks", None)
+        previous = _ATTACHED[backbone]() if backbone in _ATTACHED else None
         if previous is not None:
             previous.remove()
         config = getattr(feedback, "module", feedback).config
@@ -110,7 +116,7 @@ class FeedbackHooks:
         self.handles = [self.loop[0].register_forward_pre_hook(self._keep_input, with_kwargs=True),
                         self.loop[-1].register_forward_hook(self._feed_back, with_kwargs=True)]
         self.backbone = backbone
-        object.__setattr__(backbone, "_feedback_hooks", self)  # not a submodule: a plain attribute
+        _ATTACHED[backbone] = weakref.ref(self)
 
     def _keep_input(self, module, args, kwargs):
         if self.enabled and not self._rerunning:
@@ -137,8 +143,8 @@ class FeedbackHooks:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        if getattr(self.backbone, "_feedback_hooks", None) is self:
-            object.__setattr__(self.backbone, "_feedback_hooks", None)
+        if self.backbone in _ATTACHED and _ATTACHED[self.backbone]() is self:
+            del _ATTACHED[self.backbone]
 
     @contextlib.contextmanager
     def disabled(self):

@@ -3,18 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...report import plot_metrics, write_report
+from ...report import plot_metrics, plt, write_report
 from .evaluation import equal_cost_plain, interpolated_mse
 
 COLORS = {"plain": "black", "plain_ilf_grid": "tab:olive", "caching": "tab:gray", "ilf": "tab:red", "once": "tab:blue"}
 
 
 def plot_curves(curve: dict, x_key: str, xlabel: str, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, points in curve.items():
         pts = sorted((p for p in points if p["mse"] > 0), key=lambda p: p[x_key])  # the reference itself: off a log axis

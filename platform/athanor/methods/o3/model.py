@@ -31,19 +31,18 @@ import shutil
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
-from .detector import Detector
-from ...parts.lm import answer_matches, encode_records, load_lm, load_tokenizer
-from .lora import StackedLoRA, adapter_name
 from ...parts.fact_world import QA
+from ...parts.lm import answer_matches, encode_records, load_lm, load_tokenizer
+from .detector import Detector
+from .method import StackedLoRA, adapter_name
 
 GATES = ("max", "per_request", "always_on", "off")
 
 
 def load_adapted_lm(base, adapter_dirs: list[Path], names: list[str]):
     """A PeftModel with every adapter loaded and active at once (a base LM if there are none)."""
-    from peft import PeftModel
-
     if not adapter_dirs:
         return base
     lm = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name=names[0])

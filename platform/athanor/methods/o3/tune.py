@@ -24,11 +24,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+
+from ...compat import plain_loading
+from ...config import parse_or_exit
+from ...parts.fact_world import DataConfig
+from ...runner import run
+from .config import TUNE_COMMAND
+from .detector import Detector, extract_features, load_backbone, resolve_backbone
+from .evaluation import forget_records, world
+from .model import O3Model
+from .stages import PAPER
 
 GAMMAS = (1e2, 1e3, 3e3, 1e4, 3e4, 1e5)
 PERCENTILES = (1.0, 2.5, 5.0, 10.0)
 SHARPNESS = (2.0, 4.0, 8.0, 16.0)
-COMMAND = "python -m athanor.methods.o3.tune --run.output_dir DIR"
 OFF = ["--ablations.always_on", "false", "--ablations.per_request_gate", "false", "--ablations.gate_variants",
        "false", "--ablations.lambda0", "false", "--ablations.gradient_ascent", "false",
        "--ablations.detector_untrained", "false"]
@@ -36,11 +46,6 @@ OFF = ["--ablations.always_on", "false", "--ablations.per_request_gate", "false"
 
 def features(root: Path, cfg, t: int, texts: list[str]) -> torch.Tensor:
     """[L, n, d] features of ``texts`` through request t's detector encoder (its saved LoRA)."""
-    from peft import PeftModel
-
-    from ...compat import plain_loading
-    from .detector import extract_features, load_backbone, resolve_backbone
-
     with plain_loading():
         encoder, tokenizer, _ = load_backbone(resolve_backbone(cfg.detector.backbone, root / "base" / "model"))
         encoder = PeftModel.from_pretrained(encoder, root / f"detector_{t}" / "detector" / "encoder_lora")
@@ -59,12 +64,6 @@ def margins(acc: dict, base: dict, w: torch.Tensor, sets) -> tuple[float, float]
 
 
 def tune(root: Path, cfg) -> dict:
-    from ...compat import plain_loading
-    from .detector import Detector
-    from .model import O3Model
-    from .paper import forget_records
-    from .pipeline import world
-
     data, sets = world(cfg)
     T = cfg.data.requests
     texts = [r.question for r in data.records]
@@ -110,7 +109,7 @@ def tune(root: Path, cfg) -> dict:
             print(f"γ={gamma:g} pct={pct} sharpness={sharp}: margin {margin:.3f} separation {separation:.3f}",
                   flush=True)
     best = max(rows, key=lambda r: (round(r["margin"], 6), round(r["separation"], 6)))
-    out = {"dev_seed": cfg.data.seed, "command": COMMAND, "base": base, "rows": rows,
+    out = {"dev_seed": cfg.data.seed, "command": TUNE_COMMAND, "base": base, "rows": rows,
            "chosen": {k: best[k] for k in ("gamma", "threshold_percentile", "sharpness")},
            "chosen_row": best}
     (root / "tuning.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -118,11 +117,6 @@ def tune(root: Path, cfg) -> dict:
 
 
 def main(argv=None) -> int:
-    from ...config import parse_or_exit
-    from ...runner import run
-    from . import PAPER
-    from ...parts.fact_world import DataConfig
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--data.seed" not in argv:
         argv = ["--data.seed", str(DataConfig().dev_seed)] + argv

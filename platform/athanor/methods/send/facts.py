@@ -1,13 +1,13 @@
 """Facts for SeND's continued-training regime: an old set the base LM has converged on, then a stream
 of additions.
 
-The tiny default is O3's fictitious-facts world (athanor.parts.fact_world, used read-only):
+The tiny default is the fictitious-facts world O3 uses too (athanor.parts.fact_world, read-only):
 people × attributes × phrasings. The first ``old_people`` people are the old facts (the base stage
 trains on them to convergence); the other ``new_people`` arrive in ``additions`` equal chunks during
 continued training. The last ``tracking_templates`` phrasings of every fact are never trained on:
 they are SeND's tracking split (the embeddings whose swings define sensitive neurons).
 
-Real runs name a QA dataset (a local .json/.jsonl file or a ``datasets`` id, loaded by O3's
+Real runs name a QA dataset (a local .json/.jsonl file or a ``datasets`` id, loaded by the fact world's
 ``load_qa_dataset``): groups (people/authors/documents) split the same way, and every
 ``tracking_every``-th record is the tracking split.
 """
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ...config import ConfigError, positive
-from ...parts.fact_world import QA, DataConfig as O3DataConfig, build_word_tokenizer, generate_world, load_qa_dataset
+from ...parts.fact_world import QA, DataConfig as WorldConfig, build_word_tokenizer, generate_world, load_qa_dataset
+from ...parts.lm import load_tokenizer
 
 
 @dataclass
@@ -35,7 +36,7 @@ class FactsConfig:
     prompt_template: str = "{question}"
     max_length: int = 64
     batch_size: int = 32  # micro-batch per process
-    # external QA datasets (O3's loader): fields, grouping, and the tracking split
+    # external QA datasets (the fact world's loader): fields, grouping, and the tracking split
     subset: str = ""
     split: str = "train"
     question_field: str = "question"
@@ -71,8 +72,8 @@ class FactSplit:
         return [i for c in self.chunks for i in c]
 
 
-def _o3_config(cfg: FactsConfig) -> O3DataConfig:
-    return O3DataConfig(source=cfg.source, seed=cfg.seed, people=cfg.old_people + cfg.new_people,
+def _world_config(cfg: FactsConfig) -> WorldConfig:
+    return WorldConfig(source=cfg.source, seed=cfg.seed, people=cfg.old_people + cfg.new_people,
                         attributes=cfg.attributes, templates=cfg.templates, heldout_templates=cfg.tracking_templates,
                         paraphrases=0,  # O3's paraphrase evaluation set is no part of SeND's world
                         countries=0, requests=1, groups_per_request=1, prompt_template=cfg.prompt_template,
@@ -84,11 +85,11 @@ def _o3_config(cfg: FactsConfig) -> O3DataConfig:
 def load_facts(cfg: FactsConfig):
     """(QAData, FactSplit): the records and which are old, replayed, added per chunk, tracking."""
     if cfg.source == "world":
-        data = generate_world(_o3_config(cfg))
+        data = generate_world(_world_config(cfg))
         records = [r for r in data.records if r.kind == "fact"]
         tracking_flags = [r.heldout for r in records]
     else:
-        data = load_qa_dataset(_o3_config(cfg))
+        data = load_qa_dataset(_world_config(cfg))
         records = data.records
         tracking_flags = [i % cfg.tracking_every == cfg.tracking_every - 1 for i in range(len(records))]
     groups = list(dict.fromkeys(r.group for r in records))
@@ -114,8 +115,6 @@ def load_facts(cfg: FactsConfig):
 
 
 def make_tokenizer(cfg: FactsConfig, data, name_or_path: str):
-    from ...parts.lm import load_tokenizer
-
     return load_tokenizer(name_or_path) if name_or_path else build_word_tokenizer(data)
 
 

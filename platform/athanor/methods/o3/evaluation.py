@@ -1,58 +1,25 @@
-"""O3's stages, each one engine run (or one evaluation) whose result is JSON, so that the runner
-(``athanor.runner``) skips finished ones when a killed recipe runs again; ``paper`` lists them:
-
-    base LM -> for t in 1..T: request_t (orthogonal LoRA) -> detector_t -> eval_t
-            -> ablations (λ = 0 adapters, gradient ascent) -> report (and the O3 folder)
+"""O3's evaluation: the evaluation sets of the QA world, the metrics after each request (per model
+and gate) and the detectors' AUROCs, where each stage finds the folders of earlier ones.
 
 Evaluation runs on the main process with plain (non-DeepSpeed) models and is broadcast, since
 it trains nothing; detector scores of every record are cached by the detector stage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
+from safetensors.torch import load_file
 
 from ...compat import plain_loading
-from ...config import OptimConfig, RunConfig, TrainConfig, positive
 from ...engine import process_state
+from ...parts.fact_world import QAData, load_data, request_groups, retained_groups
 from ...runner import StageContext
-from .detector import Detector, DetectorConfig, DetectorTraining, extract_features, load_backbone, resolve_backbone
-from ...parts.lm import AnswerLM, ModelConfig, build_lm, encode_records, load_lm, load_tokenizer
-from .lora import GradientAscent, UnlearnConfig, UnlearnRequest, unlearning_answers
+from .config import O3Config
+from .method import earlier_lora_A, unlearning_answers
 from .model import O3Model
-from ...parts.fact_world import DataConfig, QAData, build_word_tokenizer, load_data, request_groups, retained_groups
-
-
-@dataclass
-class AblationConfig:
-    always_on: bool = True  # the same adapters with w = 1 for every input
-    per_request_gate: bool = True  # adapter t scaled by w_t(x) only, instead of max_t w_t(x)
-    gate_variants: bool = True  # detectors without Mahalanobis / without cosine / calibrated by random folds
-    lambda0: bool = True  # adapters retrained with λ = 0
-    gradient_ascent: bool = True  # full-model gradient ascent on each forget set, no gate
-    detector_untrained: bool = True  # detectors on the pretrained encoder (detector.train_steps = 0)
-    ga_steps: int = 10
-    ga_lr: float = 1e-3
-
-    def validate(self) -> None:
-        positive(self.ga_steps, "ablations.ga_steps")
-        positive(self.ga_lr, "ablations.ga_lr")
-
-
-@dataclass
-class O3Config(TrainConfig):
-    # run.max_steps and optim: the base LM that memorises the facts (0 steps: use model.name_or_path as is)
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/o3", max_steps=500, eval_every=250,
-                                                             log_every=10))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.1))
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    ablations: AblationConfig = field(default_factory=AblationConfig)
 
 
 @dataclass
@@ -111,145 +78,15 @@ def on_main_then_broadcast(fn):
     return box[0]
 
 
-# ---------------------------------------------------------------------------- stages
-def train_base(ctx: StageContext) -> dict:
-    """The target LM memorises every fact in its trained phrasings (+ utility facts)."""
-    cfg: O3Config = ctx.cfg
-    if cfg.model.name_or_path and not cfg.run.max_steps:  # already fine-tuned on the facts (TOFU): use as is
-        return {"model_dir": cfg.model.name_or_path, "steps": 0, "seconds": 0.0}
-    data, _ = world(cfg)
-    engine = ctx.engine()  # first: it seeds every process, then the model is built
-    tokenizer = load_tokenizer(cfg.model.name_or_path) if cfg.model.name_or_path else build_word_tokenizer(
-        data, extra_words=cfg.unlearn.refusal.split())
-
-    def enc(records):
-        return encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length)
-
-    trained = [r for r in data.records if not r.heldout]
-    evals = {"train": enc(trained), "heldout": enc([r for r in data.records if r.heldout])}
-    method = AnswerLM(build_lm(cfg.model, len(tokenizer), cfg.data.max_length), enc(trained), evals,
-                      cfg.data.batch_size, seed=cfg.run.seed)
-    if cfg.run.max_steps:
-        _, final = ctx.fit(method, engine=engine)
-    else:  # the base LM as built (untrained): nothing to fit
-        method.setup(engine)
-        final = {}
-    model_dir = engine.save_pretrained("model", ctx.dir / "model")
-    if ctx.is_main:
-        tokenizer.save_pretrained(model_dir)
-    ctx.barrier()
-    return {"model_dir": str(model_dir), "steps": engine.step, "n_params": method.n_params, **final}
-
-
-def unlearn_request(ctx: StageContext, t: int, earlier: list[str], records, orth_lambda: float) -> dict:
-    """Request t's LoRA on its forget ``records`` (trained phrasings), orthogonal to the ``earlier`` adapters."""
-    cfg: O3Config = ctx.cfg
-    data, _ = world(cfg)
-    ucfg = replace(cfg.unlearn, orth_lambda=orth_lambda)
-    engine = ctx.engine(max_steps=ucfg.max_steps, optim=ucfg.optim())  # first: it seeds every process
-    base = base_dir(ctx)
-    tokenizer = load_tokenizer(base)
-    answers = unlearning_answers(records, ucfg, data, seed=cfg.run.seed * 1000 + t)
-    train = encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length, answers)
-    method = UnlearnRequest(load_lm(base, cfg.model.dtype), t, ucfg, train, [Path(d) for d in earlier],
-                            seed=cfg.run.seed + t)
-    _, final = ctx.fit(method, engine=engine)
-    engine.save_pretrained("model", ctx.dir / "adapter")  # adapter_config.json + adapter_model.safetensors
-    rows = [r for r in _metrics(ctx.dir) if "orth_penalty" in r]
-    return {"adapter_dir": str(ctx.dir / "adapter"), "target_rate": final["target_rate"], "steps": engine.step,
-            "orth_penalty_first": rows[0]["orth_penalty"] if rows else None,
-            "orth_penalty_last": rows[-1]["orth_penalty"] if rows else None,
-            "trainable_params": method.n_trainable}
-
-
-def train_detector(ctx: StageContext, t: int, records, dcfg: DetectorConfig | None = None,
-                   variants: bool = True) -> dict:
-    """Request t's detector on its forget ``records``: the encoder LoRA is trained on every process
-    (an engine run); calibration (cross-fitted by fact: a fact's phrasings share a fold) and the
-    scores of every record (cached for evaluation) train nothing, so they run on the main process
-    with the saved adapter reloaded, unsharded."""
-    from peft import PeftModel
-    from safetensors.torch import save_file
-
-    cfg: O3Config = ctx.cfg
-    data, _ = world(cfg)
-    dcfg, out = dcfg or cfg.detector, ctx.dir
-    optim = OptimConfig(lr=dcfg.lr, schedule="constant", weight_decay=0.0, grad_clip=1.0)
-    engine = ctx.engine(max_steps=max(1, dcfg.train_steps), optim=optim)
-    texts, facts = [r.question for r in records], [r.fact for r in records]
-    backbone = resolve_backbone(dcfg.backbone, base_dir(ctx))
-    method = DetectorTraining(backbone, dcfg, texts, seed=cfg.run.seed + t)
-    if dcfg.train_steps:
-        ctx.fit(method, engine=engine)
-    else:
-        method.setup(engine)
-    engine.save_pretrained("encoder", out / "detector" / "encoder_lora")
-
-    def fit_and_score() -> dict:
-        with plain_loading():
-            encoder, tokenizer, _ = load_backbone(backbone)
-            encoder = PeftModel.from_pretrained(encoder, out / "detector" / "encoder_lora")
-        detector = Detector(encoder, tokenizer, dcfg, dcfg.backbone)
-        feats = extract_features(encoder, tokenizer, texts, dcfg.max_length)
-        calibration = detector.fit(feats, seed=cfg.run.seed + t, groups=facts)
-        all_feats = extract_features(encoder, tokenizer, [r.question for r in data.records], dcfg.max_length)
-        cos_dist, maha = detector.stats.parts(all_feats)
-        scores = {"logit": detector.logit_from_features(all_feats), "cos_distance": cos_dist.mean(1),
-                  "mahalanobis": maha.mean(1)}
-        for name, (variant, groups) in (GATE_VARIANTS(dcfg, facts) if variants else {}).items():  # what carries the gate
-            other = Detector(encoder, tokenizer, variant, dcfg.backbone)
-            other.fit(feats, seed=cfg.run.seed + t, groups=groups)
-            scores[f"logit_{name}"] = other.logit_from_features(all_feats)
-        detector.save(out / "detector")
-        save_file({k: v.contiguous() for k, v in scores.items()}, str(out / "scores.safetensors"))
-        return calibration
-
-    calibration = on_main_then_broadcast(fit_and_score)
-    return {"detector_dir": str(out / "detector"), "scores": str(out / "scores.safetensors"),
-            "steps": engine.step, **calibration}
-
-
-def GATE_VARIANTS(dcfg: DetectorConfig, facts: list[str]) -> dict:
-    """Detector variants fitted on the same features, reported as gate ablations."""
-    return {"cosine_only": (replace(dcfg, mahalanobis_weight=0.0), facts),
-            "mahalanobis_only": (replace(dcfg, gamma=0.0), facts),
-            "random_folds": (dcfg, None)}  # calibration folds by question instead of by fact
-
-
-def gradient_ascent(ctx: StageContext, model_dir: str, t: int, records) -> dict:
-    """Baseline: the whole previous model ascends the CE of request t's true answers."""
-    cfg: O3Config = ctx.cfg
-    optim = OptimConfig(lr=cfg.ablations.ga_lr, schedule="constant", weight_decay=0.0, grad_clip=1.0)
-    engine = ctx.engine(max_steps=cfg.ablations.ga_steps, optim=optim)  # first: it seeds every process
-    tokenizer = load_tokenizer(model_dir)
-    train = encode_records(tokenizer, records, cfg.data.prompt_template, cfg.data.max_length)
-    method = GradientAscent(load_lm(model_dir, cfg.model.dtype), train, cfg.unlearn.batch_size, optim,
-                            cfg.ablations.ga_steps, seed=cfg.run.seed + t)
-    _, final = ctx.fit(method, engine=engine)
-    engine.save_pretrained("model", ctx.dir / "model")
-    if ctx.is_main:
-        tokenizer.save_pretrained(ctx.dir / "model")
-    ctx.barrier()
-    return {"model_dir": str(ctx.dir / "model"), "forget_acc_after": final["forget_acc"]}
-
-
 # ---------------------------------------------------------------------------- evaluation
-def _metrics(out: Path) -> list[dict]:
-    from ...engine import read_metrics
-
-    return read_metrics(out)
-
-
 def load_scores(paths: list[str]) -> dict[str, torch.Tensor]:
     """Stack the detector stages' cached scores: each [n_records, T]."""
-    from safetensors.torch import load_file
-
     loaded = [load_file(p) for p in paths]
     return {k: torch.stack([s[k] for s in loaded], dim=1) for k in loaded[0]}
 
 
 def auroc(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> float:
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # scikit-learn: a second of import, only when evaluating
 
     y = [1] * len(positive_scores) + [0] * len(negative_scores)
     return float(roc_auc_score(y, torch.cat([positive_scores, negative_scores]).double().numpy()))
@@ -364,8 +201,6 @@ def evaluate_ablation(cfg: O3Config, data: QAData, sets: EvalSets, base_dir: str
 
 def adapter_overlap(adapters: list[str]) -> float | None:
     """Mean over modules and pairs s<t of ‖A_s A_tᵀ‖_F / (‖A_s‖_F ‖A_t‖_F): 0 = orthogonal subspaces."""
-    from .lora import earlier_lora_A
-
     if len(adapters) < 2:
         return None
     per = [earlier_lora_A([Path(a)]) for a in adapters]
@@ -378,5 +213,15 @@ def adapter_overlap(adapters: list[str]) -> float | None:
     return sum(values) / len(values)
 
 
-__all__ = ["AblationConfig", "O3Config", "EvalSets", "world", "train_base", "unlearn_request", "train_detector",
-           "gradient_ascent", "evaluate_request", "evaluate_base", "evaluate_ablation", "adapter_overlap"]
+def forget_records(cfg: O3Config, t: int):
+    data, sets = world(cfg)
+    return [data.records[i] for i in sets.forget_train[t - 1]]  # trained phrasings only
+
+
+def adapters(ctx: StageContext, prefix: str, upto: int) -> list[str]:
+    """Adapter folders of stages ``<prefix>1 .. <prefix>upto`` (relative to the output folder's parent)."""
+    return [str(ctx.stage_dir(f"{prefix}{s}") / "adapter") for s in range(1, upto + 1)]
+
+
+def score_files(ctx: StageContext, upto: int) -> list[str]:
+    return [str(ctx.stage_dir(f"detector_{s}") / "scores.safetensors") for s in range(1, upto + 1)]

@@ -1,22 +1,14 @@
-"""DMD2 as a paper for the runner: its config, its stages and its report.
-
-Stages (each one engine run in OUTPUT/<stage>, skipped when already finished): teacher (EDM,
-diffusers DiT; ``diffusion.teacher_stage``, shared with ILF) -> classifier (FD features) -> dmd2
-(the one-step generator) -> dmd2-<run> for each extra run of ``evaluation.runs`` (the 4-step
-generator, ablations) -> report: the sampler table, sample grids, FD curves, and the one-step
-diffusers pipeline with its model card.
-"""
+"""DMD2's typed config (the method's own section, ``DMD2Config``, is in ``method``) and the names of
+its runs and their stages."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from ...config import ConfigError, OptimConfig, RunConfig, TrainConfig, positive
-from ...data.images import ImageDataConfig, load_image_data
-from ...runner import Paper, Stage, StageContext
-from ...parts.diffusion import TeacherConfig, teacher_stage
-from ...parts.fd import ClassifierConfig, load_evaluator, train_classifier
-from .method import VARIANTS, DMD2Config, check_launch, run_dmd2
+from ...data.images import ImageDataConfig
+from ...parts.diffusion import TeacherConfig
+from ...parts.fd import ClassifierConfig
+from .method import VARIANTS, DMD2Config
 
 
 @dataclass
@@ -56,23 +48,6 @@ class DMD2RecipeConfig(TrainConfig):
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
-_IMAGES: dict[str, object] = {}
-
-
-def images(cfg: DMD2RecipeConfig):
-    """The image data (loaded once per process and data config)."""
-    key = repr(cfg.data)
-    if key not in _IMAGES:
-        _IMAGES[key] = load_image_data(cfg.data)
-    return _IMAGES[key]
-
-
-def check(cfg: DMD2RecipeConfig) -> None:
-    """Before any compute: a launch DMD2 cannot run under (ZeRO-3), missing image data."""
-    check_launch()
-    images(cfg)
-
-
 def stage_name(run: str) -> str:
     return "dmd2" + (f"-{run}" if run else "")  # "" is the main run
 
@@ -85,37 +60,3 @@ def all_runs(cfg: DMD2RecipeConfig) -> list[str]:
     """"" (the main run), the variant runs, then the main run at each extra training seed."""
     seeds = [s for s in cfg.evaluation.train_seeds if s != cfg.run.seed]
     return ["", *cfg.evaluation.runs, *(seed_run(s) for s in seeds)]
-
-
-def dmd2_stage(run: str):
-    def fn(ctx: StageContext) -> dict:
-        cfg = ctx.cfg
-        data = images(cfg)
-        evaluator = load_evaluator(ctx.results["classifier"]["model"], data.held_out_images)
-        method_cfg = dataclasses.replace(cfg.dmd2, **VARIANTS.get(run, {}))
-        seed = int(run[len("seed"):]) if run.startswith("seed") else None
-        return run_dmd2(ctx, method_cfg, cfg.teacher, ctx.results["teacher"]["pipeline"], data, evaluator, seed)
-    return fn
-
-
-def stages(cfg: DMD2RecipeConfig) -> list[Stage]:
-    return [Stage("teacher", teacher_stage, describe="EDM teacher (diffusers DiT), shared with ILF"),
-            Stage("classifier", lambda ctx: train_classifier(ctx.dir, ctx.cfg, ctx.cfg.classifier, images(ctx.cfg)),
-                  describe="feature classifier for FD"),
-            *(Stage(stage_name(run), dmd2_stage(run), needs=("teacher", "classifier")) for run in all_runs(cfg))]
-
-
-def report(ctx: StageContext, results: dict) -> dict:
-    import time
-
-    from .report import write_dmd2_report
-
-    cfg = ctx.cfg
-    data = images(cfg)
-    evaluator = load_evaluator(results["classifier"]["model"], data.held_out_images)
-    runs = {run: results[stage_name(run)] for run in all_runs(cfg)}
-    return write_dmd2_report(cfg, data, results["teacher"], results["classifier"], runs, evaluator, ctx.root,
-                             time.time() - ctx.started)
-
-
-PAPER = Paper(name="DMD2", config=DMD2RecipeConfig, stages=stages, report=report, check=check)

@@ -1,4 +1,4 @@
-"""SeND's stages: an EigenScore exactness check, a base LM trained to convergence on the old facts,
+"""SeND's declared stages and ``PAPER``: an EigenScore exactness check, a base LM trained to convergence on the old facts,
 then continued training on a stream of new facts, normal vs SeND, for each seed.
 
     eigenscore_check -> base -> normal_s<seed>, send_s<seed> (for every seed) -> report
@@ -10,58 +10,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from ...config import ConfigError, OptimConfig, RunConfig, TrainConfig, positive
+from ...config import ConfigError, OptimConfig
 from ...data import ShuffledBatches
-from ...hub import HubConfig
-from ...runner import Stage, StageContext
-from ...parts.lm import AnswerLM, ModelConfig, answer_matches, build_lm, encode_records, load_lm, load_tokenizer
+from ...parts.lm import AnswerLM, answer_matches, build_lm, encode_records, load_lm, load_tokenizer
+from ...runner import Paper, Stage, StageContext
+from .config import SendPaperConfig
 from .eigenscore import random_eigenscore_check
-from .facts import FactsConfig, FactStream, load_facts, make_tokenizer
-from .training import ContinuedTraining, EigenScoreConfig, SendConfig, auroc, sampled_eigenscores
-
-
-@dataclass
-class BaseConfig:
-    max_steps: int = 400  # base LM training on the old facts (0 with model.name_or_path: use it as is)
-    lr: float = 2e-3
-    min_accuracy: float = 0.98  # the base must reach this on the old facts (a converged start), else error
-
-    def validate(self) -> None:
-        positive(self.max_steps, "base.max_steps", allow_zero=True)
-        positive(self.lr, "base.lr")
-
-
-@dataclass
-class ExperimentConfig:
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # continued-training seeds (each arm)
-    # normal | send | random (SeND's schedule with randomly chosen neurons: the dropout-as-such control)
-    arms: list[str] = field(default_factory=lambda: ["normal", "send", "random"])
-    save_models: bool = False  # save each arm's final model (paper-scale runs)
-
-    def validate(self) -> None:
-        if not self.seeds:
-            raise ConfigError("experiment.seeds must name at least one seed")
-        for arm in self.arms:
-            if arm not in ("normal", "send", "random"):
-                raise ConfigError(f"experiment.arms has {arm!r}; choose from: normal, send, random")
-
-
-@dataclass
-class SendPaperConfig(TrainConfig):
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/send", max_steps=300,
-                                                             eval_every=10, progress=False))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, schedule="constant"))
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: FactsConfig = field(default_factory=FactsConfig)
-    base: BaseConfig = field(default_factory=BaseConfig)
-    send: SendConfig = field(default_factory=SendConfig)
-    eigenscore: EigenScoreConfig = field(default_factory=EigenScoreConfig)
-    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
+from .facts import FactStream, load_facts, make_tokenizer
+from .method import ContinuedTraining, auroc, sampled_eigenscores
+from .report import report, summary
 
 
 def check(cfg: SendPaperConfig) -> None:
@@ -169,3 +129,6 @@ def stages(cfg: SendPaperConfig) -> list[Stage]:
             out.append(Stage(f"{arm}_s{seed}", arm_stage(arm, seed), needs=("base",),
                              describe=f"continued training, {arm}, seed {seed}"))
     return out
+
+
+PAPER = Paper(name="send", config=SendPaperConfig, stages=stages, report=report, check=check, summary=summary)

@@ -15,6 +15,7 @@ loss weighs every level by its effect on the final image.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,8 @@ from ...config import ConfigError, OptimConfig, positive
 from ...data.batches import ShuffledBatches
 from ...engine import Engine, Method
 from ...parts.diffusion import EDM, load_denoiser
+from .diffusers_pipeline import euler_on_grid, euler_step, ilf_sigmas
 from .feedback import MODES, FeedbackModule, attach_feedback, backbone_blocks
-from .pipeline import euler_on_grid, euler_step, ilf_sigmas
 
 
 @dataclass
@@ -165,8 +166,6 @@ def _chunks(data: dict, size: int):
 # Variants of the main run: one change each (the no-loop control and the placement/length attempts).
 def variant_config(cfg: ILFConfig, name: str, layers: int) -> ILFConfig:
     """``once`` (no-loop control, same block and training) | ``loop=a-b`` (another loop region)."""
-    import dataclasses
-
     if name == "once":
         return dataclasses.replace(cfg, mode="once")
     if name.startswith("loop="):

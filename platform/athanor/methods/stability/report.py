@@ -1,5 +1,5 @@
 """Report of a stability sweep (Wortsman et al. 2023): plots, baseline comparisons, the log Z
-demonstration's verdict, report.json and report.md. The analysis itself is in ``stability``."""
+demonstration's verdict, report.json and report.md. The analysis itself is in ``analysis``."""
 from __future__ import annotations
 
 import math
@@ -8,18 +8,18 @@ from typing import Iterable
 
 import numpy as np
 
-from .stability import (AnalysisConfig, LogZDemoConfig, MIN_GROWTH_EXPONENT, by_seed, extrapolate, group_runs,
-                        model_key, seed_sensitivity, sensitivity_tables, series)
+from ...report import plt, write_report
+from ...runner import StageContext
+from .analysis import (MIN_GROWTH_EXPONENT, extrapolate, group_runs, model_key, seed_sensitivity,
+                       sensitivity_tables, series, summarize_run)
+from .config import VARIANTS, AnalysisConfig, LogZDemoConfig, StabilityConfig
+from .method import sweep_points
 
 
 # ---------------------------------------------------------------------------- plots
 def plot_lr_curves(runs: list[dict], path: str | Path) -> Path:
     """Final eval loss against LR, one line per variant (mean over seeds, bars: min–max), one panel
     per model size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     groups = group_runs(runs)
     models = sorted({(w, d) for _, w, d in groups})
@@ -55,10 +55,6 @@ def plot_lr_curves(runs: list[dict], path: str | Path) -> Path:
 def plot_series(curves: dict[str, tuple[list, list]], path: str | Path, title: str, ylabel: str,
                 logy: bool = False, hline: float | None = None) -> Path:
     """Probe-against-step curves (label -> (steps, values))."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (steps, values) in curves.items():
@@ -83,10 +79,6 @@ def plot_scaling(fits: list[dict], path: str | Path) -> Path | None:
     fits = [f for f in fits if f]
     if not fits:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(fits), figsize=(5 * len(fits), 3.8), squeeze=False)
     for ax, fit in zip(axes[0], fits):
@@ -202,8 +194,6 @@ def write_stability_report(root: str | Path, runs: list[dict], analysis: Analysi
     """report.json, report.md and the PNGs for a finished sweep; returns the report. ``setup``
     describes the base run in one line for report.md; ``baseline_alias`` names a variant whose
     config is the base run's (``independent_wd``): its table row is the baseline's runs."""
-    from ..report import write_report
-
     root = Path(root)
     grid = [r for r in runs if not r["variant"].startswith("logz_demo")]
     demo_runs = [r for r in runs if r["variant"].startswith("logz_demo")]
@@ -418,3 +408,25 @@ def logz_verdict(demo: list[dict]) -> list[str]:
                    "against the noise of the other gradients in Adam's normaliser; our batches hold ~1k tokens "
                    "against the paper's ~131k and our runs are far shorter.")
     return out
+
+
+def describe(cfg: StabilityConfig) -> str:
+    o, m, d = cfg.optim, cfg.model, cfg.data
+    return (f"Base run: {'pre' if m.pre_ln else 'post'}-LN GPT, bias={m.bias}, tied embeddings={m.tie_embeddings}, "
+            f"head dim {cfg.sweep.head_dim}, {cfg.run.max_steps} steps of {d.batch_size}×{d.block_size} tokens "
+            f"({d.source}, {d.tokenizer}); AdamW β={tuple(o.betas)}, ε={o.eps:g}, clip {o.grad_clip:g}, weight decay "
+            f"{o.weight_decay:g} ({'independent' if o.independent_weight_decay else 'LR-coupled'}), warm-up "
+            f"{o.warmup_steps}, {o.schedule} to {o.min_lr_ratio:g}× peak; z-loss {m.z_loss_weight:g}, "
+            f"qk-layernorm {m.qk_layernorm}, µParam base width {m.mup_base_width or 'off'}.")
+
+
+def report(ctx: StageContext, results: dict) -> dict:
+    cfg, finished = ctx.cfg, results["sweep"]["jobs"]
+    runs = [{**{k: p[k] for k in ("name", "variant", "width", "depth", "lr", "seed", "z_loss_weight")},
+             **summarize_run(ctx.root / p["name"], finished[p["name"]])} for p in sweep_points(cfg)]
+    # The independent-decay row (the baseline's runs) only where the sweep makes the comparison.
+    compares_decay = any(v in cfg.sweep.variants for v in ("coupled_wd", "independent_wd"))
+    base_is_independent_wd = compares_decay and cfg.optim.independent_weight_decay and cfg.optim.weight_decay == \
+        VARIANTS["independent_wd"]["optim.weight_decay"]
+    return write_stability_report(ctx.root, runs, cfg.analysis, cfg.logz_demo, describe(cfg),
+                                  baseline_alias="independent_wd" if base_is_independent_wd else None)

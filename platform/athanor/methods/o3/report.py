@@ -2,16 +2,19 @@
 and the issue's "must show" checks computed from the measured numbers."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from .model import O3Model
+from ...compat import plain_loading
+from ...hub import write_model_card
 from ...parts.fact_world import QAData
-
-if TYPE_CHECKING:
-    from .pipeline import O3Config
+from ...report import plt, write_report
+from ...runner import StageContext
+from .config import TUNE_COMMAND, O3Config
+from .evaluation import adapter_overlap, adapters, base_dir, load_scores, score_files, world
+from .model import O3Model
 
 METRICS = ["forget_acc_train", "forget_acc_heldout_templates", "forget_acc_paraphrase", "earlier_requests_forget_acc",
            "retain_acc", "utility"]
@@ -58,8 +61,6 @@ def checks(base: dict, requests: list[dict], ablations: dict) -> dict:
 def save_o3_folder(out: Path, cfg: O3Config, base_dir: str, trained_base: bool, adapters: list[str], detectors: list[str],
                    summary_metrics: dict) -> Path:
     """``out/o3``: the loadable O3 model (base, adapters, detectors) with its model card."""
-    from ...hub import write_model_card
-
     folder = O3Model.assemble(out / "o3", base_dir, [Path(a) for a in adapters], [Path(d) for d in detectors],
                               cfg.unlearn.gate, cfg.data.prompt_template, cfg.data.max_length, cfg.model.dtype,
                               copy_base=trained_base)
@@ -87,8 +88,6 @@ def samples(o3: O3Model, data: QAData, sets, per_set: int = 2) -> list[dict]:
 
 
 def plot(out: Path, base: dict, requests: list[dict], ablations: dict) -> Path:
-    from ...report import plt
-
     fig, ax = plt.subplots(figsize=(9.5, 4.2))
     xs = [0] + [r["request"] for r in requests]
     nan = float("nan")
@@ -121,8 +120,6 @@ def plot(out: Path, base: dict, requests: list[dict], ablations: dict) -> Path:
 
 def plot_gate(out: Path, logits: torch.Tensor, sets) -> Path:
     """Histogram of the gate (max over detectors of w's logit) for forget vs retain vs utility."""
-    from ...report import plt
-
     gate = logits.amax(1)
     fig, ax = plt.subplots(figsize=(6, 3.8))
     forget = [i for s in sets.forget_all for i in s]
@@ -232,3 +229,55 @@ def markdown(report: dict) -> list[str]:
               for s in report["samples"]]
     lines += ["", "Plots: o3_requests.png (accuracies per request), gate_scores.png (detector scores)."]
     return lines
+
+
+ABLATIONS = {"ablation_always_on": "always_on", "ablation_per_request_gate": "per_request_gate",
+             **{f"ablation_gate_{name}": f"gate_{name}" for name in ("cosine_only", "mahalanobis_only", "random_folds")},
+             "ablation_lambda0_eval": "lambda0", "ablation_ga_eval": "gradient_ascent",
+             "ablation_detector0_eval": "detector_train_steps_0"}
+
+
+def report(ctx: StageContext, results: dict) -> dict:
+    """report.json/md, plots, the O3 folder (OUTPUT/o3) and samples generated from it, reloaded."""
+    cfg: O3Config = ctx.cfg
+    data, sets = world(cfg)
+    T = cfg.data.requests
+    base, base_eval = results["base"], results["base_eval"]
+    requests = [{**results[f"eval_{t}"], "target_rate": results[f"request_{t}"]["target_rate"],
+                 "detector_tau": results[f"detector_{t}"]["tau"],
+                 "orth_penalty_last": results[f"request_{t}"]["orth_penalty_last"],
+                 "paraphrase": {"base_accuracy": base_eval["forget_acc_paraphrase"][t - 1],
+                                "forget_accuracy": results[f"eval_{t}"]["forget_acc_paraphrase"]}}
+                for t in range(1, T + 1)]
+    ablations = {label: {k: v for k, v in results[name].items() if k != "seconds"}
+                 for name, label in ABLATIONS.items() if name in results}
+    adapter_dirs = adapters(ctx, "request_", T)
+    out = {"world": f"{len(data.groups)} groups, {len(data.records)} records, {T} requests of "
+                    f"{cfg.data.groups_per_request}", "gate": cfg.unlearn.gate, "orth_lambda": cfg.unlearn.orth_lambda,
+           "base": {**{k: v for k, v in base_eval.items() if k != "seconds"}, "steps": base["steps"]},
+           "requests": [{k: v for k, v in r.items() if k != "seconds"} for r in requests], "ablations": ablations,
+           "checks": checks(base_eval, requests, ablations), "adapter_overlap": adapter_overlap(adapter_dirs),
+           "adapter_overlap_lambda0": ablations.get("lambda0", {}).get("adapter_overlap"),
+           "detector_train_steps": cfg.detector.train_steps,
+           "detector_parts": {k: v for k, v in requests[-1].items() if k.startswith("auroc")},
+           "world_size": ctx.state.num_processes, "o3_dir": f"{cfg.run.output_dir}/o3",
+           "tuning": {"dev_seed": cfg.data.dev_seed, "data_seed": cfg.data.seed, "command": TUNE_COMMAND,
+                      "values": {k: getattr(cfg.detector, k) for k in ("gamma", "threshold_percentile", "sharpness")},
+                      "evaluated_on_dev_world": cfg.data.seed == cfg.data.dev_seed}}
+    detectors = [str(ctx.stage_dir(f"detector_{t}") / "detector") for t in range(1, T + 1)]
+    folder = save_o3_folder(ctx.root, cfg, base_dir(ctx), bool(base["steps"]), adapter_dirs, detectors,
+                            {k: v for k, v in requests[-1].items() if isinstance(v, float)})
+    with plain_loading():  # main process only: no ZeRO-3 collectives
+        reloaded = O3Model.from_pretrained(folder)  # the saved folder, as a user would load it
+        out["samples"] = samples(reloaded, data, sets)
+    plot(ctx.root, base_eval, requests, ablations)
+    plot_gate(ctx.root, load_scores(score_files(ctx, T))["logit"], sets)
+    out["seconds"] = time.time() - ctx.started  # this invocation (finished stages were skipped)
+    write_report(ctx.root, out, "O3 continual unlearning", markdown(out))
+    return out
+
+
+def summary(out: dict) -> str:
+    unmet = [name for name, check in out["checks"].items() if not check["met"]]
+    return f"{len(out['checks']) - len(unmet)}/{len(out['checks'])} checks met" + \
+        (f" (not met: {', '.join(unmet)})" if unmet else "")

@@ -6,6 +6,9 @@ Plain teacher@N uses the N-step Karras grid (EDM's sampler, ``diffusion.euler_sa
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from ...parts.diffusion import EDM, EDMClassPipeline, null_label
@@ -67,9 +70,6 @@ class ILFPipeline(EDMClassPipeline):
 def fix_component_library(folder, component: str, cls: type) -> None:
     """diffusers records a component's top-level package ("athanor"); point it at the defining module
     so ``from_pretrained`` imports the class in a fresh process."""
-    import json
-    from pathlib import Path
-
     index_path = Path(folder) / "model_index.json"
     index = json.loads(index_path.read_text())
     index[component] = [cls.__module__, cls.__name__]

@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 
 from ...compat import full_numel
 from ...config import ConfigError, OptimConfig, choice, positive
 from ...data import ShuffledBatches
 from ...engine import Engine, Method
-from ...parts.lm import answer_matches, lm_inputs
 from ...parts.fact_world import QA, QAData
+from ...parts.lm import answer_matches, lm_inputs
 
 
 @dataclass
@@ -79,8 +81,6 @@ def unlearning_answers(records: list[QA], cfg: UnlearnConfig, data: QAData, seed
 
 
 def lora_config(cfg: UnlearnConfig):
-    from peft import LoraConfig
-
     targets = (cfg.target_modules if cfg.target_modules == "all-linear"
                else [t.strip() for t in cfg.target_modules.split(",")])
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
@@ -89,8 +89,6 @@ def lora_config(cfg: UnlearnConfig):
 
 def earlier_lora_A(adapter_dirs: list[Path]) -> dict[str, torch.Tensor]:
     """``module path -> [A_1; ...; A_{t-1}]`` (stacked rows) from saved adapters."""
-    from safetensors.torch import load_file
-
     stacked: dict[str, list[torch.Tensor]] = {}
     for folder in adapter_dirs:
         for key, value in load_file(str(Path(folder) / "adapter_model.safetensors")).items():
@@ -141,8 +139,6 @@ class UnlearnRequest(Method):
         self.earlier_dirs, self.seed = earlier_dirs, seed
 
     def setup(self, engine: Engine) -> None:
-        from peft import get_peft_model
-
         self.engine = engine
         name = "default"  # peft saves other names into a subfolder; O3Model names them request_t on loading
         peft_model = get_peft_model(self.base_model, lora_config(self.cfg), adapter_name=name)
@@ -216,8 +212,6 @@ class StackedLoRA:
     are set with ``weights(w)`` ([n] per batch row) and read by the hooks."""
 
     def __init__(self, lm, adapter_dirs: list[Path]):
-        from safetensors.torch import load_file
-
         factors: dict[str, tuple[list, list]] = {}
         for folder in adapter_dirs:
             meta = json.loads((Path(folder) / "adapter_config.json").read_text())

@@ -16,17 +16,12 @@ al. 2023 on logging steps only, so they cost nothing in between:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
 
-from ..config import OptimConfig, RunConfig, TrainConfig
-from ..data import ShuffledBatches, TextData, TextDataConfig, load_text_data, sharded_batches
-from ..engine import Engine, Method
-from ..hub import HubConfig
-from ..models import AthanorGPT
-from ..parts.gpt import GPTModelConfig, ProbeConfig, build_model
-from ..runner import Paper, Stage, StageContext
+from ...data import ShuffledBatches, TextData, sharded_batches
+from ...engine import Engine, Method
+from ...models import AthanorGPT
+from ...parts.gpt import GPTModelConfig, build_model
 
 
 PROBE_ROWS = 16  # sequences the attention/activation probes look at: cheap at any batch size
@@ -66,7 +61,7 @@ class Pretrain(Method):
         if probe:
             self._unwrapped().set_probes(True, PROBE_ROWS)
         out = self.model(input_ids=batch, labels=batch)
-        norm = self.engine.optimize("model", out.loss)
+        norm = self.engine.optimize("model", out.loss).grad_norm
         metrics = {"loss": out.loss.detach(), "tokens": batch[:, 1:].numel()}
         if isinstance(self._unwrapped(), AthanorGPT):  # its output carries log Z statistics
             metrics.update(out.stats)
@@ -100,68 +95,6 @@ class Pretrain(Method):
             loss = self.model(input_ids=batch, labels=batch).loss
             total += torch.stack([loss.double() * len(batch), torch.tensor(len(batch), dtype=torch.float64,
                                                                             device=total.device)])
-        total = self.engine.accelerator.reduce(total, reduction="sum")
+        total = self.engine.reduce(total, reduction="sum")
         loss = (total[0] / total[1]).item()
         return {"loss": loss, "ppl": math.exp(min(loss, 50))}
-
-
-@dataclass
-class PretrainConfig(TrainConfig):
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/pretrain", max_steps=400,
-                                                             eval_every=50, log_every=1))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1))
-    model: GPTModelConfig = field(default_factory=GPTModelConfig)
-    data: TextDataConfig = field(default_factory=TextDataConfig)
-    probes: ProbeConfig = field(default_factory=ProbeConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
-
-
-def train_stage(ctx: StageContext) -> dict:
-    """Train, then save the Hub-ready model folder (``OUTPUT/model``) with its tokenizer and card."""
-    from ..hub import write_model_card
-
-    cfg = ctx.cfg
-    data = load_text_data(cfg.data)
-    method = Pretrain(cfg.model, data, cfg.data.batch_size, cfg.data.eval_batches, probe_every=cfg.probes.every)
-    engine, final = ctx.fit(method)
-    initial = engine.history["initial_eval"]["loss"]
-    result = {
-        "initial_eval_loss": initial,
-        "final_eval_loss": final["loss"],
-        "steps": engine.step,
-        "n_params": method.n_params,
-        "diverged": not math.isfinite(final["loss"]) or final["loss"] > initial,
-        "world_size": engine.world_size,
-        "model_dir": str(ctx.dir / "model"),
-    }
-    engine.save_pretrained("model", ctx.dir / "model")
-    if ctx.is_main:
-        data.tokenizer.save_pretrained(ctx.dir / "model")
-        write_model_card(ctx.dir / "model", title=f"{ctx.root.name}: causal LM pretrained with athanor",
-                         summary=f"{method.n_params:,} parameters, {engine.step} steps.",
-                         metrics={k: v for k, v in result.items() if "loss" in k},
-                         base_model=cfg.model.name_or_path or None, tags=["causal-lm", "pretraining"])
-    return result
-
-
-def report(ctx: StageContext, results: dict) -> dict:
-    from ..report import plot_metrics, write_report
-
-    out = {k: v for k, v in results["train"].items() if k != "seconds"}
-    plot_metrics(ctx.root, ["loss", "eval_loss"], "loss.png", title="pretraining loss")
-    drop = out["initial_eval_loss"] - out["final_eval_loss"]
-    write_report(ctx.root, out, "Pretraining report", [
-        f"Eval loss {out['initial_eval_loss']:.3f} at initialisation -> {out['final_eval_loss']:.3f} "
-        f"after {out['steps']} steps ({drop:+.3f}). Loss curve: loss.png."])
-    return out
-
-
-PAPER = Paper(
-    name="pretrain",
-    config=PretrainConfig,
-    # One stage in OUTPUT itself (the model folder users load is OUTPUT/model), run on every invocation:
-    # the engine resumes from its newest checkpoint, so a second run with more steps continues training.
-    stages=lambda cfg: [Stage("train", train_stage, folder=".", record=False)],
-    report=report,
-    summary=lambda r: f"eval loss {r['initial_eval_loss']:.3f} -> {r['final_eval_loss']:.3f}",
-)

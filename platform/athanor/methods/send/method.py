@@ -143,6 +143,8 @@ class ContinuedTraining(Method):
     def setup(self, engine: Engine) -> None:
         self.engine = engine
         self.model = engine.register("model", self.model_unprepared, batch_size=self.batch_size)
+        if self.send is not None:
+            engine.after_step("model", lambda: self._send_schedule(engine.step))
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch: dict) -> dict:
@@ -152,11 +154,9 @@ class ContinuedTraining(Method):
         active = self.send is not None and step <= self.drop_until and self.dropped.numel() > 0
         with dropped_neurons(self.model, self.send.layer, self.dropped) if active else contextlib.nullcontext():
             loss = self.model(**lm_inputs(batch)).loss
-        self.engine.optimize("model", loss)
         self.window_losses.append(float(loss.detach()))
         out = {"loss": loss.detach(), "samples": len(batch["input_ids"]), "dropped": float(active) * self.dropped.numel()}
-        if self.send is not None and self.engine.accelerator.sync_gradients:
-            self._send_schedule(step)
+        self.engine.optimize("model", loss)  # at a step's end the after-step hook runs SeND's schedule (setup)
         return out
 
     def _send_schedule(self, step: int) -> None:

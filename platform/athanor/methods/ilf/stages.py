@@ -1,0 +1,51 @@
+"""ILF's declared stages and ``PAPER``: teacher -> classifier -> trajectories -> ilf -> ilf-<variant>
+-> evaluate."""
+from __future__ import annotations
+
+from ...config import ConfigError
+from ...data.images import load_image_data
+from ...parts.diffusion import teacher_stage
+from ...parts.fd import train_classifier
+from ...runner import Paper, Stage
+from .config import ILFRecipeConfig, variant_stage_name
+from .evaluation import evaluate_stage
+from .method import train_feedback, trajectories_stage, variant_config
+from .report import report, summary
+
+
+def check(cfg: ILFRecipeConfig) -> None:
+    if cfg.teacher.arch != "dit":
+        raise ConfigError("ILF needs a transformer backbone: teacher.arch=dit")
+    if cfg.teacher.guidance != 1.0:
+        raise ConfigError("ILF distils the conditional teacher without guidance: teacher.guidance=1.0")
+    layers = cfg.teacher.layers
+    cfg.ilf.check_backbone(layers)
+    for variant in cfg.evaluation.variants:
+        variant_config(cfg.ilf, variant, layers).check_backbone(layers)
+    if cfg.evaluation.cache_blocks[1] >= layers:
+        raise ConfigError(f"evaluation.cache_blocks={list(cfg.evaluation.cache_blocks)} is outside the teacher's "
+                          f"{layers} blocks")
+    if len({variant_stage_name(v) for v in cfg.evaluation.variants}) != len(cfg.evaluation.variants):
+        raise ConfigError(f"evaluation.variants={list(cfg.evaluation.variants)} repeat")
+
+
+def stages(cfg: ILFRecipeConfig) -> list[Stage]:
+    def classifier_stage(ctx):
+        return train_classifier(ctx.dir, ctx.cfg, ctx.cfg.classifier, load_image_data(ctx.cfg.data))
+
+    def feedback_stage(variant: str):
+        return lambda ctx: train_feedback(ctx, variant_config(ctx.cfg.ilf, variant, ctx.cfg.teacher.layers)
+                                          if variant else ctx.cfg.ilf)
+
+    trained = {"ilf": "ilf", **{v: variant_stage_name(v) for v in cfg.evaluation.variants}}
+    return [Stage("teacher", teacher_stage, describe="EDM teacher (diffusers DiT), shared with DMD2"),
+            Stage("classifier", classifier_stage, describe="feature classifier for FD"),
+            Stage("trajectories", trajectories_stage, needs=("teacher",), describe="cached teacher trajectories"),
+            Stage("ilf", feedback_stage(""), needs=("teacher", "trajectories"), describe="ILF feedback module"),
+            *[Stage(trained[v], feedback_stage(v), needs=("teacher", "trajectories"), describe=f"variant {v}")
+              for v in cfg.evaluation.variants],
+            Stage("evaluate", lambda ctx: evaluate_stage(ctx, trained),
+                  needs=("teacher", "classifier", *trained.values()), describe="curve, FD, pipeline")]
+
+
+PAPER = Paper(name="ilf", config=ILFRecipeConfig, stages=stages, report=report, check=check, summary=summary)
