@@ -301,3 +301,14 @@ def test_when_no_checkpoint_passes_the_run_starts_afresh_and_logs_each_step_once
     assert "starting afresh" in printed and engine.step == 6 and loss_rows(out) == uninterrupted
     steps = [r["step"] for r in read_metrics(out)]
     assert steps.count(0) == 1 and len(steps) == len(set(steps)), steps
+
+
+def test_a_planted_temporary_folder_link_is_removed_not_written_through(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "run"
+    run(out, 4)
+    (ckpt.checkpoint_root(out) / ".tmp-step-6").symlink_to(outside, target_is_directory=True)
+    engine, _ = run(out, 6)
+    assert engine.step == 6 and ckpt.verify(ckpt.checkpoint_root(out) / "step-6") is None
+    assert list(outside.iterdir()) == []

@@ -67,7 +67,10 @@ def clear_stale_temporaries(output_dir: Path) -> None:
     root = checkpoint_root(output_dir)
     if root.is_dir():  # .old-step-N: a replaced step-N whose removal was cut short (see publish)
         for p in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_symlink():  # planted: the save would write through it, outside the run folder
+                p.unlink()
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ manifest
