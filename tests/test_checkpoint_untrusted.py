@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -24,6 +25,7 @@ from athanor.config import OptimConfig, RunConfig, TrainConfig
 from athanor.data import ShuffledBatches
 from athanor.engine import Engine, Method, read_metrics
 from athanor.engine import checkpoint as ckpt
+from conftest import ROOT, free_port
 
 MARKER = "MARKER-7f3c91d2-outside-the-run-folder"
 
@@ -312,3 +314,36 @@ def test_a_planted_temporary_folder_link_is_removed_not_written_through(tmp_path
     engine, _ = run(out, 6)
     assert engine.step == 6 and ckpt.verify(ckpt.checkpoint_root(out) / "step-6") is None
     assert list(outside.iterdir()) == []
+
+
+TWO_PROCESSES = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_checkpoint_untrusted import loss_rows, run
+engine, _ = run(sys.argv[1], int(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_agree_to_skip_a_checkpoint_only_one_of_them_cannot_load(tmp_path):
+    """Rank 1's method state of step-4 lacks a key its method needs: both processes skip step-4
+    (one line, from the main process) and resume step-2; the run ends as an uninterrupted one."""
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESSES.format(tests=str(ROOT / "tests")))
+
+    def launch(out, steps):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "ddp-cpu.yaml"),
+               "--main_process_port", str(free_port()), str(script), str(out), str(steps)]
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+    launch(tmp_path / "full", 6)
+    launch(tmp_path / "run", 4)
+    folder = ckpt.checkpoint_root(tmp_path / "run") / "step-4"
+    edit_json(folder / "rank1" / "method.json", lambda s: {k: v for k, v in s.items() if k != "seen"})
+    ckpt.write_manifest(folder)
+    printed = launch(tmp_path / "run", 6)
+    skipped = [line for line in printed.splitlines() if line.startswith("skipping checkpoint")]
+    assert len(skipped) == 1 and "KeyError" in skipped[0] and "resuming from step-2" in skipped[0], printed
+    assert loss_rows(tmp_path / "run") == loss_rows(tmp_path / "full")

@@ -231,6 +231,8 @@ def verify(folder: Path) -> str | None:
         return str(why)
     except OSError as err:  # unreadable, or changed while being read
         return f"it cannot be read ({type(err).__name__}: {err.strerror or err})"
+    except Exception as err:  # any other failure to check it is a reason to skip it, not a traceback
+        return f"it cannot be checked ({type(err).__name__})"
     return None
 
 
