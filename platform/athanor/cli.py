@@ -29,6 +29,10 @@ def _submit(args: argparse.Namespace) -> int:
         spec.validate()
     except cluster.ClusterError as e:
         return _fail(e, 2)
+    problem = _recipe_config_problem(args.recipe, args.recipe_args)
+    if problem:
+        print(problem, file=sys.stderr)  # the recipe's own one line (it starts with "error: ")
+        return 2
     if args.dry_run:
         print(cluster.sbatch_script(spec), end="")
         print(f"# would be written to {spec.resolved_log_dir()}/submit-<time>.sbatch; "
@@ -53,6 +57,27 @@ def _submit(args: argparse.Namespace) -> int:
     status = cluster.job_exit_status(info)
     print(f"job {job_id} ended {info.get('JobState')} with exit status {status}; log: {log}")
     return status
+
+
+def _recipe_config_problem(recipe: str, recipe_args: list[str]) -> str | None:
+    """The recipe's config checked here, as the node would parse it, before any script is written:
+    the script runs with ``ATHANOR_CHECK_ONLY=1`` (the runner parses, checks and lists the stages,
+    then exits 0). A script that does not run through ``athanor.runner`` is not started here."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from .runner import CHECK_ONLY_ENV
+
+    if "athanor.runner" not in Path(recipe).read_text(errors="replace"):
+        return None
+    env = {**os.environ, CHECK_ONLY_ENV: "1"}
+    proc = subprocess.run([sys.executable, recipe, *recipe_args], capture_output=True, text=True, env=env)
+    if proc.returncode == 0:
+        return None
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    said = next((line for line in reversed(lines) if line.startswith("error: ")), None)
+    return said or f"error: {recipe} refused its arguments (exit {proc.returncode}): {(lines or [''])[-1][:300]}"
 
 
 def _status(args: argparse.Namespace) -> int:

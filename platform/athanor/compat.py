@@ -59,3 +59,18 @@ def plain_loading():
     finally:
         if ref is not None and ref() is not None:
             hf_deepspeed.set_hf_deepspeed_config(ref())
+
+
+def quiet_hub_mixin_loading() -> None:
+    """huggingface_hub's ``ModelHubMixin.from_pretrained`` ``print``s "Loading weights from local
+    directory" on every local load (4x a run, 8x under DDP), with no logger or switch to stop it: the
+    module's ``print`` is replaced by one that drops that line and passes anything else on."""
+    import builtins
+
+    from huggingface_hub import hub_mixin
+
+    def print_(*args, **kwargs):
+        if args != ("Loading weights from local directory",):
+            builtins.print(*args, **kwargs)
+
+    hub_mixin.print = print_

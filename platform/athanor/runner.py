@@ -36,6 +36,7 @@ import torch
 
 from .config import ConfigError, TrainConfig, exit_on_config_error, parse_or_exit
 from .engine import Engine, Method, process_state
+from .runfiles import CARD_KINDS, progress_wanted, quiet_libraries, write_run_record
 
 
 @dataclass
@@ -62,6 +63,11 @@ class Paper:
     report: Callable[["StageContext", dict], dict]  # (ctx at OUTPUT, {stage: result}) -> report (main process)
     check: Callable[[Any], None] | None = None  # raise ConfigError before any compute
     summary: Callable[[dict], str] | None = None  # the closing line printed after the report path
+    # The saved model publish puts at the top of the upload (a folder under OUTPUT, e.g. "model" or
+    # "distill/generator"); "": the first one found (OUTPUT itself, then OUTPUT/model, then by path).
+    main_model: str = ""
+    # Its model card's kind: transformers | diffusers | peft | torch ("": told by the saved files).
+    card: str = ""
 
 
 @dataclass
@@ -196,19 +202,34 @@ def record_stage(folder: Path, name: str, result: dict) -> None:
     tmp.replace(marker)
 
 
-def run(paper: Paper, argv=None) -> dict:
-    """The whole recipe: config, stages, report, publish, one closing line. Returns the report."""
-    started = time.time()
+CHECK_ONLY_ENV = "ATHANOR_CHECK_ONLY"  # =1: parse and check the config, list the stages, exit 0 (athanor submit)
+
+
+def prepare(paper: Paper, argv=None) -> tuple[Any, list[Stage]]:
+    """The config (one line and exit 2 if bad) and the stages, before any compute."""
+    quiet_libraries()
     cfg = parse_or_exit(paper.config, argv)
+    cfg.run.progress = progress_wanted(cfg.run.progress)  # a log file gets no bar (run.progress is free on resume)
     set_cpu_threads(cfg.engine.cpu_threads)
-    ctx = StageContext(cfg=cfg, root=Path(cfg.run.output_dir))
     with exit_on_config_error():
+        if paper.card not in ("", *CARD_KINDS):
+            raise ConfigError(f"{paper.name}: card={paper.card!r} is not one of: {', '.join(CARD_KINDS)}")
         if paper.check:
             paper.check(cfg)
         stages = list(paper.stages(cfg))
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"{paper.name}: stage names repeat: {names}")
+    if os.environ.get(CHECK_ONLY_ENV) == "1":
+        sys.exit(0)
+    return cfg, stages
+
+
+def run(paper: Paper, argv=None) -> dict:
+    """The whole recipe: config, stages, report, publish, one closing line. Returns the report."""
+    started = time.time()
+    cfg, stages = prepare(paper, argv)
+    ctx = StageContext(cfg=cfg, root=Path(cfg.run.output_dir))
     with exit_on_disk_full(ctx.root):
         for stage in stages:
             with exit_on_config_error():  # e.g. a data file found missing when the stage loads it
@@ -217,6 +238,8 @@ def run(paper: Paper, argv=None) -> dict:
             ctx.barrier()
             return {}
         report = paper.report(ctx, ctx.results)
+        write_run_record(ctx.root, cfg, paper.name, paper.main_model, paper.card,
+                         config_here=any(stage.folder == "." for stage in stages), argv=argv)
     report.setdefault("seconds", time.time() - started)
     hub = getattr(cfg, "hub", None)
     if hub is not None:
