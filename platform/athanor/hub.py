@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import json
-import math
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -23,32 +20,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 from huggingface_hub.errors import OfflineModeIsEnabled
 
 from .config import ConfigError
 from .hub_http import HUB_TIMEOUT_S, HubError, PublishInputError, hub_error, hub_timeout, with_deadline  # noqa: F401
+from .hub_card import BOOKKEEPING_KEYS, build_model_card, write_model_card  # noqa: F401
+from .hub_card import own_dir as _own_dir
+from .hub_card import own_file as _own_file
 from .redact import holds_secret, redact
-
-
-def write_model_card(folder: str | Path, *, title: str, summary: str, metrics: dict | None = None,
-                     library: str = "transformers", base_model: str | None = None,
-                     datasets: list[str] | None = None, tags: list[str] | None = None,
-                     pipeline_tag: str | None = None) -> Path:
-    """``README.md`` with YAML metadata (library, base model, datasets, tags, metrics) and the
-    exact command that produced the run."""
-    data = ModelCardData(library_name=library, base_model=base_model, datasets=datasets,
-                         tags=["athanor", *(tags or [])], pipeline_tag=pipeline_tag)
-    command = redact(" ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                     for k, v in (metrics or {}).items() if isinstance(v, (int, float, str)))
-    content = (f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{summary}\n\n"
-               f"## Metrics\n\n| metric | value |\n|---|---|\n{rows}\n\n"
-               f"## Reproduce\n\n```\n{command}\n```\n")
-    card = ModelCard(content)
-    path = Path(folder) / "README.md"
-    card.save(path)
-    return path
+from .runfiles import read_run_record
 
 
 # ---------------------------------------------------------------- publishing
@@ -62,7 +43,6 @@ OPTIMIZER_PATTERNS = ("optimizer*", "*optim_states*", "scheduler*")
 # Checkpoint files only a Python-object loader reads (DeepSpeed's ZeRO shards, anything planted beside
 # ours): never uploaded, so resuming from a downloaded checkpoint runs no code from it.
 CODE_LOADED_PATTERNS = ("*.pt", "*.pth", "*.bin", "*.pkl", "*.ckpt", "zero_to_*.py")  # and the scripts that read them
-BOOKKEEPING_KEYS = {"steps", "n_params", "world_size", "seed"}  # report.json numbers that are not metrics
 STAGING_MARKER = ".athanor-upload"  # in a staging folder publish made: only such a folder is ever emptied
 
 
@@ -106,10 +86,11 @@ class PublishResult:
     card: ModelCard
 
 
-def find_artifacts(output_dir: Path) -> list[Path]:
+def find_artifacts(output_dir: Path, main: str = "") -> list[Path]:
     """Folders under ``output_dir`` that ``from_pretrained`` loads (a transformers model, a peft
-    adapter, a diffusers pipeline), main one first: the run folder itself, then ``model/``, then
-    the rest by path. Checkpoints, TensorBoard and staging folders are not artifacts."""
+    adapter, a diffusers pipeline), main one first: the one the paper declares (``main``, relative
+    to the run folder), else the run folder itself, then ``model/``, then the rest by path.
+    Checkpoints, TensorBoard and staging folders are not artifacts."""
     found: list[Path] = []
 
     def visit(folder: Path) -> None:
@@ -122,18 +103,9 @@ def find_artifacts(output_dir: Path) -> list[Path]:
                 visit(child)
 
     visit(output_dir)
-    found.sort(key=lambda p: (p != output_dir, p != output_dir / "model", str(p)))
+    declared = (output_dir / main) if main else None
+    found.sort(key=lambda p: (p != declared, p != output_dir, p != output_dir / "model", str(p)))
     return found
-
-
-def _own_file(path: Path) -> bool:
-    """A regular file of the run folder itself: not a symbolic link and not reached through one
-    (paths here are built from the resolved run folder, so any link on the way changes them)."""
-    return path.is_file() and path.resolve() == path.absolute()
-
-
-def _own_dir(path: Path) -> bool:
-    return path.is_dir() and path.resolve() == path.absolute()
 
 
 def _links_skipped(names: list[str]) -> None:
@@ -142,14 +114,6 @@ def _links_skipped(names: list[str]) -> None:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         print(f"warning: publish skipped {len(names)} symbolic link(s), since it uploads nothing from outside "
               f"the run folder: {shown}", file=sys.stderr, flush=True)
-
-
-def _library(folder: Path) -> str:
-    if (folder / "model_index.json").is_file():
-        return "diffusers"
-    if (folder / "adapter_config.json").is_file():
-        return "peft"
-    return "transformers"
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -207,83 +171,6 @@ def _copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = (), links: list[str
             _link_or_copy(path, dst / rel)
 
 
-def _read_yaml(path: Path) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(path)) if _own_file(path) else {}
-
-
-def _existing_card(folder: Path) -> ModelCard | None:
-    path = folder / "README.md"
-    return ModelCard.load(path) if _own_file(path) else None
-
-
-def _recorded_command(card: ModelCard | None) -> str | None:
-    """The command a recipe recorded in its model card (``## Reproduce`` block)."""
-    if card is None:
-        return None
-    match = re.search(r"## Reproduce\s*```[^\n]*\n(.+?)\n```", card.text, re.S)
-    return match.group(1).strip() if match else None
-
-
-def _load_snippet(library: str, repo_id: str) -> str:
-    if library == "peft":
-        return (f"from peft import AutoPeftModel\nmodel = AutoPeftModel.from_pretrained({repo_id!r})")
-    if library == "diffusers":
-        return f"from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained({repo_id!r})"
-    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f"model = AutoModelForCausalLM.from_pretrained({repo_id!r}, trust_remote_code=True)\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({repo_id!r})")
-
-
-def build_model_card(output_dir: Path, main_artifact: Path, repo_id: str, files: list[str],
-                     command: str | None = None) -> ModelCard:
-    """Card metadata (library, base model, datasets, tags, metrics from ``report.json`` as
-    model-index results) and text (summary, metrics, files, how to load, exact command)."""
-    output_dir = Path(output_dir).resolve()  # what _own_file compares against
-    report = json.loads((output_dir / "report.json").read_text()) if _own_file(output_dir / "report.json") else {}
-    config = _read_yaml(output_dir / "config.yaml")
-    library = _library(main_artifact)
-    old = _existing_card(main_artifact)
-    model_cfg, data_cfg = config.get("model") or {}, config.get("data") or {}
-    base_model = (old.data.base_model if old else None) or model_cfg.get("name_or_path") or model_cfg.get("base")
-    if library == "peft" and _own_file(main_artifact / "adapter_config.json"):
-        base_model = base_model or json.loads((main_artifact / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path")
-    if base_model and Path(str(base_model)).exists():  # a local folder is not a Hub id
-        base_model = None
-    source = str(data_cfg.get("source") or data_cfg.get("dataset") or "")
-    hub_dataset = source[3:].split(":")[0] if source.startswith("hf:") else None
-    dataset_name = hub_dataset or (Path(source).name if source else "unspecified")
-    tags = list(dict.fromkeys(["athanor", *((old.data.tags or []) if old else [])]))
-    task = (old.data.pipeline_tag if old else None) or ("text-generation" if library == "transformers" else None)
-    metrics = {k: v for k, v in report.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in BOOKKEEPING_KEYS
-               and math.isfinite(v)}
-    results = [EvalResult(task_type=task or "other", dataset_type=hub_dataset or dataset_name,
-                          dataset_name=dataset_name, metric_type=k, metric_name=k, metric_value=v)
-               for k, v in metrics.items()]
-    data = ModelCardData(library_name=library, base_model=base_model, datasets=[hub_dataset] if hub_dataset else None,
-                         tags=tags, pipeline_tag=task, model_name=repo_id.split("/")[-1],
-                         eval_results=results or None)
-    summary = ""
-    if _own_file(output_dir / "report.md"):  # the report's first paragraph, without its title
-        paragraphs = [p.strip() for p in (output_dir / "report.md").read_text().split("\n\n")]
-        summary = next((p for p in paragraphs if p and not p.startswith(("#", "|"))), "")
-    command = redact(command or _recorded_command(old) or "(not recorded; see training_config.yaml)")
-    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in metrics.items())
-    facts = "\n".join(f"| {k} | {report[k]} |" for k in sorted(BOOKKEEPING_KEYS & report.keys()))
-    listing = "\n".join(f"- `{f}`" for f in files)
-    text = (f"# {repo_id.split('/')[-1]}\n\nTrained with athanor "
-            f"({library}). {summary}\n\n"
-            f"## Metrics\n\n| metric | value |\n|---|---|\n{rows}\n{facts}\n\n"
-            f"## Use\n\n```python\n{_load_snippet(library, repo_id)}\n```\n\n"
-            f"## Training\n\nData: `{source or 'see training_config.yaml'}`. Resolved config: "
-            f"`training_config.yaml`; report: `report.md`.\n\n"
-            f"## Reproduce\n\n```\n{command}\n```\n\n## Files\n\n{listing}\n")
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
-
-
 def build_upload_folder(output_dir: str | Path, repo_id: str, staging_dir: str | Path | None = None, *,
                         include_checkpoint: bool = False, include_optimizer_state: bool = False,
                         command: str | None = None) -> tuple[Path, ModelCard]:
@@ -294,17 +181,22 @@ def build_upload_folder(output_dir: str | Path, repo_id: str, staging_dir: str |
     out = Path(output_dir).resolve()
     if not out.is_dir():
         raise PublishInputError(f"no such run folder: {output_dir}")
-    artifacts = find_artifacts(out)
+    record = read_run_record(out)  # what the paper declared: its main model, its card's kind; the command
+    artifacts = find_artifacts(out, record.get("main_model") or "")
     if not artifacts:
         raise PublishInputError(f"{output_dir} holds no saved model (config.json, adapter_config.json or "
                                 f"model_index.json): has the run finished?")
+    if record.get("main_model") and artifacts[0] != out / record["main_model"]:
+        raise PublishInputError(f"{output_dir}: the paper's main model {record['main_model']} is not saved there "
+                                f"(has the run finished?)")
     stage = _staging_folder(out, staging_dir, artifacts)
     links: list[str] = []
     try:
         main = _fill_upload_folder(stage, out, artifacts, links, include_checkpoint, include_optimizer_state)
         files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*")
                        if p.is_file() and p.name not in ("README.md", STAGING_MARKER))
-        card = build_model_card(out, main, repo_id, ["README.md", *files], command)
+        card = build_model_card(out, main, repo_id, ["README.md", *files], command or record.get("command"),
+                                kind=record.get("card") or "")
         (stage / "README.md").unlink(missing_ok=True)  # may be a hard link to the run's own card
         card.save(stage / "README.md")
     except OSError as e:  # a full disk, a folder that turned read-only: one line, the run folder untouched
@@ -340,7 +232,8 @@ def _fill_upload_folder(stage: Path, out: Path, artifacts: list[Path], links: li
     for artifact in artifacts:
         _copy_tree(artifact, stage if artifact == main else stage / artifact.relative_to(out), links=links)
     run_files = [("config.yaml", "training_config.yaml"), *((f, f) for f in RUN_FILES)]
-    for name, target in run_files + [(p.name, p.name) for p in sorted(out.glob("*.png"))]:
+    plots = [(p.relative_to(out).as_posix(),) * 2 for p in _plots(out, artifacts)]  # a stage's too, at its path
+    for name, target in run_files + plots:
         path = out / name
         if path.is_symlink():
             links.append(path.as_posix())
@@ -360,6 +253,18 @@ def _fill_upload_folder(stage: Path, out: Path, artifacts: list[Path], links: li
         skip = CODE_LOADED_PATTERNS + (() if include_optimizer_state else OPTIMIZER_PATTERNS)
         _copy_tree(ckpt, stage / "checkpoint" / ckpt.name, skip=skip, links=links)
     return main
+
+
+def _plots(out: Path, artifacts: list[Path]) -> list[Path]:
+    """Every ``*.png`` of the run (the root's and each stage's), outside saved models (copied with
+    them), checkpoints, TensorBoard, upload folders and linked folders (never entered)."""
+    found = []
+    for folder, dirs, names in os.walk(out):  # followlinks=False
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if d not in NOT_ARTIFACTS and not d.startswith(".")
+                         and here / d not in artifacts and not (here / d / STAGING_MARKER).exists())
+        found += [here / n for n in sorted(names) if n.endswith(".png")]
+    return found
 
 
 def publish(output_dir: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False,
@@ -405,7 +310,8 @@ def maybe_publish(hub: HubConfig, output_dir: str | Path, *, is_main: bool | Non
         is_main = int(os.environ.get("RANK", "0")) == 0
     if not is_main:
         return None
-    command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    recorded = read_run_record(output_dir).get("command")  # the recipe's own arguments, as RUN.json has them
+    command = recorded or " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     try:
         result = publish(output_dir, hub.repo_id, private=hub.private, include_checkpoint=hub.include_checkpoint,
                          include_optimizer_state=hub.include_optimizer_state, command=command)
