@@ -224,6 +224,25 @@ def test_only_the_main_process_prints_a_refusal(capsys, monkeypatch):
         assert info.value.code == 2 and capsys.readouterr().err == printed
 
 
+def test_disk_full_while_config_yaml_is_rewritten_leaves_the_old_one_whole(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    run(PAPER, toy(out, "--run.max_steps", 2))
+    before = (out / "config.yaml").read_text()
+    real_write_text = Path.write_text
+
+    def write_text(self, data, *args, **kwargs):
+        if self.parent == out and self.name in ("config.yaml", ".config.yaml.tmp"):  # however it is written
+            real_write_text(self, data[: len(data) // 2], *args, **kwargs)  # half of it fits, then none
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    capsys.readouterr()
+    exits(toy(out, "--run.max_steps", 4, "--optim.lr", "0.5"), DISK_FULL_EXIT_CODE, capsys)
+    assert (out / "config.yaml").read_text() == before
+    assert not list(out.glob(".config.yaml*"))
+
+
 @pytest.mark.slow
 def test_resuming_one_process_run_on_two_says_so_once(tmp_path):
     """Resuming a 1-process checkpoint under a 2-process launch is refused (issue 22 will allow it):

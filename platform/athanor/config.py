@@ -355,17 +355,29 @@ class exit_on_config_error:
         return False
 
 
-def save_config(config: Any, output_dir: str | Path) -> Path:
-    """``OUTPUT/config.yaml``. A secret a value holds (``${oc.env:HF_TOKEN}`` resolves to the
-    token) is written back as its ``${oc.env:NAME}`` reference: the file never holds the token
+def config_text(config: Any) -> str:
+    """The YAML ``save_config`` writes. A secret a value holds (``${oc.env:HF_TOKEN}`` resolves to
+    the token) is written back as its ``${oc.env:NAME}`` reference: the file never holds the token
     and still loads to the same value where the variable is set."""
     from .redact import secret_values, unresolve_secrets
 
-    path = Path(output_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = to_yaml(config)
     secrets = secret_values()
     if any(value in text for value in secrets):
         text = OmegaConf.to_yaml(unresolve_secrets(OmegaConf.to_container(OmegaConf.structured(config)), secrets))
-    path.write_text(text)
+    return text
+
+
+def save_config(config: Any, output_dir: str | Path) -> Path:
+    """``OUTPUT/config.yaml`` (``config_text``), written through a temporary name and renamed over
+    the old one: a full disk leaves the previous file whole."""
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".config.yaml.tmp")
+    try:
+        tmp.write_text(config_text(config))
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
     return path

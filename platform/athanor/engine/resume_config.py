@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import ConfigError, save_config, to_dict
+from ..config import ConfigError, config_text, save_config, to_dict
 from . import checkpoint as ckpt
 
 FREE = ("run.output_dir", "run.resume", "run.progress", "run.log_every", "run.eval_every", "run.save_every",
@@ -103,13 +103,12 @@ def save_with_history(config, output_dir: Path) -> Path:
     is kept as ``config-history/NNN.yaml``."""
     path = Path(output_dir) / "config.yaml"
     old = path.read_text() if path.is_file() else None
-    save_config(config, output_dir)
-    if old is not None and old != path.read_text():
+    if old is not None and old != config_text(config):  # the old one kept first: a full disk loses neither
         history = path.parent / "config-history"
         history.mkdir(exist_ok=True)
         number = 1 + max((int(p.stem) for p in history.glob("[0-9][0-9][0-9].yaml")), default=0)
         (history / f"{number:03d}.yaml").write_text(old)
-    return path
+    return save_config(config, output_dir)
 
 
 def optimizer_values(slots: dict) -> dict:
