@@ -201,14 +201,22 @@ def test_recipe_end_to_end_tiny(tmp_path):
         assert (out / png).stat().st_size > 1000
     loaded = CodebookModel.from_pretrained(out / "model")
     assert set(loaded.codebooks) == {"heads0", "mlp0", "heads1", "mlp1"} and (out / "model" / "README.md").exists()
-    # The paper's effects at this size (24 states, 250 steps; measured when written: transition
-    # accuracy 0.971 vs 1.000, layer code-tuple precision 1.000, steering 0.81 vs random codes 0.14,
-    # forcing the state's digits alone 0.22): the bottleneck costs little, a layer's codes name the
-    # state, and moving codes alone moves the model to the target state.
+    # The paper's effects at this size: the bottleneck keeps most of the model's transitions, a
+    # layer's codes name the state, and moving codes alone moves the model to the target state.
+    # Thresholds from the spread, not one run (`python benchmarks/effect_spread.py codebook`: run
+    # seeds 0-4 x ATEN_CPU_CAPABILITY default/avx2/native, 15 runs on an AMD EPYC, 2026-12-03):
+    #   baseline - codebook transition accuracy  mean 0.088  sd 0.090  max 0.260 (worst 0.740 vs 1.000)
+    #   steering all heads - random codes        mean 0.615  sd 0.073  min 0.495
+    #   steering all heads - state digits only   mean 0.557  sd 0.058  min 0.464
+    #   layer code-tuple precision               1.000 in all 15
+    # plus the machine of issue 20 that turned this red (seed 0: gap 0.117 / 0.122 / 0.162 for
+    # native / avx2 / default). Each bound sits >= 4 sd beyond the mean: gap <= 0.45, steering
+    # >= random + 0.3 and >= state-only + 0.25. Each can still fail: a successor guessed at random is
+    # valid 4/24 of the time (gap 0.83), and random codes steer at 0.14-0.22 by construction.
     sf, st = report["state_features"], report["steering"]
-    assert report["transition_acc"]["codebook"] >= report["transition_acc"]["baseline"] - 0.08
+    assert report["transition_acc"]["codebook"] >= report["transition_acc"]["baseline"] - 0.45
     assert sf["code_tuple_precision_median"] >= 0.9
-    assert st["all_heads"] >= st["random"] + 0.3 and st["all_heads"] > st["all_heads_state_only"]
+    assert st["all_heads"] >= st["random"] + 0.3 and st["all_heads"] >= st["all_heads_state_only"] + 0.25
 
 
 @pytest.mark.slow
