@@ -219,10 +219,20 @@ def test_preempted_job_requeues_and_resumes_exactly(runs):
 
 @pytest.mark.slow
 def test_failed_run_gives_its_exit_status(slurm, tmp_path):
-    proc = athanor("submit", "--wait", "--log-dir", tmp_path, "recipes/pretrain.py", "--optim.lrr", "1", timeout=300)
+    """A value only the node can find wrong (a batch larger than the corpus it loads): submit's own
+    config check passes it, the job fails (accelerate launch reports the recipe's exit 2 as 1) with the
+    recipe's one line in its log."""
+    proc = athanor("submit", "--wait", "--log-dir", tmp_path, "recipes/pretrain.py", *TINY, "--data.batch_size",
+                   "100000", "--run.output_dir", tmp_path / "run", timeout=300)
     assert proc.returncode == 1 and "ended FAILED with exit status 1" in proc.stdout, proc.stdout + proc.stderr
     (log,) = tmp_path.glob("slurm-*.out")
-    assert "unknown config key 'optim.lrr'" in log.read_text()  # the recipe's own one-line error, in the log
+    assert "data.batch_size=100000 is more than the" in log.read_text()  # the recipe's own one-line error
+
+
+def test_submit_refuses_a_bad_recipe_value_before_writing_a_script(tmp_path):
+    proc = athanor("submit", "--log-dir", tmp_path, "recipes/pretrain.py", "--optim.lrr", "1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "unknown config key 'optim.lrr'" in proc.stderr and not list(tmp_path.iterdir())  # no script
 
 
 @pytest.mark.slow
