@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from .config import ConfigError
+
 
 def reset_accelerator_state_if_precision_changes(mixed_precision: str) -> None:
     """accelerate keeps one process-wide ``AcceleratorState`` (a Borg singleton in
@@ -74,3 +76,20 @@ def quiet_hub_mixin_loading() -> None:
             builtins.print(*args, **kwargs)
 
     hub_mixin.print = print_
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute ``model``'s per-layer activations in backward instead of keeping them.
+
+    transformers 5 renamed ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=)`` to
+    ``activation_checkpointing_enable(activation_checkpointing_kwargs=)`` (the old name warns and
+    goes in v6). Non-reentrant checkpointing: no input has to require grad.
+    """
+    kwargs = {"use_reentrant": False}
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"engine.activation_checkpointing: {type(model).__name__} cannot recompute its layers "
+                          f"(not a model with gradient checkpointing)")
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -154,6 +154,9 @@ class EngineConfig:
     # torch.compile (inductor) every registered model, through accelerate. The first steps pay the
     # compilation (~40 s for the tiny pretrain model on an idle CPU); its speed effect is not measured yet.
     compile: bool = False
+    # Recompute each layer's activations in backward instead of keeping them (built-in GPT: per block;
+    # HF models: their own gradient checkpointing): less activation memory for one more forward.
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         choice(self.mixed_precision, ("no", "bf16", "fp16"), "engine.mixed_precision")

@@ -203,6 +203,8 @@ class Engine:
             self.frozen[name] = model.to(self.device)
             return self.frozen[name]
         cfg = optim or self.optim_cfg
+        if self.engine_cfg.activation_checkpointing:
+            compat.enable_activation_checkpointing(model)
         if self.uses_deepspeed:  # DeepSpeed wants a micro-batch size; ours come from no DataLoader
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
             if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":

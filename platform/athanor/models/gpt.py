@@ -121,7 +121,10 @@ class Block(nn.Module):
 class AthanorGPT(PreTrainedModel, GenerationMixin):
     config_class = AthanorGPTConfig
     base_model_prefix = "gpt"
-    supports_gradient_checkpointing = False
+    # Activation checkpointing per block: ``gradient_checkpointing_enable()`` (transformers) sets the
+    # two attributes below; each block's activations are then recomputed in backward, not kept.
+    supports_gradient_checkpointing = True
+    gradient_checkpointing = False
     _no_split_modules = ["Block"]
 
     def __init__(self, config: AthanorGPTConfig):
@@ -179,8 +182,9 @@ class AthanorGPT(PreTrainedModel, GenerationMixin):
         rope = self._rope(T, input_ids.device)
         probing = self.blocks[0].attn.probe
         self.act_rms = []
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope)
+            x = self._gradient_checkpointing_func(block.__call__, x, rope) if recompute else block(x, rope)
             if probing:
                 self.act_rms.append(x[: self.probe_rows].detach().float().pow(2).mean().sqrt())
         return self.ln_f(x)
