@@ -30,14 +30,12 @@ from .checkpointer import Checkpointer
 from .guard import NonFiniteGuard, NonFiniteStop
 from .lock import OutputLock
 from .metrics import MetricsLogger
+from .mfu import peak_flops
 from .api import Parallelism, Update, accelerator_parallelism, launch_settings
 from .schedule import Schedule, build_optimizer, param_groups
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written, run me again (SLURM requeues)
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (128 + SIGINT), as a shell reports it; the first one checkpoints
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-
 class Method:
     """What one training step does. Subclasses build models in ``setup`` and register them.
 
@@ -431,17 +429,11 @@ class Engine:
             row[f"{k}_per_s" if k in counts else k] = v / seconds if k in counts else v / self.world_size
         for name, lr in lrs.items():
             row["lr" if len(lrs) == 1 else f"lr_{name}"] = lr
-        peak = self._peak_flops()
+        peak = peak_flops(self.device, self.engine_cfg.mixed_precision)
         flops_per_token = method.flops_per_token
         if peak and flops_per_token and "tokens_per_s" in row:
             row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * self.world_size)
         return row
-
-    def _peak_flops(self) -> float | None:
-        if self.device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
     # ---------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> dict:
