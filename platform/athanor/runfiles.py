@@ -33,12 +33,13 @@ def invocation(argv: list[str] | None = None) -> str:
 
 def write_run_record(root: Path, cfg: Any, paper_name: str, main_model: str, card: str,
                      config_here: bool, argv: list[str] | None = None) -> None:
-    """``RUN.json`` and, unless a stage writes in the root itself (its engine keeps that one with its
-    history), ``config.yaml`` at the root. Main process only."""
+    """``RUN.json`` and ``config.yaml`` at the root, unless a stage's engine writes that one there (and
+    keeps its history); a stage in the root that runs no engine there (a sweep) gets it too. Main
+    process only."""
     from .engine.resume_config import save_with_history
 
     root.mkdir(parents=True, exist_ok=True)
-    if not config_here:
+    if not config_here or not (root / "config.yaml").is_file():
         save_with_history(cfg, root)
     record = {"paper": paper_name, "main_model": main_model, "card": card, "command": invocation(argv)}
     tmp = root / f".{RUN_FILE}.tmp"
