@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import sys
@@ -82,6 +83,10 @@ def _output_dir_disk_problem(path: Path) -> str | None:
     return None
 
 
+# run.trackers name -> the package it needs
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "aim": "aim"}
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "outputs/run"  # everything the run writes goes here
@@ -97,6 +102,9 @@ class RunConfig:
     # step's update and count it; nonfinite_limit dropped steps in a row of one model stop the run)
     on_nonfinite: str = "stop"
     nonfinite_limit: int = 5
+    # Where metrics go besides metrics.jsonl: tensorboard | mlflow | wandb | aim (the installed ones);
+    # a resumed or requeued run continues the same tracker run (athanor/engine/trackers.py)
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def validate(self) -> None:
         choice(self.on_nonfinite, ("stop", "skip"), "run.on_nonfinite")
@@ -106,6 +114,10 @@ class RunConfig:
         positive(self.eval_every, "run.eval_every", allow_zero=True)
         positive(self.save_every, "run.save_every", allow_zero=True)
         positive(self.keep_last, "run.keep_last")
+        for name in self.trackers:
+            choice(name, tuple(TRACKER_PACKAGES), "run.trackers")
+            if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+                raise ConfigError(f"run.trackers: {name} is not installed (pip install {TRACKER_PACKAGES[name]})")
         if not 0 <= self.seed < 2**32:  # what numpy (seeded with torch and random) accepts
             raise ConfigError(f"run.seed={self.seed} must be in [0, 2**32 - 1]")
         problem = _output_dir_problem(self.output_dir)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
+from .trackers import Trackers
 
 FLUSH_SECONDS = 5.0  # a `tail -f metrics.jsonl` still sees the run live
 FLUSH_ROWS = 100
@@ -48,10 +49,11 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, enabled: bool, keep_up_to: int):
+    def __init__(self, output_dir: Path, enabled: bool, keep_up_to: int, trackers: tuple[str, ...] = ("tensorboard",)):
         """Opening drops lines past ``keep_up_to`` (the resumed step): they belong to the part of an
         interrupted run that the checkpoint does not contain and is about to be redone."""
         self.enabled = enabled
+        self.trackers = None
         self.path = Path(output_dir) / "metrics.jsonl"
         self.writer = None
         self.pending: list[tuple[int, dict]] = []
@@ -67,9 +69,11 @@ class MetricsLogger:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         tmp.replace(self.path)
         self.file = self.path.open("a")
-        from torch.utils.tensorboard import SummaryWriter
+        if "tensorboard" in trackers:
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard is a heavy import
 
-        self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=keep_up_to + 1)
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=keep_up_to + 1)
+        self.trackers = Trackers(output_dir, list(trackers), enabled)
 
     def log(self, step: int, row: dict) -> None:
         if not self.enabled:
@@ -91,13 +95,17 @@ class MetricsLogger:
         self.file.write("".join(lines))
         self.file.flush()
         for step, row in rows:
+            self.trackers.log(step, row)
             for k, v in row.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
+                if self.writer is not None and isinstance(v, (int, float)) and math.isfinite(v):
                     self.writer.add_scalar(k, v, step)
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.enabled and not self.file.closed:
             self.flush()
             self.file.close()
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
+            self.trackers.close()
