@@ -4,7 +4,7 @@ DeepSpeed's state; a new parallelism (FSDP2) extends this, nothing above the eng
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import PartialState
@@ -26,13 +26,14 @@ class Update:
 class Parallelism:
     """How a run's models are distributed (``Engine.parallelism``; ``launch_parallelism`` before one exists)."""
 
-    kind: str  # single | ddp | deepspeed | fsdp
+    kind: str  # single | ddp | deepspeed | fsdp2 (the engine's own fully_shard, engine/fsdp.py)
     zero_stage: int = 0  # DeepSpeed's ZeRO stage (0: not DeepSpeed)
+    world_size: int = field(default=1, compare=False)  # processes the models are spread over
 
     @property
     def shards_parameters(self) -> bool:
-        """Each process holds only a shard of every parameter (ZeRO-3): whole weights must be gathered."""
-        return self.zero_stage == 3
+        """Each process holds only a shard of every parameter (ZeRO-3, FSDP2): whole weights must be gathered."""
+        return self.zero_stage == 3 or self.kind == "fsdp2"
 
 
 def launch_settings(cpu_requested: bool) -> tuple[bool, bool, bool]:
@@ -54,15 +55,20 @@ def process_state(cpu: bool = False) -> PartialState:
 def launch_parallelism() -> Parallelism:
     """The parallelism accelerate's launcher asks for, read before any engine exists (a paper's
     ``check``); ``Engine.parallelism`` says the same once one does."""
+    from .fsdp import requested
+
     _, deepspeed, distributed = launch_settings(False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if deepspeed:
-        return Parallelism("deepspeed", int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") or 0))
-    return Parallelism("ddp" if distributed else "single")
+        return Parallelism("deepspeed", int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") or 0), world)
+    if requested():
+        return Parallelism("fsdp2", world_size=world)
+    return Parallelism("ddp" if distributed else "single", world_size=world)
 
 
 def accelerator_parallelism(accelerator) -> Parallelism:
     """The parallelism of a prepared ``accelerate.Accelerator``."""
-    kind = accelerator.distributed_type
+    kind, world = accelerator.distributed_type, accelerator.num_processes
     if kind == DistributedType.DEEPSPEED:
-        return Parallelism("deepspeed", accelerator.state.deepspeed_plugin.zero_stage)
-    return Parallelism("fsdp" if kind == DistributedType.FSDP else "ddp" if accelerator.num_processes > 1 else "single")
+        return Parallelism("deepspeed", accelerator.state.deepspeed_plugin.zero_stage, world)
+    return Parallelism("fsdp" if kind == DistributedType.FSDP else "ddp" if world > 1 else "single", world_size=world)

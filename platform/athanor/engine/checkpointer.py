@@ -32,9 +32,11 @@ OTHER_WORLD_SIZE = "other world size: "  # not a damaged checkpoint but a refuse
 
 
 class Checkpointer:
-    def __init__(self, output_dir: Path, accelerator, slots: dict, keep_last: int):
-        """``slots``: the engine's registered models by name (filled as methods register them)."""
+    def __init__(self, output_dir: Path, accelerator, slots: dict, keep_last: int, fsdp2: bool = False):
+        """``slots``: the engine's registered models by name (filled as methods register them);
+        ``fsdp2``: the models are sharded by the engine (``engine/fsdp.py``): DCP checkpoints."""
         self.output_dir, self.accelerator, self.slots, self.keep_last = Path(output_dir), accelerator, slots, keep_last
+        self.fsdp2 = fsdp2
         self.protected: set[str] = set()  # newer checkpoints the resume skipped: never pruned
 
     @property
