@@ -128,6 +128,19 @@ def test_no_import_cycle_in_athanor():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def test_imports_inside_functions_under_methods_and_parts_say_why():
+    """A paper's imports sit at the top; one inside a function is for a heavy dependency few runs need,
+    and its line says so (a comment)."""
+    unexplained = []
+    for path in [*METHODS.rglob("*.py"), *(LIB / "parts").rglob("*.py")]:
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                unexplained += [f"{path.relative_to(ROOT)}:{node.lineno}" for node in ast.walk(fn)
+                                if isinstance(node, (ast.Import, ast.ImportFrom)) and "#" not in lines[node.lineno - 1]]
+    assert not unexplained, f"imports inside functions without a reason: {sorted(set(unexplained))}"
+
+
 def test_no_file_over_500_lines():
     long = {str(p.relative_to(ROOT)): n for p in [*LIB.rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]
             if (n := len(p.read_text().splitlines())) > 500}

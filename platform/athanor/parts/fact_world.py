@@ -191,7 +191,7 @@ def load_qa_dataset(cfg: DataConfig) -> QAData:
         rows = (json.loads(text) if path.suffix == ".json"
                 else [json.loads(line) for line in text.splitlines() if line.strip()])
     else:
-        import datasets
+        import datasets  # a heavy import, only for a dataset named by id (the tiny world needs none)
 
         try:
             rows = list(datasets.load_dataset(cfg.source, cfg.subset or None, split=cfg.split))

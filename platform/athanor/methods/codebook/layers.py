@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+import athanor.models  # noqa: F401  registers AthanorGPT with the Auto classes (from_pretrained)
 from athanor.kernels import codebook_topk
 from athanor.parts.lm import decoder_layers
 
@@ -261,8 +262,6 @@ class CodebookModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, **kwargs) -> "CodebookModel":
         """Loads a folder written by ``save_pretrained`` (the LM through AutoModelForCausalLM)."""
-        import athanor.models  # noqa: F401  registers AthanorGPT with the Auto classes
-
         folder = Path(folder)
         lm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         model = cls(lm, **json.loads((folder / CONFIG_FILE).read_text()))

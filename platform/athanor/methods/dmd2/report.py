@@ -147,23 +147,29 @@ def ablation_table(runs: dict, table: dict, training_sd: float | None) -> dict:
     return out
 
 
+def sampler_table(samplers: dict, evaluator, data, samples: int, seeds: int, grids: Path) -> dict:
+    """FD (mean and sd over noise seeds), class accuracy and NFE of every sampler; a sample grid of
+    each in ``grids``."""
+    labels = torch.arange(samples) % data.num_classes
+    table = {"fd": {}, "fd_std": {}, "class_acc": {}, "nfe": {}}
+    grids.mkdir(parents=True, exist_ok=True)
+    for name, (fn, nfe) in samplers.items():
+        scores, images = evaluate_sampler(fn, evaluator, labels, data.image_shape, seeds, "cpu")
+        for key in ("fd", "fd_std", "class_acc"):
+            table[key][name] = scores[key]
+        table["nfe"][name] = nfe
+        save_sample_grid(images, labels, grids / f"{name.replace('@', '_at_').replace(':', '_')}.png",
+                         title=f"{name}: FD {scores['fd']:.2f}, class acc {scores['class_acc']:.2f}")
+    return table
+
+
 def write_dmd2_report(cfg: DMD2RecipeConfig, data, teacher: dict, classifier: dict, runs: dict, evaluator, output_dir: Path,
                       seconds: float) -> dict:
     """Main process: the sampler table (report.json/md), sample grids, FD curves, the 1-step diffusers
     pipeline of the main run and its model card."""
     ev = cfg.evaluation
     samplers = build_samplers(cfg.teacher, teacher["pipeline"], runs)
-    labels = torch.arange(ev.samples) % data.num_classes
-    table = {"fd": {}, "fd_std": {}, "class_acc": {}, "nfe": {}}
-    grids = output_dir / "samples"
-    grids.mkdir(parents=True, exist_ok=True)
-    for name, (fn, nfe) in samplers.items():
-        scores, images = evaluate_sampler(fn, evaluator, labels, data.image_shape, ev.seeds, "cpu")
-        for key in ("fd", "fd_std", "class_acc"):
-            table[key][name] = scores[key]
-        table["nfe"][name] = nfe
-        save_sample_grid(images, labels, grids / f"{name.replace('@', '_at_').replace(':', '_')}.png",
-                         title=f"{name}: FD {scores['fd']:.2f}, class acc {scores['class_acc']:.2f}")
+    table = sampler_table(samplers, evaluator, data, ev.samples, ev.seeds, output_dir / "samples")
     teacher_n = f"teacher@{cfg.teacher.sample_steps}"
     checks = must_show(table, teacher_n)
     curves = {name: fd_curve(output_dir / ("dmd2" + (f"-{name}" if name else ""))) for name in runs}

