@@ -36,6 +36,7 @@ def positive(value: float, key: str, allow_zero: bool = False) -> None:
 
 
 NAME_MAX, PATH_MAX = 255, 4096  # bytes, as Linux file systems count them
+MAX_CPU_THREADS = 1024  # engine.cpu_threads above this (and above this machine's CPUs) is a typo
 
 
 def _path_text_problem(output_dir: str) -> str | None:
@@ -174,10 +175,12 @@ class EngineConfig:
         choice(self.mixed_precision, ("no", "bf16", "fp16"), "engine.mixed_precision")
         positive(self.grad_accum, "engine.grad_accum")
         positive(self.cpu_threads, "engine.cpu_threads", allow_zero=True)
-        cpus = os.cpu_count() or 1
-        if self.cpu_threads > cpus:  # torch would start that many OpenMP threads per process
-            raise ConfigError(f"engine.cpu_threads={self.cpu_threads} is more than this machine's {cpus} CPUs "
-                              f"(0: torch's default)")
+        # torch would start that many OpenMP threads per process. A config may be written for a bigger
+        # machine (the runner uses at most this one's CPUs), so only a number no machine has is refused.
+        most = max(MAX_CPU_THREADS, os.cpu_count() or 1)
+        if self.cpu_threads > most:
+            raise ConfigError(f"engine.cpu_threads={self.cpu_threads} is more than any machine's CPUs (at most "
+                              f"{most}; 0: torch's default)")
 
 
 @dataclass

@@ -165,7 +165,7 @@ def set_cpu_threads(threads: int) -> None:
     """Tiny models on a shared CPU: one thread per process is as fast and never oversubscribes
     (two threads on two loaded cores measured 16× slower per step). ``OMP_NUM_THREADS`` wins."""
     if threads and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(min(threads, os.cpu_count() or 1))  # a config written for a bigger machine
 
 
 def run_stage(ctx: StageContext, stage: Stage) -> dict:

@@ -446,7 +446,7 @@ def sweep_stage(name: str, jobs: Callable, executor: Callable, desc: str = "swee
 
     def fn(ctx) -> dict:
         todo = jobs(ctx)
-        result = run_sweep(todo, executor(ctx.cfg), desc=desc)
+        result = run_sweep(todo, executor(ctx.cfg), desc=desc, progress=ctx.cfg.run.progress)  # off in a log file
         print(f"{desc}: {result.ran} run(s) now, {result.skipped} finished earlier, {len(result.failed)} failed")
         for failed in result.failed:
             last_line = (failed.error or "").strip().splitlines()[-1:] or [""]
