@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, positive
+from .batches import ShuffledBatches
 
 CACHE = Path(os.environ.get("ATHANOR_CACHE", Path.home() / ".cache" / "athanor"))
 
@@ -35,6 +36,9 @@ class TextDataConfig:
     eval_fraction: float = 0.02  # tail of the corpus held out for eval loss
     eval_batches: int = 8  # eval micro-batches per evaluation
     max_chars: int = 0  # truncate the corpus (0 = all)
+    # Read the shards data.source names lazily, each process its part, tokenized on the fly
+    # (athanor.data.streaming): for corpora larger than memory. Off: the corpus is read into memory.
+    streaming: bool = False
 
     def validate(self) -> None:
         positive(self.block_size, "data.block_size")
@@ -43,12 +47,21 @@ class TextDataConfig:
         positive(self.max_chars, "data.max_chars", allow_zero=True)
         if not 0 < self.eval_fraction < 0.5:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 0.5)")
-        if self.source != "shakespeare" and not self.source.startswith("hf:") and not Path(self.source).exists():
+        if self.streaming:
+            self._validate_streamed()
+        elif self.source != "shakespeare" and not self.source.startswith("hf:") and not Path(self.source).exists():
             raise ConfigError(f"data.source={self.source!r}: no such file or folder (or use shakespeare, hf:<name>)")
-        if self.source != "shakespeare" and not self.source.startswith("hf:"):
+        if not self.streaming and self.source != "shakespeare" and not self.source.startswith("hf:"):
             local_files(self.source)  # a folder of images or of mixed kinds: refused before any compute
         if self.tokenizer != "bytes" and Path(self.tokenizer).suffix and not Path(self.tokenizer).exists():
             raise ConfigError(f"data.tokenizer={self.tokenizer!r}: no such file or folder")
+
+    def _validate_streamed(self) -> None:
+        from .streaming import check_streamed_source
+
+        if self.max_chars:  # a cap on an in-memory string; a stream is capped by run.max_steps
+            raise ConfigError("data.max_chars applies to an in-memory corpus; with data.streaming=true leave it 0")
+        check_streamed_source(self.source, self.split, self.text_field)
 
 
 def shakespeare_text() -> str:
@@ -187,12 +200,30 @@ def pack(tokens: np.ndarray, block_size: int) -> torch.Tensor:
 
 @dataclass
 class TextData:
-    train_blocks: torch.Tensor
+    """Packed blocks of ``block_size + 1`` tokens: training ones in memory (``train_blocks``) or
+    streamed (``stream``: the config a process's ``StreamedBatches`` is opened from), eval ones in memory."""
+
+    train_blocks: torch.Tensor | None
     eval_blocks: torch.Tensor
     tokenizer: object
+    stream: TextDataConfig | None = None
+
+    def train_batches(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        """This process's stateful stream of training micro-batches (what the engine checkpoints)."""
+        if self.stream is None:
+            return ShuffledBatches(self.train_blocks, batch_size, seed, rank, world_size)
+        from .streaming import StreamedBatches, token_encoder
+
+        cfg = self.stream
+        return StreamedBatches(cfg.source, cfg.split, cfg.text_field, cfg.eval_fraction,
+                               token_encoder(self.tokenizer, cfg.tokenizer == "bytes"), cfg.block_size,
+                               batch_size, rank, world_size)
 
 
 def load_text_data(cfg: TextDataConfig) -> TextData:
+    """The whole corpus in memory, packed (recipes whose method needs every block at hand)."""
+    if cfg.streaming:
+        raise ConfigError("data.streaming=true: this recipe trains on an in-memory corpus; set it false")
     docs = load_documents(cfg)
     if cfg.max_chars:
         docs = ["".join(docs)[: cfg.max_chars]]
@@ -204,3 +235,17 @@ def load_text_data(cfg: TextDataConfig) -> TextData:
                           f"blocks of {cfg.block_size} tokens this corpus gives: lower it (or data.block_size)")
     # The eval tail is contiguous text, so no eval block overlaps a training block.
     return TextData(blocks[:-n_eval], blocks[-n_eval:], tokenizer)
+
+
+def open_text_data(cfg: TextDataConfig) -> TextData:
+    """In memory, or with ``data.streaming`` only the eval blocks read now (``data.eval_batches`` x
+    ``data.batch_size`` blocks of held-out documents, the same for any world size)."""
+    if not cfg.streaming:
+        return load_text_data(cfg)
+    from .streaming import held_out_blocks, token_encoder
+
+    tokenizer = build_tokenizer(cfg)
+    encode = token_encoder(tokenizer, cfg.tokenizer == "bytes")
+    eval_blocks = held_out_blocks(cfg.source, cfg.split, cfg.text_field, cfg.eval_fraction, encode,
+                                  cfg.block_size, cfg.eval_batches * cfg.batch_size)
+    return TextData(None, eval_blocks, tokenizer, stream=cfg)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import torch
 
-from ...data import ShuffledBatches, TextData, sharded_batches
+from ...data import TextData, sharded_batches
 from ...engine import Engine, Method
 from ...models import AthanorGPT
 from ...parts.gpt import GPTModelConfig, build_model
@@ -36,7 +36,7 @@ class Pretrain(Method):
 
     def setup(self, engine: Engine) -> None:
         self.engine = engine
-        seq_len = self.data.train_blocks.shape[1]
+        seq_len = self.data.eval_blocks.shape[1]  # block_size + 1, in memory or streamed
         model = build_model(self.model_cfg, len(self.data.tokenizer), seq_len)
         n_params = sum(p.numel() for p in model.parameters())
         layers, width = model.config.num_hidden_layers, model.config.hidden_size
@@ -49,8 +49,9 @@ class Pretrain(Method):
         # CPU, a tenth of a tiny step), and the unwrapped module never changes after prepare.
         self.raw_model = engine.unwrap("model")
 
-    def batches(self, engine: Engine) -> ShuffledBatches:
-        return ShuffledBatches(self.data.train_blocks, self.batch_size, engine.run.seed, engine.rank, engine.world_size)
+    def batches(self, engine: Engine):
+        """Shuffled in-memory blocks, or this process's part of a streamed corpus (data.streaming)."""
+        return self.data.train_batches(self.batch_size, engine.run.seed, engine.rank, engine.world_size)
 
     def _unwrapped(self):
         return self.raw_model

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from ...data import load_text_data
+from ...data import open_text_data
 from ...hub import write_model_card
 from ...runner import Paper, Stage, StageContext
 from .config import PretrainConfig
@@ -14,7 +14,7 @@ from .report import report, summary
 def train_stage(ctx: StageContext) -> dict:
     """Train, then save the Hub-ready model folder (``OUTPUT/model``) with its tokenizer and card."""
     cfg = ctx.cfg
-    data = load_text_data(cfg.data)
+    data = open_text_data(cfg.data)
     method = Pretrain(cfg.model, data, cfg.data.batch_size, cfg.data.eval_batches, probe_every=cfg.probes.every)
     engine, final = ctx.fit(method)
     initial = engine.history["initial_eval"]["loss"]
