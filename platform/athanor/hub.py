@@ -4,9 +4,12 @@
 a recipe) assembles an upload folder from a finished run (weights, tokenizer/adapter/pipeline,
 resolved config, report and plots, a generated model card) and sends it with
 ``HfApi.upload_folder`` over HTTP. ``HF_TOKEN`` and ``HF_ENDPOINT`` are honoured; offline,
-unreachable, unanswering (``ATHANOR_HUB_TIMEOUT`` seconds per request) or unauthorised ends in
-one line, with credentials in URLs and the token shown as ``***``. The staging folder is one
-publish made itself (marked by ``.athanor-upload``): a folder it did not make is never emptied.
+unreachable, unanswering (``ATHANOR_HUB_TIMEOUT`` seconds per request, ``ATHANOR_HUB_DEADLINE`` per
+call: ``hub_http``) or unauthorised ends in one line, with credentials in URLs and the token shown
+as ``***``. The staging folder is one publish made itself (marked by ``.athanor-upload``): a folder
+it did not make is never emptied; a read-only run folder is staged in a temporary one. Nothing
+outside the run folder is read: symbolic links are skipped (one line names them). The card is
+``hub_card``'s.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import OfflineModeIsEnabled
 
 from .config import ConfigError
-from .hub_http import HUB_TIMEOUT_S, HubError, PublishInputError, hub_error, hub_timeout, with_deadline  # noqa: F401
+from .hub_http import HUB_TIMEOUT_S, HubError, PublishInputError, hub_deadline, hub_error, hub_timeout  # noqa: F401
+from .hub_http import with_deadline
 from .hub_card import BOOKKEEPING_KEYS, build_model_card, write_model_card  # noqa: F401
 from .hub_card import own_dir as _own_dir
 from .hub_card import own_file as _own_file
@@ -288,6 +292,7 @@ def publish(output_dir: str | Path, repo_id: str, *, private: bool = False, dry_
     token = token or get_token()
     if not token:
         raise HubError("no Hugging Face token: set HF_TOKEN (with write access) or run `hf auth login`")
+    hub_timeout(), hub_deadline()  # a bad ATHANOR_HUB_TIMEOUT/DEADLINE is bad input (exit 2), said before any call
     api = HfApi(endpoint=endpoint, token=token)
     # Belt and braces: the folder holds no optimizer state unless asked, and the upload skips it too.
     ignore = [STAGING_MARKER, *([] if include_optimizer_state else [f"**/{p}" for p in OPTIMIZER_PATTERNS])]
