@@ -146,3 +146,19 @@ def test_sigkilled_streamed_run_resumes_at_the_same_sample(tmp_path):
     assert (killed / "checkpoints" / "step-20" / "rank0" / "data.json").is_file()
     run_recipe("pretrain", "--run.output_dir", str(killed), *args)
     assert [losses(full)[s] for s in range(1, 41)] == [losses(killed)[s] for s in range(1, 41)]
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_parts_and_resume_exactly(tmp_path):
+    """Under DDP each process streams its own shards; stopping at a checkpoint and continuing gives
+    the uninterrupted run's losses (both processes' positions come back from rank<r>/data.json)."""
+    source, _ = write_shards(tmp_path / "corpus", n_shards=4, docs=100)
+    args = ["--data.source", str(source), "--data.streaming", "true", *TINY]
+    full, split = tmp_path / "full", tmp_path / "split"
+    run_recipe("pretrain", "--run.output_dir", str(full), "--run.max_steps", "20", *args, launch="ddp-cpu")
+    run_recipe("pretrain", "--run.output_dir", str(split), "--run.max_steps", "10", *args, launch="ddp-cpu")
+    positions = [json.loads((split / "checkpoints" / "step-10" / f"rank{r}" / "data.json").read_text())
+                 for r in range(2)]
+    assert [p["rank"] for p in positions] == [0, 1] and positions[0]["examples"] != positions[1]["examples"]
+    run_recipe("pretrain", "--run.output_dir", str(split), "--run.max_steps", "20", *args, launch="ddp-cpu")
+    assert losses(full) == losses(split)
