@@ -6,6 +6,7 @@
     athanor status [JOB ...]          # squeue for your jobs, or state/exit/log of given jobs
     athanor cancel JOB [--signal USR1] # stop; with USR1: checkpoint, requeue, resume
     athanor publish outputs/pretrain --repo-id you/tiny-gpt [--private] [--dry-run]
+    athanor tokenize corpus.tokens --data.source corpus/ --data.streaming true   # for --data.token_file
 
 Errors are one line on stderr: exit 2 for bad input, 1 for a failed SLURM or Hub call.
 """
@@ -127,6 +128,25 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    """Write a token file from ``data.*`` (as a recipe's config reads them) for ``data.token_file``."""
+    from pathlib import Path
+
+    from .config import ConfigError, load_config
+    from .data.token_file import TokenizeConfig, meta_path, tokenize_corpus
+
+    out = Path(args.token_file)
+    try:
+        if meta_path(out).exists():
+            raise ConfigError(f"{out} is already written (delete it and {meta_path(out).name} to write it again)")
+        cfg = load_config(TokenizeConfig, args.data_args).data
+        meta = tokenize_corpus(cfg, out)
+    except ConfigError as e:
+        return _fail(e, 2)
+    print(f"wrote {meta['tokens']:,} {cfg.tokenizer} tokens ({meta['dtype']}) to {out}")
+    return 0
+
+
 def _fail(error: Exception, code: int) -> int:
     from .redact import redact
 
@@ -185,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-optimizer-state", action="store_true",
                    help="with --include-checkpoint: keep the optimizer state too")
     p.set_defaults(func=_publish)
+
+    p = sub.add_parser("tokenize", help="pre-tokenize data.source into a token file for --data.token_file")
+    p.add_argument("token_file", help="the file to write (and its .json sidecar)")
+    p.add_argument("data_args", nargs=argparse.REMAINDER, help="--data.source ... --data.tokenizer ... (as a recipe)")
+    p.set_defaults(func=_tokenize)
     return parser
 
 

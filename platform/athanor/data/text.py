@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ class TextDataConfig:
     # Read the shards data.source names lazily, each process its part, tokenized on the fly
     # (athanor.data.streaming): for corpora larger than memory. Off: the corpus is read into memory.
     streaming: bool = False
+    # A pre-tokenized copy of the corpus (athanor.data.token_file): train from it through a memmap;
+    # written from data.source on first use (or by `athanor tokenize`) when it does not exist.
+    token_file: str = ""
 
     def validate(self) -> None:
         positive(self.block_size, "data.block_size")
@@ -47,11 +51,15 @@ class TextDataConfig:
         positive(self.max_chars, "data.max_chars", allow_zero=True)
         if not 0 < self.eval_fraction < 0.5:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 0.5)")
-        if self.streaming:
+        from .token_file import meta_path, read_meta
+
+        if self.token_file and meta_path(Path(self.token_file)).is_file():
+            read_meta(Path(self.token_file), self.tokenizer)  # whole, and of this tokenizer; the source is not read
+        elif self.streaming:
             self._validate_streamed()
-        elif self.source != "shakespeare" and not self.source.startswith("hf:") and not Path(self.source).exists():
-            raise ConfigError(f"data.source={self.source!r}: no such file or folder (or use shakespeare, hf:<name>)")
-        if not self.streaming and self.source != "shakespeare" and not self.source.startswith("hf:"):
+        elif self.source != "shakespeare" and not self.source.startswith("hf:"):
+            if not Path(self.source).exists():
+                raise ConfigError(f"data.source={self.source!r}: no such file or folder (or use shakespeare, hf:<name>)")
             local_files(self.source)  # a folder of images or of mixed kinds: refused before any compute
         if self.tokenizer != "bytes" and Path(self.tokenizer).suffix and not Path(self.tokenizer).exists():
             raise ConfigError(f"data.tokenizer={self.tokenizer!r}: no such file or folder")
@@ -200,30 +208,26 @@ def pack(tokens: np.ndarray, block_size: int) -> torch.Tensor:
 
 @dataclass
 class TextData:
-    """Packed blocks of ``block_size + 1`` tokens: training ones in memory (``train_blocks``) or
-    streamed (``stream``: the config a process's ``StreamedBatches`` is opened from), eval ones in memory."""
+    """Packed blocks of ``block_size + 1`` tokens: training ones in memory (``train_blocks``) or read
+    as they are needed (``open_batches(batch_size, seed, rank, world_size)``: a streamed corpus or a
+    token file), eval ones in memory."""
 
     train_blocks: torch.Tensor | None
     eval_blocks: torch.Tensor
     tokenizer: object
-    stream: TextDataConfig | None = None
+    open_batches: Callable | None = None
 
     def train_batches(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         """This process's stateful stream of training micro-batches (what the engine checkpoints)."""
-        if self.stream is None:
+        if self.open_batches is None:
             return ShuffledBatches(self.train_blocks, batch_size, seed, rank, world_size)
-        from .streaming import StreamedBatches, token_encoder
-
-        cfg = self.stream
-        return StreamedBatches(cfg.source, cfg.split, cfg.text_field, cfg.eval_fraction,
-                               token_encoder(self.tokenizer, cfg.tokenizer == "bytes"), cfg.block_size,
-                               batch_size, rank, world_size)
+        return self.open_batches(batch_size, seed, rank, world_size)
 
 
 def load_text_data(cfg: TextDataConfig) -> TextData:
     """The whole corpus in memory, packed (recipes whose method needs every block at hand)."""
-    if cfg.streaming:
-        raise ConfigError("data.streaming=true: this recipe trains on an in-memory corpus; set it false")
+    if cfg.streaming or cfg.token_file:
+        raise ConfigError("data.streaming/data.token_file: this recipe trains on an in-memory corpus; leave them unset")
     docs = load_documents(cfg)
     if cfg.max_chars:
         docs = ["".join(docs)[: cfg.max_chars]]
@@ -238,14 +242,23 @@ def load_text_data(cfg: TextDataConfig) -> TextData:
 
 
 def open_text_data(cfg: TextDataConfig) -> TextData:
-    """In memory, or with ``data.streaming`` only the eval blocks read now (``data.eval_batches`` x
-    ``data.batch_size`` blocks of held-out documents, the same for any world size)."""
+    """From ``data.token_file``; in memory; or with ``data.streaming`` only the eval blocks read now
+    (``data.eval_batches`` x ``data.batch_size`` blocks of held-out documents, the same for any world size)."""
+    if cfg.token_file:
+        from .token_file import open_token_data
+
+        return open_token_data(cfg)
     if not cfg.streaming:
         return load_text_data(cfg)
-    from .streaming import held_out_blocks, token_encoder
+    from .streaming import StreamedBatches, held_out_blocks, token_encoder
 
     tokenizer = build_tokenizer(cfg)
     encode = token_encoder(tokenizer, cfg.tokenizer == "bytes")
     eval_blocks = held_out_blocks(cfg.source, cfg.split, cfg.text_field, cfg.eval_fraction, encode,
                                   cfg.block_size, cfg.eval_batches * cfg.batch_size)
-    return TextData(None, eval_blocks, tokenizer, stream=cfg)
+
+    def batches(batch_size: int, seed: int, rank: int, world_size: int) -> StreamedBatches:
+        return StreamedBatches(cfg.source, cfg.split, cfg.text_field, cfg.eval_fraction, encode, cfg.block_size,
+                               batch_size, rank, world_size)
+
+    return TextData(None, eval_blocks, tokenizer, open_batches=batches)
