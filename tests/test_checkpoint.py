@@ -216,7 +216,7 @@ def test_prune_keeps_the_newest_checkpoint_that_has_a_manifest(tmp_path):
 def test_interrupted_save_leaves_no_step_folder(tmp_path, monkeypatch):
     run(tmp_path, 2)
 
-    def killed(folder):
+    def killed(folder, *_):
         raise KeyboardInterrupt  # the process dies between writing the files and the manifest
     monkeypatch.setattr(ckpt, "write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):

@@ -41,8 +41,11 @@ def full_numel(param: torch.Tensor) -> int:
 
 def local_shard(param: torch.Tensor) -> torch.Tensor:
     """The part of a parameter this process holds: under ZeRO-3 DeepSpeed keeps it in
-    ``param.ds_tensor`` (the parameter itself is an empty placeholder outside a forward)."""
+    ``param.ds_tensor`` (the parameter itself is an empty placeholder outside a forward); under
+    FSDP2 the parameter is a DTensor whose local part is ``to_local()``."""
     shard = param.ds_tensor if hasattr(param, "ds_tensor") else None
+    if shard is None and hasattr(param, "to_local"):
+        return param.detach().to_local()
     return shard if shard is not None else param.detach()
 
 

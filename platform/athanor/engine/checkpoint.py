@@ -82,17 +82,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path) -> dict:
+def hash_files(folder: Path, paths) -> dict[str, dict]:
+    """Manifest entries (size, sha256) of ``paths`` inside ``folder``, each fsynced first: what a
+    process wrote, hashed by that process (``write_manifest`` merges them)."""
+    out = {}
+    for path in paths:
+        fsync_path(path)
+        out[Path(path).relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return out
+
+
+def write_manifest(folder: Path, hashed: dict | None = None) -> dict:
     """Hash every file of ``folder`` into ``MANIFEST.json``, written last and fsynced, then fsync
-    the folders. Files other processes (or DeepSpeed) wrote are fsynced here too."""
+    the folders. Files other processes (or DeepSpeed) wrote are fsynced here too; ``hashed``: the
+    entries of files the processes that wrote them hashed already (``hash_files``)."""
     folder = Path(folder)
-    files, dirs = {}, [folder]
+    files, dirs, hashed = {}, [folder], hashed or {}
     for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
         if path.is_dir():
             dirs.append(path)
+        elif name in hashed and path.is_file():
+            files[name] = hashed[name]
         elif path.is_file() and path.name != MANIFEST:
-            fsync_path(path)
-            files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files.update(hash_files(folder, [path]))
     manifest = {"format": 1, "files": files}
     write_json_durably(folder / MANIFEST, manifest)
     for d in reversed(dirs):  # deepest first: each folder's entries, then the folder itself in its parent

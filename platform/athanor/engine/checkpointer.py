@@ -23,6 +23,7 @@ from safetensors.torch import load_model, save_model
 from ..config import ConfigError
 from . import checkpoint as ckpt
 from . import checkpoint_checks as checks
+from . import fsdp
 from .checkpoint import Rejected
 from .state import (fsync_path, join_state, load_state, rng_state, save_state, set_rng_state, split_state,
                     write_json_durably)
@@ -79,6 +80,9 @@ class Checkpointer:
         if self.uses_deepspeed:  # a collective: every process writes its ZeRO shards
             for name, slot in self.slots.items():
                 slot.model.save_checkpoint(str(tmp), tag=f"deepspeed-{name}", save_latest=False)
+        elif self.fsdp2:  # a collective: every process writes its shards (engine/fsdp.py)
+            for name, slot in self.slots.items():
+                fsdp.save_sharded(tmp, name, slot.model, slot.optimizer)
         elif self.is_main:
             for name, slot in self.slots.items():
                 weights = tmp / f"model-{name}.safetensors"
@@ -87,20 +91,34 @@ class Checkpointer:
                 save_state(slot.optimizer.state_dict(), tmp, f"optimizer-{name}")
         if self.is_main:
             self._write_trainer_state(tmp, step, history)
-        self.accelerator.wait_for_everyone()
+        hashed = self._hash_own_files(tmp)  # gathered on the main process: a barrier too
         final = tmp.parent / f"step-{step}"
         if self.is_main:
-            ckpt.write_manifest(tmp)
+            ckpt.write_manifest(tmp, hashed)
             final = ckpt.publish(tmp, step)
             self.protected.discard(final.name)  # a skipped folder of that name was just replaced whole
             ckpt.prune(self.output_dir, self.keep_last, current_step=step, protected=self.protected)
         self.accelerator.wait_for_everyone()
         return final
 
+    def _hash_own_files(self, tmp: Path) -> dict:
+        """Each process hashes the files it wrote (its ``rank<r>/``, its FSDP2 shards); the main
+        process gets them all, to merge into the manifest (it hashes only the rest)."""
+        rank = self.accelerator.process_index
+        own = [p for p in (tmp / f"rank{rank}").rglob("*") if p.is_file()]
+        hashed = ckpt.hash_files(tmp, own + (fsdp.own_files(tmp, rank) if self.fsdp2 else []))
+        if self.world_size == 1:
+            return hashed
+        merged = {}
+        for part in gather_object([hashed]):
+            merged.update(part)
+        return merged
+
     def _write_trainer_state(self, folder: Path, step: int, history: dict) -> None:
         scaler = self.accelerator.scaler
         write_json_durably(folder / ckpt.TRAINER_STATE, {
             "step": step, "world_size": self.world_size, "history": history,
+            "parallelism": "fsdp2" if self.fsdp2 else "deepspeed" if self.uses_deepspeed else "ddp",
             "accumulation_counter": self.accelerator.step,
             "schedules": {n: s.schedule.state_dict() for n, s in self.slots.items()},
             "scaler": scaler.state_dict() if scaler is not None else None})
@@ -189,6 +207,12 @@ class Checkpointer:
                 if not (path / f"deepspeed-{name}").is_dir():
                     raise Rejected(f"it holds no deepspeed-{name}/")
                 continue
+            if self.fsdp2 != fsdp.dcp_dir(path, name).is_dir():
+                raise Rejected(f"it was written {'without' if self.fsdp2 else 'under'} FSDP2 ({'no ' if self.fsdp2 else ''}"
+                               f"dcp-{name}/); resume it with the launch config that wrote it")
+            if self.fsdp2:  # DCP's safetensors shards, their layout from the files' headers
+                fsdp.check_saved(path, name, slot.model, Rejected)
+                continue
             weights = f"model-{name}.safetensors"
             checks.check_model(checks.tensor_header(path / weights), self.accelerator.unwrap_model(slot.model), weights)
             checks.check_optimizer(checks.state_specs(path, f"optimizer-{name}"), slot.optimizer, f"optimizer-{name}")
@@ -224,6 +248,8 @@ class Checkpointer:
         for name, slot in self.slots.items():
             if self.uses_deepspeed:
                 slot.model.load_checkpoint(str(path), tag=f"deepspeed-{name}")
+            elif self.fsdp2:  # a collective: each process reads the parts of every shard it holds
+                fsdp.load_sharded(path, name, slot.model, slot.optimizer)
             else:
                 # safetensors knows "cpu" but not DDP-on-CPU's "cpu:0"
                 load_model(self.accelerator.unwrap_model(slot.model), str(path / f"model-{name}.safetensors"),

@@ -21,7 +21,6 @@ launch config with ``distributed_type: FSDP`` + ``fsdp_version: 2`` (``launch/fs
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -183,11 +182,11 @@ def save_pretrained(model, folder: Path, is_main: bool, **kwargs) -> None:
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:
         return
-    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True, **kwargs)
-    # fully_shard swaps the class for FSDP<Name>: the folder names the model's own class
-    own = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
-    config = Path(folder) / "config.json"
-    saved = json.loads(config.read_text())
-    if saved.get("architectures"):
-        saved["architectures"] = [own]
-        config.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    # fully_shard swapped the class for FSDP<Name>; the folder (its config's architectures, the custom
+    # code saved beside a registered model) must name the model's own class: swapped back meanwhile
+    fsdp_class = type(model)
+    model.__class__ = next(c for c in fsdp_class.__mro__ if not issubclass(c, FSDPModule))
+    try:
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True, **kwargs)
+    finally:
+        model.__class__ = fsdp_class
