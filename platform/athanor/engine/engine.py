@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import compat
 from ..config import ConfigError, OptimConfig, TrainConfig
-from . import resume_config
+from . import fsdp, resume_config
 from .checkpointer import Checkpointer
 from .guard import NonFiniteGuard, NonFiniteStop
 from .lock import OutputLock
@@ -101,6 +101,7 @@ class Engine:
         run, optim, engine = config.run, config.optim, config.engine
         self.run, self.optim_cfg, self.engine_cfg = run, optim, engine
         cpu, deepspeed, distributed = launch_settings(engine.cpu)
+        self.fsdp2 = fsdp.take_over()  # the engine shards the models itself (engine/fsdp.py)
         if cpu and engine.mixed_precision == "fp16":
             raise ConfigError("engine.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
         # Accelerator(cpu=True) silently drops DeepSpeed; on a GPU-less machine DeepSpeed picks its
@@ -114,6 +115,8 @@ class Engine:
                                        gradient_accumulation_steps=engine.grad_accum,
                                        step_scheduler_with_optimizer=False, kwargs_handlers=handlers,
                                        **({"dynamo_backend": "inductor"} if engine.compile else {}))
+        if self.fsdp2:
+            fsdp.announce(engine, self.accelerator)
         self.output_dir = Path(output_dir or run.output_dir)
         if run.on_nonfinite == "skip" and self.uses_deepspeed:
             raise ConfigError("run.on_nonfinite=skip is not supported under DeepSpeed (its optimizer steps "
@@ -122,7 +125,7 @@ class Engine:
         self._on_main_then_all(lambda: self._claim_output_dir(config))
         self.guard = NonFiniteGuard(self)
         self.slots: dict[str, Slot] = {}
-        self.checkpointer = Checkpointer(self.output_dir, self.accelerator, self.slots, run.keep_last)
+        self.checkpointer = Checkpointer(self.output_dir, self.accelerator, self.slots, run.keep_last, self.fsdp2)
         self.frozen: dict[str, torch.nn.Module] = {}
         self._unwrapped: dict[str, tuple] = {}  # name -> (wrapped model, unwrapped model)
         self._after_step: dict[str, list[Callable[[], None]]] = {}  # name -> hooks run at the end of its steps
@@ -188,7 +191,7 @@ class Engine:
     @property
     def parallelism(self) -> Parallelism:
         """How this run distributes its models (``launch_parallelism`` before an engine exists)."""
-        return accelerator_parallelism(self.accelerator)
+        return Parallelism("fsdp2", world_size=self.world_size) if self.fsdp2 else accelerator_parallelism(self.accelerator)
 
     # ---------------------------------------------------------------- models
     def register(self, name: str, model: torch.nn.Module, *, optim: OptimConfig | None = None,
@@ -207,11 +210,14 @@ class Engine:
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
             if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
                 ds["train_micro_batch_size_per_gpu"] = batch_size
+        if self.fsdp2:  # before the optimizer: it must hold the sharded parameters
+            model = fsdp.shard(model, self.device, self.engine_cfg.mixed_precision)
         optimizer = build_optimizer(param_groups(model, cfg, lr_scales), cfg)
         # The schedule holds the raw torch optimizer: wrappers (DeepSpeed's included) keep its
         # param_groups, and accelerate's scheduler wrapper would step once per process.
         schedule = Schedule(optimizer, cfg, max_steps or self.run.max_steps)
-        model, optimizer = self.accelerator.prepare(model, optimizer)
+        model, optimizer = (model, self.accelerator.prepare(optimizer)) if self.fsdp2 else \
+            self.accelerator.prepare(model, optimizer)  # FSDP2: not the model (accelerate would wrap it in DDP)
         self.slots[name] = Slot(model, optimizer, schedule, every, cfg.grad_clip)
         return model
 
@@ -253,7 +259,8 @@ class Engine:
             # before the optimizer steps. Under fp16 the scaler owns inf gradients (guard.py).
             fp16 = self.accelerator.scaler is not None
             if slot.grad_clip or not fp16:
-                norm = self.accelerator.clip_grad_norm_(slot.model.parameters(), slot.grad_clip or float("inf"))
+                clip = fsdp.clip_grad_norm_ if self.fsdp2 else self.accelerator.clip_grad_norm_
+                norm = clip(slot.model.parameters(), slot.grad_clip or float("inf"))
             if not self.guard.step_is_finite(name, None if fp16 else norm) and not fp16:
                 slot.optimizer.zero_grad(set_to_none=True)  # run.on_nonfinite=skip: drop this update
                 slot.schedule.step()
@@ -289,7 +296,11 @@ class Engine:
         """``save_pretrained`` of the registered model ``name`` into ``folder``: ZeRO-3 shards are
         gathered on every process, the main process writes (safetensors), then all wait."""
         model = self.slots[name].model if name in self.slots else self.frozen[name]
-        zero3 = self.parallelism.shards_parameters
+        if self.fsdp2 and name in self.slots:  # the full state dict gathered on the main process
+            fsdp.save_pretrained(model, folder, self.is_main, **kwargs)
+            self.accelerator.wait_for_everyone()
+            return Path(folder)
+        zero3 = self.parallelism.shards_parameters and not self.fsdp2
         state_dict = self.accelerator.get_state_dict(model) if zero3 else None  # a collective: all ranks
         if self.is_main:
             unwrapped = self.accelerator.unwrap_model(model)
