@@ -2,30 +2,22 @@
 server; a killed and resumed run continues in the same tracker run."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from athanor.engine import read_metrics
 from conftest import ROOT, run_recipe
+from test_checkpoint_multiprocess import run_killed
 
 ARGS = ["--run.progress", "false", "--run.eval_every", "0", "--run.max_steps", "40", "--run.save_every", "10"]
 
 
-def kill_after(out, step, args, env):
-    """Start the pretrain recipe, SIGKILL it once ``step`` is logged (past a checkpoint)."""
-    cmd = [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--run.output_dir", str(out), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if any(r.get("step", 0) >= step for r in read_metrics(out)):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def kill_after(tmp_path, out, step, args):
+    """The pretrain recipe SIGKILLs itself on entering ``step`` (past the step-20 checkpoint):
+    deterministic, unlike a kill timed by polling metrics.jsonl, which is written every 5 s."""
+    run_killed(tmp_path, "pretrain", "cpu", step, out.name, ["--run.output_dir", str(out), *args])
     assert max(r["step"] for r in read_metrics(out)) < 40, "the run ended before it could be killed"
 
 
@@ -36,7 +28,7 @@ def test_mlflow_run_continues_after_a_kill(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
     args = [*ARGS, "--run.trackers", "[mlflow]"]
-    kill_after(out, 25, args, {**os.environ, "HF_HUB_OFFLINE": "1"})
+    kill_after(tmp_path, out, 25, args)
     first_id = json.loads((out / "trackers.json").read_text())["mlflow"]
     run_recipe("pretrain", "--run.output_dir", str(out), *args)
     assert json.loads((out / "trackers.json").read_text())["mlflow"] == first_id
@@ -51,11 +43,13 @@ def test_mlflow_run_continues_after_a_kill(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_keeps_its_id(tmp_path):
+def test_wandb_offline_run_keeps_its_id(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     args = [*ARGS, "--run.trackers", "[tensorboard,wandb]"]
-    kill_after(out, 25, args, env)
+    kill_after(tmp_path, out, 25, args)
     run_id = json.loads((out / "trackers.json").read_text())["wandb"]
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--run.output_dir", str(out), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
