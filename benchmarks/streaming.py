@@ -42,7 +42,7 @@ LOADER = """
 import json, os, sys, time, torch
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 torch.set_num_threads(1)
-from athanor.data.text import TextDataConfig, open_text_data
+from athanor.data import TextDataConfig, open_text_data
 cfg = TextDataConfig(source=sys.argv[1], streaming=True)
 cfg.validate()
 stream = open_text_data(cfg).train_batches(cfg.batch_size, 0)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from athanor.config import ConfigError
-from athanor.data.text import TextDataConfig, load_text_data, open_text_data
+from athanor.data import TextDataConfig, load_text_data, open_text_data
 from athanor.engine import read_metrics
 from conftest import ROOT, run_recipe
 

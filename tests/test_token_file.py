@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from athanor.config import ConfigError
-from athanor.data.text import TextDataConfig, open_text_data
+from athanor.data import TextDataConfig, open_text_data
 from athanor.data.token_file import ensure_token_file, meta_path
 from athanor.engine import read_metrics
 from conftest import ROOT, run_recipe

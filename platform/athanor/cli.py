@@ -133,7 +133,8 @@ def _tokenize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import ConfigError, load_config
-    from .data.token_file import TokenizeConfig, meta_path, tokenize_corpus
+    from .data.sources import TokenizeConfig, tokenize_corpus
+    from .data.token_file import meta_path
 
     out = Path(args.token_file)
     try:

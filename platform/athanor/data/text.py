@@ -22,6 +22,8 @@ import torch
 
 from ..config import ConfigError, positive
 from .batches import ShuffledBatches
+from .streaming import check_streamed_source
+from .token_file import meta_path, read_meta
 
 CACHE = Path(os.environ.get("ATHANOR_CACHE", Path.home() / ".cache" / "athanor"))
 
@@ -51,8 +53,6 @@ class TextDataConfig:
         positive(self.max_chars, "data.max_chars", allow_zero=True)
         if not 0 < self.eval_fraction < 0.5:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 0.5)")
-        from .token_file import meta_path, read_meta
-
         if self.token_file and meta_path(Path(self.token_file)).is_file():
             read_meta(Path(self.token_file), self.tokenizer)  # whole, and of this tokenizer; the source is not read
         elif self.streaming:
@@ -65,8 +65,6 @@ class TextDataConfig:
             raise ConfigError(f"data.tokenizer={self.tokenizer!r}: no such file or folder")
 
     def _validate_streamed(self) -> None:
-        from .streaming import check_streamed_source
-
         if self.max_chars:  # a cap on an in-memory string; a stream is capped by run.max_steps
             raise ConfigError("data.max_chars applies to an in-memory corpus; with data.streaming=true leave it 0")
         check_streamed_source(self.source, self.split, self.text_field)
@@ -239,26 +237,3 @@ def load_text_data(cfg: TextDataConfig) -> TextData:
                           f"blocks of {cfg.block_size} tokens this corpus gives: lower it (or data.block_size)")
     # The eval tail is contiguous text, so no eval block overlaps a training block.
     return TextData(blocks[:-n_eval], blocks[-n_eval:], tokenizer)
-
-
-def open_text_data(cfg: TextDataConfig) -> TextData:
-    """From ``data.token_file``; in memory; or with ``data.streaming`` only the eval blocks read now
-    (``data.eval_batches`` x ``data.batch_size`` blocks of held-out documents, the same for any world size)."""
-    if cfg.token_file:
-        from .token_file import open_token_data
-
-        return open_token_data(cfg)
-    if not cfg.streaming:
-        return load_text_data(cfg)
-    from .streaming import StreamedBatches, held_out_blocks, token_encoder
-
-    tokenizer = build_tokenizer(cfg)
-    encode = token_encoder(tokenizer, cfg.tokenizer == "bytes")
-    eval_blocks = held_out_blocks(cfg.source, cfg.split, cfg.text_field, cfg.eval_fraction, encode,
-                                  cfg.block_size, cfg.eval_batches * cfg.batch_size)
-
-    def batches(batch_size: int, seed: int, rank: int, world_size: int) -> StreamedBatches:
-        return StreamedBatches(cfg.source, cfg.split, cfg.text_field, cfg.eval_fraction, encode, cfg.block_size,
-                               batch_size, rank, world_size)
-
-    return TextData(None, eval_blocks, tokenizer, open_batches=batches)

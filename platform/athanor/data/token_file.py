@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -27,7 +26,6 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from .text import TextDataConfig
 
 
 def meta_path(path: Path) -> Path:
@@ -143,52 +141,3 @@ class TokenFileBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-
-@dataclass
-class TokenizeConfig:
-    """What ``athanor tokenize`` reads: the ``data.*`` options of a text recipe."""
-
-    data: TextDataConfig = field(default_factory=TextDataConfig)
-
-
-def corpus_token_arrays(cfg, encode) -> Iterable[np.ndarray]:
-    """The ids of every document ``data.source`` gives (streamed shards or the in-memory sources)."""
-    if cfg.streaming:
-        from .streaming import open_corpus
-
-        for row in open_corpus(cfg.source, cfg.split):
-            if isinstance(row.get(cfg.text_field), str):
-                yield encode(row[cfg.text_field])
-        return
-    from .text import load_documents
-
-    docs = load_documents(cfg)
-    for doc in ["".join(docs)[: cfg.max_chars]] if cfg.max_chars else docs:
-        yield encode(doc)
-
-
-def tokenize_corpus(cfg, path: Path) -> dict:
-    """Write ``path`` (and its sidecar) from ``cfg``'s source and tokenizer; what ``athanor tokenize`` runs."""
-    from .streaming import token_encoder
-    from .text import build_tokenizer
-
-    tokenizer = build_tokenizer(cfg)
-    encode = token_encoder(tokenizer, cfg.tokenizer == "bytes")
-    return write_token_file(path, corpus_token_arrays(cfg, encode), len(tokenizer), cfg.tokenizer)
-
-
-def open_token_data(cfg):
-    """``TextData`` over ``data.token_file`` (written first from ``data.source`` when missing)."""
-    from .text import TextData, build_tokenizer
-
-    path = Path(cfg.token_file)
-    meta = ensure_token_file(path, cfg.tokenizer, lambda: tokenize_corpus(cfg, path))
-    tokens = open_tokens(path, meta)
-    n_train, eval_start = split_tokens(tokens, cfg.eval_fraction, cfg.block_size)
-
-    def batches(batch_size: int, seed: int, rank: int, world_size: int) -> TokenFileBatches:
-        return TokenFileBatches(tokens, n_train, cfg.block_size, batch_size, seed, rank, world_size)
-
-    held_out = eval_blocks(tokens, eval_start, cfg.block_size, cfg.eval_batches * cfg.batch_size)
-    return TextData(None, held_out, build_tokenizer(cfg), open_batches=batches)
