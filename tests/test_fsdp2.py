@@ -3,12 +3,14 @@ parameters sharded, DCP checkpoints (safetensors shards, one per process, no pic
 bit for bit after a SIGKILL, and one full Hugging Face folder that loads and gives the reported
 eval loss."""
 import json
+import os
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from athanor.engine import checkpoint as ckpt
+from athanor.engine import fsdp, launch_parallelism
 from conftest import run_recipe
 from test_checkpoint_multiprocess import rows, run_killed
 
@@ -17,6 +19,20 @@ DATA = ["--data.max_chars", "100000", "--data.eval_fraction", "0.1", "--data.bat
         "--data.eval_batches", "2"]
 TINY = ["--run.progress", "false", "--model.d_model", "32", "--model.n_layers", "2", *DATA,
         "--run.max_steps", "20", "--run.save_every", "10", "--run.eval_every", "10", "--run.log_every", "1"]
+
+
+def test_fsdp2_is_read_from_the_launcher_and_taken_from_accelerate(monkeypatch):
+    monkeypatch.delenv(fsdp.HIDDEN, raising=False)
+    for key, value in {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}.items():
+        monkeypatch.setenv(key, value)
+    parallelism = launch_parallelism()
+    assert (parallelism.kind, parallelism.world_size, parallelism.shards_parameters) == ("fsdp2", 2, True)
+    assert fsdp.take_over() and "ACCELERATE_USE_FSDP" not in os.environ  # accelerate never wraps
+    assert fsdp.requested() and launch_parallelism().kind == "fsdp2"  # later engines still see it
+    monkeypatch.delenv(fsdp.HIDDEN)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")  # FSDP1 is not the engine's: accelerate's path, as before
+    assert not fsdp.requested()
 
 
 def eval_loss_of_folder(folder):

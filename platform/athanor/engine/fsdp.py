@@ -56,8 +56,9 @@ def announce(engine_cfg, accelerator) -> None:
         raise ConfigError("FSDP2: engine.mixed_precision=fp16 is not supported (its loss scaler is DDP's); use bf16")
     if engine_cfg.compile:
         raise ConfigError("FSDP2: engine.compile is not supported yet; run without it")
-    if world < 2 or not torch.distributed.is_initialized():
-        raise ConfigError("FSDP2 needs at least 2 processes (accelerate launch --config_file launch/fsdp2-cpu.yaml)")
+    if not torch.distributed.is_initialized():
+        raise ConfigError("FSDP2 needs a process group: start it with accelerate launch (launch/fsdp2-cpu.yaml, "
+                          "launch/fsdp.yaml)")
     accelerator.print(f"parallelism: fsdp2, world size {world} (fully_shard per block and root on a "
                       f"{accelerator.device.type} mesh: parameters, gradients and optimizer state sharded)")
 
