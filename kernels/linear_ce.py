@@ -153,6 +153,18 @@ def ce_chunk_torch(
 
 
 # --------------------------------------------------------------------------- the op
+def _outputs(h: Tensor, weight: Tensor, grad_hidden: bool, grad_weight: bool, grad_bias: bool):
+    """Per-token log Z and CE (fp32), and the gradients asked for: dL/dhidden in the compute dtype,
+    dL/dweight and dL/dbias as fp32 accumulators over the chunks (None when not asked for)."""
+    T, V = h.shape[0], weight.shape[0]
+    log_z = torch.empty(T, dtype=torch.float32, device=h.device)
+    ce = torch.empty(T, dtype=torch.float32, device=h.device)
+    gh = torch.empty_like(h) if grad_hidden else h.new_empty(0)
+    gw = torch.zeros(V, weight.shape[1], dtype=torch.float32, device=weight.device) if grad_weight else None
+    gb = torch.zeros(V, dtype=torch.float32, device=weight.device) if grad_bias else None
+    return log_z, ce, gh, gw, gb
+
+
 def linear_ce_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
     ignore_index: int, z_loss_weight: float, chunk_size: int,
@@ -167,7 +179,7 @@ def linear_ce_forward(
         from .linear_ce_triton import ce_chunk_triton as chunk_step
     else:
         chunk_step = None
-    T, V = hidden.shape[0], weight.shape[0]
+    T = hidden.shape[0]
     # One compute dtype for the GEMMs (mixed inputs such as fp32 hidden + bf16 weight
     # are promoted once here, not once per chunk).
     cdtype = torch.promote_types(hidden.dtype, weight.dtype)
@@ -178,11 +190,7 @@ def linear_ce_forward(
     inv_n = 1.0 / n.to(torch.float32)  # a device tensor: no host sync per step
     need_grad = grad_hidden or grad_weight or grad_bias
 
-    log_z = torch.empty(T, dtype=torch.float32, device=hidden.device)
-    ce = torch.empty(T, dtype=torch.float32, device=hidden.device)
-    gh = torch.empty_like(h) if grad_hidden else hidden.new_empty(0)
-    gw = torch.zeros(V, weight.shape[1], dtype=torch.float32, device=weight.device) if grad_weight else None
-    gb = torch.zeros(V, dtype=torch.float32, device=weight.device) if grad_bias else None
+    log_z, ce, gh, gw, gb = _outputs(h, weight, grad_hidden, grad_weight, grad_bias)
 
     b32 = None if bias is None else bias.float()
     for s in range(0, T, chunk_size):

@@ -96,3 +96,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def set_scheduler_last_lr(schedule: torch.optim.lr_scheduler.LRScheduler, lrs: list[float]) -> None:
+    """What ``get_last_lr()`` returns: torch keeps it in the private ``_last_lr`` (checked on 2.13)."""
+    schedule._last_lr = list(lrs)

@@ -26,7 +26,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import ConfigError, config_text, save_config, to_dict
+from .. import compat
 from . import checkpoint as ckpt
+from .schedule import lr_multiplier
 
 FREE = ("run.output_dir", "run.resume", "run.progress", "run.log_every", "run.eval_every", "run.save_every",
         "run.keep_last", "run.on_nonfinite", "run.nonfinite_limit", "engine.cpu_threads", "engine.compile", "hub.*")
@@ -123,8 +125,6 @@ def apply_optimizer_values(slots: dict, values: dict) -> None:
     optimizer state (moments) and the schedule's position come from the checkpoint, the values
     (peak LR, betas, eps, weight decay) from the config. The LR in force is recomputed from the
     schedule at its loaded position: base LR × s_t (``lr_multiplier``)."""
-    from .schedule import lr_multiplier
-
     for name, (groups, base_lrs) in values.items():
         schedule = slots[name].schedule
         schedule.base_lrs = list(base_lrs)
@@ -132,4 +132,4 @@ def apply_optimizer_values(slots: dict, values: dict) -> None:
         for group, fresh, base in zip(schedule.optimizer.param_groups, groups, base_lrs):
             group.update({k: v for k, v in fresh.items() if k != "lr"})
             group["lr"] = base * s_t
-        schedule._last_lr = [g["lr"] for g in schedule.optimizer.param_groups]
+        compat.set_scheduler_last_lr(schedule, [g["lr"] for g in schedule.optimizer.param_groups])
