@@ -325,9 +325,11 @@ engine, _ = run(sys.argv[1], int(sys.argv[2]))
 
 
 @pytest.mark.slow
-def test_two_processes_agree_to_skip_a_checkpoint_only_one_of_them_cannot_load(tmp_path):
-    """Rank 1's method state of step-4 lacks a key its method needs: both processes skip step-4
-    (one line, from the main process) and resume step-2; the run ends as an uninterrupted one."""
+@pytest.mark.parametrize("tampered", [("step-4",), ("step-4", "step-2")], ids=["newest", "all"])
+def test_two_processes_agree_to_skip_a_checkpoint_only_one_of_them_cannot_load(tmp_path, tampered):
+    """Rank 1's method state lacks a key its method needs: both processes skip that checkpoint
+    (one line, from the main process) and resume the previous one, or start afresh when none is
+    left — rank 0 then holds none of the state it had loaded; the run ends as an uninterrupted one."""
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESSES.format(tests=str(ROOT / "tests")))
 
@@ -340,10 +342,12 @@ def test_two_processes_agree_to_skip_a_checkpoint_only_one_of_them_cannot_load(t
         return proc.stdout
     launch(tmp_path / "full", 6)
     launch(tmp_path / "run", 4)
-    folder = ckpt.checkpoint_root(tmp_path / "run") / "step-4"
-    edit_json(folder / "rank1" / "method.json", lambda s: {k: v for k, v in s.items() if k != "seen"})
-    ckpt.write_manifest(folder)
+    for name in tampered:
+        folder = ckpt.checkpoint_root(tmp_path / "run") / name
+        edit_json(folder / "rank1" / "method.json", lambda s: {k: v for k, v in s.items() if k != "seen"})
+        ckpt.write_manifest(folder)
     printed = launch(tmp_path / "run", 6)
     skipped = [line for line in printed.splitlines() if line.startswith("skipping checkpoint")]
-    assert len(skipped) == 1 and "KeyError" in skipped[0] and "resuming from step-2" in skipped[0], printed
+    instead = "resuming from step-2" if len(tampered) == 1 else "starting afresh"
+    assert len(skipped) == len(tampered) and all("KeyError" in line and instead in line for line in skipped), printed
     assert loss_rows(tmp_path / "run") == loss_rows(tmp_path / "full")

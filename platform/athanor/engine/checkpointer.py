@@ -137,6 +137,7 @@ class Checkpointer:
                                   f"to continue or choose another --run.output_dir")
             return None
         skipped = []
+        fresh = _snapshot(method, data)  # put back on every process when any process refuses a folder
         for path in self._candidates(resume):
             why = self._agree(self._check_on_main(path) if self.is_main else None)
             if why is not None and why.startswith(OTHER_WORLD_SIZE):
@@ -145,6 +146,8 @@ class Checkpointer:
                 raise ConfigError(why.removeprefix(OTHER_WORLD_SIZE))
             if why is None:
                 why = self._agree(self._load_own_parts(path, method, data))
+                if why is not None:  # a process that loaded its part must not keep it when another refused
+                    _restore(fresh, method, data)
             if why is None:
                 self._say_skipped(skipped, path)
                 state = self._load_shared_parts(path)
@@ -261,6 +264,18 @@ class Checkpointer:
         self.accelerator.step = state.get("accumulation_counter", 0)
         set_rng_state(load_state(path / f"rank{self.accelerator.process_index}", "rng"), device)
         return {"step": state["step"], "history": state["history"]}
+
+
+def _snapshot(method, data) -> tuple:
+    """The method's and the data stream's state before any checkpoint was tried."""
+    return _copy_state(method.state_dict()), (data.state_dict() if hasattr(data, "state_dict") else None)
+
+
+def _restore(snapshot: tuple, method, data) -> None:
+    method_state, data_state = snapshot
+    method.load_state_dict(_copy_state(method_state))
+    if data_state is not None:
+        data.load_state_dict(data_state)
 
 
 def _copy_state(state):
