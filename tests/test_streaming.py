@@ -2,17 +2,14 @@
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from athanor.config import ConfigError
 from athanor.data import TextDataConfig, load_text_data, open_text_data
 from athanor.engine import read_metrics
-from conftest import ROOT, run_recipe
+from test_checkpoint_multiprocess import run_killed
+from conftest import run_recipe
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly brew strong potions".split()
 TINY = ["--run.progress", "false", "--run.eval_every", "0", "--model.d_model", "32", "--model.n_layers", "1",
@@ -134,14 +131,9 @@ def test_sigkilled_streamed_run_resumes_at_the_same_sample(tmp_path):
             "--run.save_every", "10", *TINY]
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_recipe("pretrain", "--run.output_dir", str(full), *args)
-    cmd = [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--run.output_dir", str(killed), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not any(s >= 25 for s in losses(killed)):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # the run SIGKILLs itself on entering step 25 (deterministic, unlike a kill timed by polling
+    # metrics.jsonl, which is written every 5 s)
+    run_killed(tmp_path, "pretrain", "cpu", 25, killed.name, ["--run.output_dir", str(killed), *args])
     assert max(losses(killed)) < 40, "the run ended before it could be killed"
     assert (killed / "checkpoints" / "step-20" / "rank0" / "data.json").is_file()
     run_recipe("pretrain", "--run.output_dir", str(killed), *args)
