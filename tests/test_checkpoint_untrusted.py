@@ -291,6 +291,19 @@ def test_pruning_keeps_a_skipped_newer_checkpoint_and_the_one_just_written(tmp_p
     assert sorted(p.name for _, p in ckpt.list_checkpoints(out)) == ["step-5", "step-6"]
 
 
+def test_a_skipped_checkpoint_is_set_aside_not_overwritten_when_its_step_is_saved_again(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(out, 6)
+    root = ckpt.checkpoint_root(out)
+    truncate(root / "step-6" / "model-model.safetensors")
+    damaged = (root / "step-6" / "model-model.safetensors").read_bytes()
+    capsys.readouterr()
+    engine, _ = run(out, 6)  # resumes step-4, reaches step 6 again and saves it
+    assert engine.step == 6 and "kept as skipped-step-6" in capsys.readouterr().out
+    assert (root / "skipped-step-6" / "model-model.safetensors").read_bytes() == damaged
+    assert ckpt.verify(root / "step-6") is None  # the new one, whole
+
+
 def test_when_no_checkpoint_passes_the_run_starts_afresh_and_logs_each_step_once(tmp_path, capsys, uninterrupted):
     out = tmp_path / "run"
     run(out, 4)

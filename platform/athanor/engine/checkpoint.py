@@ -280,6 +280,18 @@ def publish(tmp: Path, step: int) -> Path:
     return final
 
 
+def set_aside(folder: Path) -> Path:
+    """Rename a checkpoint a resume skipped to ``skipped-step-N`` (``-2``, ``-3``... if taken) before
+    a save of the same step takes its name: it may hold progress a person can still recover, and
+    nothing lists, resumes or prunes ``skipped-*`` folders."""
+    aside, n = folder.with_name(f"skipped-{folder.name}"), 1
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = folder.with_name(f"skipped-{folder.name}-{n}")
+    folder.rename(aside)
+    return aside
+
+
 def prune(output_dir: Path, keep_last: int, current_step: int | None = None, protected=()) -> None:
     """Keep the newest ``keep_last`` checkpoints up to ``current_step``, and in any case the newest
     one with a manifest (older ones may be needed when newer ones turn out damaged). Never deleted:

@@ -95,8 +95,11 @@ class Checkpointer:
         final = tmp.parent / f"step-{step}"
         if self.is_main:
             ckpt.write_manifest(tmp, hashed)
+            if final.name in self.protected and final.is_dir() and not final.is_symlink():
+                aside = ckpt.set_aside(final)  # skipped at resume: kept for a person, never overwritten
+                print(f"checkpoint {final.name} was skipped at resume; it is kept as {aside.name}", flush=True)
+            self.protected.discard(final.name)
             final = ckpt.publish(tmp, step)
-            self.protected.discard(final.name)  # a skipped folder of that name was just replaced whole
             ckpt.prune(self.output_dir, self.keep_last, current_step=step, protected=self.protected)
         self.accelerator.wait_for_everyone()
         return final
