@@ -316,6 +316,8 @@ def test_when_no_checkpoint_passes_the_run_starts_afresh_and_logs_each_step_once
     assert "starting afresh" in printed and engine.step == 6 and loss_rows(out) == uninterrupted
     steps = [r["step"] for r in read_metrics(out)]
     assert steps.count(0) == 1 and len(steps) == len(set(steps)), steps
+    redone = [json.loads(line)["step"] for line in (out / "metrics.redone.jsonl").read_text().splitlines()]
+    assert redone and max(redone) == 4  # the first attempt's lines, kept aside, not lost
 
 
 def test_a_planted_temporary_folder_link_is_removed_not_written_through(tmp_path):

@@ -19,6 +19,7 @@ from .trackers import Trackers
 
 FLUSH_SECONDS = 5.0  # a `tail -f metrics.jsonl` still sees the run live
 FLUSH_ROWS = 100
+DROPPED_FILE = "metrics.redone.jsonl"  # lines past the resumed step, from the attempts that were redone
 
 
 def _read_rows(path: Path) -> tuple[list[dict], str | None]:
@@ -65,6 +66,9 @@ class MetricsLogger:
             print(f"warning: {self.path}: dropped a torn last line ({len(torn)} characters; the previous run "
                   f"was killed while writing it)", file=sys.stderr, flush=True)
         kept = [row for row in rows if row.get("step", 0) <= keep_up_to]
+        if len(kept) < len(rows):  # redone from the checkpoint: the old lines are kept aside, not lost
+            with (Path(output_dir) / DROPPED_FILE).open("a") as aside:
+                aside.write("".join(json.dumps(row) + "\n" for row in rows if row.get("step", 0) > keep_up_to))
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         tmp.replace(self.path)
