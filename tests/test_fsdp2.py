@@ -22,14 +22,14 @@ TINY = ["--run.progress", "false", "--model.d_model", "32", "--model.n_layers", 
 
 
 def test_fsdp2_is_read_from_the_launcher_and_taken_from_accelerate(monkeypatch):
-    monkeypatch.delenv(fsdp.HIDDEN, raising=False)
+    monkeypatch.setenv(fsdp.HIDDEN, "0")  # recorded, so that teardown removes what take_over sets
     for key, value in {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}.items():
         monkeypatch.setenv(key, value)
     parallelism = launch_parallelism()
     assert (parallelism.kind, parallelism.world_size, parallelism.shards_parameters) == ("fsdp2", 2, True)
     assert fsdp.take_over() and "ACCELERATE_USE_FSDP" not in os.environ  # accelerate never wraps
     assert fsdp.requested() and launch_parallelism().kind == "fsdp2"  # later engines still see it
-    monkeypatch.delenv(fsdp.HIDDEN)
+    monkeypatch.setenv(fsdp.HIDDEN, "0")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")  # FSDP1 is not the engine's: accelerate's path, as before
     assert not fsdp.requested()
@@ -89,3 +89,10 @@ def test_fsdp2_two_processes_sharded_sigkilled_resumes_bit_for_bit_and_saves_one
     expected = rows(full, ("loss", "eval_loss"))
     assert sorted(expected)[-10:] == list(range(11, 21))
     assert rows(killed, ("loss", "eval_loss")) == expected
+
+    # another world size is refused for now (one line, exit 2), the checkpoint left as it is
+    more = [a if a != "20" else "30" for a in TINY]
+    proc = run_recipe("pretrain", "--run.output_dir", str(killed), *more, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "written by 2 processes, this run has 1" in proc.stderr + proc.stdout
+    assert ckpt.verify(ckpt.checkpoint_root(killed) / "step-20") is None
