@@ -74,3 +74,15 @@ def test_launch_parallelism_reads_the_launcher(monkeypatch, env, expected):
         monkeypatch.setenv(key, value)
     assert launch_parallelism() == expected
     assert launch_parallelism().shards_parameters == (expected.zero_stage == 3)
+
+
+def test_eval_batches_are_as_many_on_every_process():
+    """Under FSDP2 each eval forward is a collective: a process with one batch fewer hangs the rest."""
+    from athanor.data import sharded_batches
+
+    data = torch.arange(10)
+    for world in (1, 2, 3, 4):
+        per_rank = [list(sharded_batches(data, 2, 10, rank, world)) for rank in range(world)]
+        assert len({len(batches) for batches in per_rank}) == 1 and all(per_rank), world
+        assert all(len(b) > 0 for batches in per_rank for b in batches)
+    assert [b.tolist() for b in sharded_batches(data, 2, 10)] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]  # one process: all of it

@@ -51,11 +51,13 @@ class ShuffledBatches:
 
 
 def sharded_batches(data, batch_size: int, num_batches: int, rank: int = 0, world_size: int = 1):
-    """Fixed eval batches: the first ``num_batches`` global batches, this rank's slices."""
+    """Fixed eval batches: the first ``num_batches`` global batches, this rank's slices. Every rank
+    gets the same number of batches (a global batch in which the last rank's slice would be empty is
+    not used): under FSDP2 each forward is a collective, and a rank with one batch fewer would hang."""
     n = len(next(iter(data.values()))) if isinstance(data, dict) else len(data)
     for i in range(num_batches):
         start = i * batch_size * world_size + rank * batch_size
-        if start >= n:
+        if i * batch_size * world_size + (world_size - 1) * batch_size >= n:
             break
         sl = slice(start, min(start + batch_size, n))
         yield {k: v[sl] for k, v in data.items()} if isinstance(data, dict) else data[sl]
