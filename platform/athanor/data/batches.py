@@ -2,6 +2,8 @@
 
 A stream is sharded by rank but its global order does not depend on the world size: global batch
 ``i`` of epoch ``e`` is the same set of rows for 1 or 8 processes, each process taking its slice.
+A run resumed on another number of processes keeps its global batch (``keep_global_order``), so
+step k still sees the same rows and the losses continue as the uninterrupted run's would.
 """
 from __future__ import annotations
 
@@ -44,10 +46,28 @@ class ShuffledBatches:
         return self.data[rows]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "world_size": self.world_size}
+        return {"epoch": self.epoch, "index": self.index, "world_size": self.world_size,
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index, self._order = state["epoch"], state["index"], None
+        keep_global_order(self, state)
+        self._order = None
+
+
+def keep_global_order(stream, state: dict) -> None:
+    """Load a stream's position ``(epoch, index)``, keeping the global batch it was saved with.
+
+    On the world size that saved it nothing changes. On another one (a resume with more or fewer
+    processes) each process now takes ``global_batch / world_size`` rows of global batch ``index``:
+    the same global rows per step as before, so the optimizer sees the same batches (a ValueError
+    when the global batch does not split evenly over the new processes)."""
+    saved = int(state.get("global_batch", stream.global_batch))
+    if saved != stream.global_batch:
+        if saved % stream.world_size:
+            raise ValueError(f"its global batch of {saved} rows cannot be split evenly over {stream.world_size} "
+                             f"processes")
+        stream.batch_size, stream.global_batch = saved // stream.world_size, saved
+    stream.epoch, stream.index = int(state["epoch"]), int(state["index"])
 
 
 def sharded_batches(data, batch_size: int, num_batches: int, rank: int = 0, world_size: int = 1):

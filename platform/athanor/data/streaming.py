@@ -187,6 +187,11 @@ class StreamedBatches:
     document read) plus the tokens read but not yet packed, so a resumed stream yields the same
     next batch. At the end of its part it starts the next epoch from the first shard again."""
 
+    # datasets' split_dataset_by_node gives each process its own documents: a position is one process's
+    cannot_change_world_size = ("a streamed corpus is split between the processes that read it; resume it on "
+                                "the world size that wrote it, or pre-tokenize it (athanor tokenize: a token "
+                                "file resumes on any world size)")
+
     def __init__(self, source: str, split: str, text_field: str, eval_fraction: float, encode,
                  block_size: int, batch_size: int, rank: int = 0, world_size: int = 1):
         self.source, self.split, self.text_field, self.eval_fraction = source, split, text_field, eval_fraction

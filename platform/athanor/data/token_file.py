@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from .batches import keep_global_order
 
 
 def meta_path(path: Path) -> Path:
@@ -137,7 +138,8 @@ class TokenFileBatches:
         return torch.from_numpy(np.stack([self.tokens[s:s + self.block_size + 1].astype(np.int64) for s in starts]))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "world_size": self.world_size}
+        return {"epoch": self.epoch, "index": self.index, "world_size": self.world_size,
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        keep_global_order(self, state)  # another world size: the same global blocks per step

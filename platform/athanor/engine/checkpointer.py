@@ -11,6 +11,14 @@ says) and ``checkpoint_checks`` (every tensor's dtype and shape those of what re
 the method and the data stream load their states, restored as they were if either refuses. The
 first folder that passes all of it on every process is resumed; each newer one is skipped with one
 line naming it and why, and is never pruned afterwards (it may hold progress a person can recover).
+
+A checkpoint resumes on another number of processes (DDP's full tensors; FSDP2's DCP shards, which
+DCP re-splits for the new mesh or reads whole into an unsharded model): the data stream keeps its
+global batch (``data.batches.keep_global_order``), and process r takes the per-process states (RNGs,
+method, data position) of saved process ``r mod N``, so per-rank RNG streams are the one thing not
+carried over exactly; the change is said on one line and kept in the history
+(``world_size_changes``). DeepSpeed's ZeRO shards and a streamed corpus's per-process positions
+cannot be re-split: refused in one line (exit 2), naming the way out.
 """
 from __future__ import annotations
 
@@ -142,7 +150,7 @@ class Checkpointer:
         skipped = []
         fresh = _snapshot(method, data)  # put back on every process when any process refuses a folder
         for path in self._candidates(resume):
-            why = self._agree(self._check_on_main(path) if self.is_main else None)
+            why = self._agree(self._check_on_main(path, data) if self.is_main else None)
             if why is not None and why.startswith(OTHER_WORLD_SIZE):
                 if not self.is_main:
                     raise SystemExit(2)  # the main process says it, once
@@ -185,16 +193,24 @@ class Checkpointer:
         for path, why in skipped:
             print(f"skipping checkpoint {path.name} ({path}): {why}; {instead}", flush=True)
 
-    def _check_on_main(self, path: Path) -> str | None:
+    def _cannot_change_world_size(self, state: dict, data) -> str | None:
+        """Why this checkpoint cannot continue on this run's number of processes, or None."""
+        if self.uses_deepspeed or state.get("parallelism") == "deepspeed":
+            return ("DeepSpeed's ZeRO shards are per process; resume with the world size that wrote it, or convert "
+                    "it with DeepSpeed's universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal), "
+                    "which Athanor does not load yet")
+        return getattr(data, "cannot_change_world_size", None)
+
+    def _check_on_main(self, path: Path, data=None) -> str | None:
         """Why ``path`` cannot be resumed, from the main process's checks of every file in it
         (every process's too), or None. Nothing is loaded."""
         try:
             state = ckpt.check_folder(path)
-            if state["world_size"] != self.world_size:
+            if state["world_size"] != self.world_size and (why := self._cannot_change_world_size(state, data)):
                 return (f"{OTHER_WORLD_SIZE}checkpoint {path} was written by {state['world_size']} processes, "
-                        f"this run has {self.world_size}; resume with the same world size")
+                        f"this run has {self.world_size}: {why}")
             self._check_shared_files(path, state)
-            for rank in range(self.world_size):
+            for rank in range(state["world_size"]):
                 own = path / f"rank{rank}"
                 checks.check_rng(checks.state_specs(own, "rng", f"rank{rank}/rng"), f"rank{rank}/rng")
                 checks.state_specs(own, "method", f"rank{rank}/method")
@@ -213,11 +229,11 @@ class Checkpointer:
                 if not (path / f"deepspeed-{name}").is_dir():
                     raise Rejected(f"it holds no deepspeed-{name}/")
                 continue
-            if self.fsdp2 != fsdp.dcp_dir(path, name).is_dir():
-                raise Rejected(f"it was written {'without' if self.fsdp2 else 'under'} FSDP2 ({'no ' if self.fsdp2 else ''}"
-                               f"dcp-{name}/); resume it with the launch config that wrote it")
-            if self.fsdp2:  # DCP's safetensors shards, their layout from the files' headers
-                fsdp.check_saved(path, name, slot.model, Rejected)
+            if self.fsdp2 and not fsdp.dcp_dir(path, name).is_dir():
+                raise Rejected(f"it was written without FSDP2 (no dcp-{name}/); an FSDP2 run resumes FSDP2 "
+                               f"checkpoints only: resume it with the launch config that wrote it")
+            if fsdp.dcp_dir(path, name).is_dir():  # DCP's safetensors shards, their layout from the files' headers
+                fsdp.check_saved(path, name, self._model(slot), Rejected)
                 continue
             weights = f"model-{name}.safetensors"
             checks.check_model(checks.tensor_header(path / weights), self.accelerator.unwrap_model(slot.model), weights)
@@ -225,11 +241,20 @@ class Checkpointer:
         if self.accelerator.scaler is not None and state.get("scaler") is not None:
             checks.same_kind(state["scaler"], self.accelerator.scaler.state_dict(), "the loss scaler")
 
+    def _model(self, slot):
+        """The model whose state a checkpoint holds: FSDP2's sharded module itself, else unwrapped."""
+        return slot.model if self.fsdp2 else self.accelerator.unwrap_model(slot.model)
+
+    def _own_folder(self, path: Path) -> Path:
+        """This process's ``rank<r>/``; on a run with more processes than saved it, saved process r mod N's."""
+        saved = json.loads((path / ckpt.TRAINER_STATE).read_text())["world_size"]
+        return path / f"rank{self.accelerator.process_index % saved}"
+
     def _load_own_parts(self, path: Path, method, data) -> str | None:
         """Load this process's method and data states (the data position checked against the
         current one first); when either refuses its state, both are put back as they were and the
         reason returned."""
-        own = path / f"rank{self.accelerator.process_index}"
+        own = self._own_folder(path)
         fresh_method = _copy_state(method.state_dict())
         fresh_data = data.state_dict() if hasattr(data, "state_dict") else None
         try:
@@ -254,8 +279,8 @@ class Checkpointer:
         for name, slot in self.slots.items():
             if self.uses_deepspeed:
                 slot.model.load_checkpoint(str(path), tag=f"deepspeed-{name}")
-            elif self.fsdp2:  # a collective: each process reads the parts of every shard it holds
-                fsdp.load_sharded(path, name, slot.model, slot.optimizer)
+            elif fsdp.dcp_dir(path, name).is_dir():  # each process reads the parts of every shard it holds
+                fsdp.load_sharded(path, name, self._model(slot), slot.optimizer)
             else:
                 # safetensors knows "cpu" but not DDP-on-CPU's "cpu:0"
                 load_model(self.accelerator.unwrap_model(slot.model), str(path / f"model-{name}.safetensors"),
@@ -265,8 +290,19 @@ class Checkpointer:
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.accelerator.step = state.get("accumulation_counter", 0)
-        set_rng_state(load_state(path / f"rank{self.accelerator.process_index}", "rng"), device)
+        set_rng_state(load_state(self._own_folder(path), "rng"), device)
+        if state["world_size"] != self.world_size:
+            self._say_world_size_change(state)
         return {"step": state["step"], "history": state["history"]}
+
+    def _say_world_size_change(self, state: dict) -> None:
+        """One line, also kept in the eval history (``world_size_changes``) for the run's report."""
+        saved = state["world_size"]
+        line = (f"world size changed at step {state['step']}: {saved} -> {self.world_size} processes; the global "
+                f"batch and data order are kept, per-process RNG streams are not (process r continues saved "
+                f"process r mod {saved}'s)")
+        state["history"].setdefault("world_size_changes", []).append(line)
+        self.accelerator.print(line)
 
 
 def _snapshot(method, data) -> tuple:

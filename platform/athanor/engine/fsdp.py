@@ -22,6 +22,7 @@ launch config with ``distributed_type: FSDP`` + ``fsdp_version: 2`` (``launch/fs
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -163,13 +164,16 @@ def check_saved(folder: Path, name: str, model, rejected) -> None:
 
 
 def load_sharded(folder: Path, name: str, model, optimizer) -> None:
-    """A collective: load ``name``'s model and optimizer shards (DCP reads, from every process's
-    files, the parts this process holds)."""
+    """Load ``name``'s model and optimizer state (a collective when a process group is up): DCP reads,
+    from every saved process's files, the parts this process holds — re-split for another number of
+    processes, or whole for an unsharded model (a run resumed without FSDP2)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, _raw(optimizer))  # a fresh optimizer's state is made here
-    dcp.load(_flat(model_sd, optim_sd), storage_reader=dcp.HuggingFaceStorageReader(str(dcp_dir(folder, name))))
+    with warnings.catch_warnings():  # an unsharded 1-process run reading the shards whole: DCP warns it has no group
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(_flat(model_sd, optim_sd), storage_reader=dcp.HuggingFaceStorageReader(str(dcp_dir(folder, name))))
     set_state_dict(model, _raw(optimizer), model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 

@@ -25,6 +25,7 @@ def train_stage(ctx: StageContext) -> dict:
         "n_params": method.n_params,
         "diverged": not math.isfinite(final["loss"]) or final["loss"] > initial,
         "world_size": engine.world_size,
+        "world_size_changes": engine.history.get("world_size_changes", []),  # resumed on another world size
         "model_dir": str(ctx.dir / "model"),
     }
     engine.save_pretrained("model", ctx.dir / "model")
