@@ -27,9 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EFFECTS = {
     "codebook": ("test_codebook", "TINY", {
         "transition_gap": "r['transition_acc']['baseline'] - r['transition_acc']['codebook']",
-        "tuple_precision": "r['state_features']['code_tuple_precision_median']",
-        "steer_minus_random": "r['steering']['all_heads'] - r['steering']['random']",
-        "steer_minus_state_only": "r['steering']['all_heads'] - r['steering']['all_heads_state_only']",
+        "code_precision": "r['state_features']['code']['precision_at_recall_0.5']['precision']",
+        "code_recall": "r['state_features']['code']['precision_at_recall_0.5']['recall']",
+        "neuron_precision_at_code_recall": "r['state_features']['neuron']['at_code_recall']['precision']",
+        "js_other_minus_target": "r['steering']['other_state_codes']['both']['js_divergence']"
+                                 " - r['steering']['state_positions_only']['both']['js_divergence']",
+        "js_no_patch_minus_target": "r['steering']['no_patch']['js_divergence']"
+                                    " - r['steering']['state_positions_only']['both']['js_divergence']",
+        "valid_target_minus_other": "r['steering']['state_positions_only']['both']['valid_successor']"
+                                    " - r['steering']['other_state_codes']['both']['valid_successor']",
     }),
 }
 

@@ -2,7 +2,6 @@
 steering bars, and the Hub-ready model folder."""
 from __future__ import annotations
 
-import math
 import shutil
 import time
 
@@ -13,72 +12,10 @@ from athanor.report import plot_metrics, plt, write_report
 from athanor.runner import StageContext
 
 from . import analysis as A
+from . import features as F
+from .steering import steer
 from .layers import CodebookModel
 from .method import load_data
-
-
-def _median(t: torch.Tensor) -> float:
-    return float(t.median()) if t.numel() else float("nan")
-
-
-def _state_features(model: CodebookModel, baseline: CodebookModel, fsm, ids, walks, batch: int) -> tuple[dict, dict]:
-    """Best single code / code tuple / baseline neuron per state (see ``analysis``), purity and
-    what the heat map and steering need."""
-    ends = fsm.state_end_positions()
-    labels = walks.reshape(-1)  # (n * S,) the state at each state-end position
-    n = len(ids)
-    select = (torch.arange(n) < n // 2)[:, None].expand(n, len(ends)).reshape(-1)  # first half selects
-    codes = A.record_codes(model, ids, batch)
-    S = fsm.cfg.states
-    singles, tuples, per_layer, purity = [], [], {}, {}
-    head_keys, head_best = [], []
-    layer_columns: dict[str, list[torch.Tensor]] = {}
-    for site, c in codes.items():
-        top1 = c[:, ends, :, 0].reshape(-1, c.shape[2])  # (n*S, G)
-        for g in range(top1.shape[1]):
-            r = A.best_discrete(top1[:, g], labels, select, S)
-            singles.append(r)
-            head_keys.append(f"{site}/{g}")
-            head_best.append(r)
-        layer_columns.setdefault(A.site_layer(site), []).append(top1)
-        purity[site] = {"code": sum(A.purity(top1[:, g], labels, S) for g in range(top1.shape[1])) / top1.shape[1]}
-        per_layer[site] = {"single_code_precision_median": _median(
-            torch.stack([h["precision"] for h in head_best[-top1.shape[1]:]]).max(0).values)}
-    # A layer's code tuple: the codes of ALL its codebooks (every head, and the attention/MLP
-    # codebooks when present) at once, as one discrete feature.
-    for layer, columns in layer_columns.items():
-        tup = A.tuple_ids(torch.cat(columns, dim=1))
-        r = A.best_discrete(tup, labels, select, S)
-        tuples.append(r)
-        per_layer[f"layer{layer}"] = {"tuple_precision_median": _median(r["precision"]),
-                                      "tuple_recall_median": _median(r["recall"]),
-                                      "tuple_purity": A.purity(tup, labels, S),
-                                      "distinct_tuples": int(tup.unique().numel())}
-
-    def best_of(results):  # per state, the feature (over heads or layers) with the best F1 on the
-        sp = torch.stack([r["select_precision"] for r in results])  # select half; its precision and
-        sr = torch.stack([r["select_recall"] for r in results])  # recall as measured on the other half
-        pick = (2 * sp * sr / (sp + sr).clamp(min=1e-9)).argmax(0)
-        cols = torch.arange(sp.shape[1])
-        return (torch.stack([r["precision"] for r in results])[pick, cols],
-                torch.stack([r["recall"] for r in results])[pick, cols], pick)
-
-    single_p, single_r, single_pick = best_of(singles)
-    tuple_p, tuple_r, _ = best_of(tuples)
-    acts = A.record_neurons(baseline, ids, ends, batch)
-    neuron_single = A.best_neuron(acts, labels, select, single_r, S)
-    neuron_tuple = A.best_neuron(acts, labels, select, tuple_r, S)
-    features = {
-        "code_tuple_precision_median": _median(tuple_p), "code_tuple_recall_median": _median(tuple_r),
-        "single_code_precision_median": _median(single_p), "single_code_recall_median": _median(single_r),
-        "neuron_precision_median": _median(neuron_single["precision"]),  # at the single codes' recall
-        "neuron_precision_at_tuple_recall_median": _median(neuron_tuple["precision"]),
-        "single_code_beats_neuron_fraction": float((single_p > neuron_single["precision"]).float().mean()),
-        "per_layer": per_layer, "purity": purity,
-    }
-    extra = {"codes": codes, "labels": labels, "ends": ends,
-             "head_keys": head_keys, "one_head": single_pick}
-    return features, extra
 
 
 def analysis_stage(ctx: StageContext) -> dict:
@@ -102,14 +39,11 @@ def analysis_stage(ctx: StageContext) -> dict:
     walks = data["walks"]
     out["transition_acc"] = {name: A.transition_accuracy(m, fsm, walks, a.prompt_states, a.new_states)
                              for name, m in (("baseline", baseline), ("codebook", model))}
-    features, extra = _state_features(model, baseline, fsm, ids, walks, a.code_batch)
+    features, extra = F.state_features(model, baseline, fsm, ids, walks, a.code_batch)
     out["state_features"] = features
-    S = fsm.cfg.states
-    targets = torch.arange(S) if not a.steering_targets else torch.randperm(
-        S, generator=torch.Generator().manual_seed(cfg.run.seed))[: a.steering_targets]
     prompts = walks[-a.steering_prompts:]  # measure half
-    out["steering"] = A.steer(model, fsm, prompts, a.prompt_states, targets, extra["one_head"], seed=cfg.run.seed)
-    _heatmap(ctx, extra, model, S)
+    out["steering"] = steer(model, fsm, prompts, a.prompt_states, seed=cfg.run.seed)
+    _heatmap(ctx, extra, model, fsm.cfg.states)
     out["cpu_seconds"] = time.process_time() - cpu_started
     return out
 
@@ -123,10 +57,11 @@ def _dead(model: CodebookModel, ids, batch: int) -> dict:
 def _heatmap(ctx: StageContext, extra: dict, model: CodebookModel, S: int) -> None:
     """P(state | code) for the head whose single codes detect states best, codes ordered by
     their most likely state."""
-    codes, labels, ends = extra["codes"], extra["labels"], extra["ends"]
-    best = torch.bincount(extra["one_head"], minlength=len(extra["head_keys"])).argmax()
-    site, g = extra["head_keys"][best].split("/")
-    top1 = codes[site][:, ends, int(g), 0].reshape(-1)
+    codes, at = extra["codes"], extra["at_state"]
+    labels = extra["labels"][at]
+    best = torch.bincount(extra["which"], minlength=len(extra["keys"])).argmax()
+    site, g = extra["keys"][best].split("/")
+    top1 = codes[site][..., int(g), 0].reshape(-1)[at]
     table = torch.zeros(model.codebooks[site].num_codes, S)
     table.index_put_((top1, labels), torch.ones(len(labels)), accumulate=True)
     used = table.sum(1) > 0
@@ -144,17 +79,36 @@ def _heatmap(ctx: StageContext, extra: dict, model: CodebookModel, S: int) -> No
 
 
 def _steering_plot(ctx: StageContext, steering: dict) -> None:
-    names = [n for n, v in steering.items() if isinstance(v, float)]
-    colors = {"random": "tab:gray", "none": "lightgray", "all_heads": "tab:green", "one_head": "tab:olive"}
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(names), 3.8))
-    ax.bar(names, [steering[n] for n in names], color=[colors.get(n, "tab:cyan") for n in names])
-    ax.set_ylabel("next state valid for the target")
-    ax.set_ylim(0, 1)
-    ax.tick_params(axis="x", labelrotation=30)
-    ax.set_title("Steering by forcing a target state's codes")
+    """JS divergence to the target's next-token distribution and valid-successor rate per condition."""
+    rows = [(f"{g} (target codes)", v) for g, v in steering["state_positions_only"].items()]
+    rows += [(f"{g} (other state's codes)", v) for g, v in steering["other_state_codes"].items()]
+    rows += [("no patch", steering["no_patch"]), ("target run (ceiling)", steering["target_run"])]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, key, label in zip(axes, ("js_divergence", "valid_successor"),
+                              ("JS divergence to the target's next-token distribution", "successor valid for the target")):
+        colors = ["tab:green" if "target codes" in n else "tab:gray" if "other" in n else "lightgray" for n, _ in rows]
+        ax.bar([n for n, _ in rows], [v[key] for _, v in rows], color=colors)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(axis="x", labelrotation=35, labelsize=7)
+    fig.suptitle("Steering: a target state's codes patched at the state's own positions only")
     fig.tight_layout()
     fig.savefig(ctx.root / "steering.png", dpi=110)
     plt.close(fig)
+
+
+def fsm_checks(res: dict) -> dict:
+    """Pass/fail lines of one TokFSM run (each against its control)."""
+    ta, sf, st = res["transition_acc"], res["state_features"], res["steering"]
+    main = "both" if "both" in st["state_positions_only"] else next(iter(st["state_positions_only"]))
+    code, neuron = sf["code"]["precision_at_recall_0.5"], sf["neuron"]["at_code_recall"]
+    return {"codebook_within_3_points": ta["baseline"] - ta["codebook"] <= 0.03,
+            "code_precision_at_recall_0.5_at_least_0.9": code["precision"] >= 0.9,
+            "code_beats_neuron_at_matched_recall": code["precision"] > neuron["precision"] + 0.01,
+            f"steering_{main}_js_below_other_state_codes": (st["state_positions_only"][main]["js_divergence"]
+                                                          < st["other_state_codes"][main]["js_divergence"] - 0.05),
+            f"steering_{main}_valid_above_no_patch": (st["state_positions_only"][main]["valid_successor"]
+                                                    > st["no_patch"]["valid_successor"] + 0.1)}
 
 
 def report(ctx: StageContext, results: dict) -> dict:
@@ -170,15 +124,9 @@ def report(ctx: StageContext, results: dict) -> dict:
              + f"; total {cpu_total:.0f} s.", ""]
     checks = {}
     if "transition_acc" in res:
-        ta, sf, st = res["transition_acc"], res["state_features"], res["steering"]
-        checks = {"codebook_within_3_points": ta["baseline"] - ta["codebook"] <= 0.03,
-                  "code_tuple_precision_at_least_0.9": sf["code_tuple_precision_median"] >= 0.9,
-                  "all_heads_steering_at_least_0.5": st["all_heads"] >= 0.5,
-                  "all_heads_steering_0.25_above_random": st["all_heads"] - st["random"] >= 0.25,
-                  "single_code_precision_at_least_0.9_and_beats_neuron":
-                      sf["single_code_precision_median"] >= 0.9 and sf["single_code_precision_median"] > sf["neuron_precision_median"]}
+        checks = fsm_checks(res)
         lines += _fsm_lines(res)
-        _steering_plot(ctx, st)
+        _steering_plot(ctx, res["steering"])
     else:
         lines += [f"LM loss on held-out text: baseline {res['eval_loss']['baseline']:.4f}, with codebooks "
                   f"{res['eval_loss']['codebook']:.4f} (cost {res['lm_loss_cost']:+.4f} nats/token)."]
@@ -189,7 +137,7 @@ def report(ctx: StageContext, results: dict) -> dict:
     for stage in ("baseline", "codebook"):
         plot_metrics(ctx.stage_dir(stage), ["loss", "eval_loss"], "loss.png", title=f"{stage} training loss")
     out = {**res, "checks": checks, "steps": steps, "seconds_per_step": s_per_step, "cpu_seconds": cpu,
-           "cpu_seconds_total": cpu_total, **_headline(res)}
+           "cpu_seconds_total": cpu_total, "run_seed": ctx.cfg.run.seed, "fsm_seed": ctx.cfg.data.fsm.seed, **_headline(res)}
     write_report(ctx.root, out, "Codebook Features", lines)
     publish_folder(ctx, out)
     return out
@@ -198,46 +146,57 @@ def report(ctx: StageContext, results: dict) -> dict:
 def _headline(res: dict) -> dict:
     if "transition_acc" not in res:
         return {"lm_loss_cost": res["lm_loss_cost"]}
+    sf, st = res["state_features"], res["steering"]
+    main = "both" if "both" in st["state_positions_only"] else next(iter(st["state_positions_only"]))
     return {"transition_acc_baseline": res["transition_acc"]["baseline"], "transition_acc_codebook": res["transition_acc"]["codebook"],
-            "code_tuple_precision": res["state_features"]["code_tuple_precision_median"],
-            "single_code_precision": res["state_features"]["single_code_precision_median"],
-            "neuron_precision": res["state_features"]["neuron_precision_median"],
-            "steering_all_heads": res["steering"]["all_heads"], "steering_random": res["steering"]["random"]}
+            "code_precision_at_recall_0.5": sf["code"]["precision_at_recall_0.5"]["precision"],
+            "neuron_precision_at_code_recall": sf["neuron"]["at_code_recall"]["precision"],
+            "steering_js": st["state_positions_only"][main]["js_divergence"],
+            "steering_js_other_state_codes": st["other_state_codes"][main]["js_divergence"],
+            "steering_js_no_patch": st["no_patch"]["js_divergence"]}
+
+
+def _pr(d: dict) -> str:
+    return f"{d['precision']:.3f} / {d['recall']:.3f} (F1 {d['f1']:.3f})"
 
 
 def _fsm_lines(res: dict) -> list[str]:
     ta, sf, st = res["transition_acc"], res["state_features"], res["steering"]
-    rows = ["| | value |", "|---|---|",
-            f"| transition accuracy, baseline | {ta['baseline']:.4f} |", f"| transition accuracy, codebook | {ta['codebook']:.4f} |",
-            f"| best code tuple per state: precision / recall (median) | {sf['code_tuple_precision_median']:.3f} / {sf['code_tuple_recall_median']:.3f} |",
-            f"| best single code per state: precision / recall (median) | {sf['single_code_precision_median']:.3f} / {sf['single_code_recall_median']:.3f} |",
-            f"| best baseline neuron at the single code's recall: precision (median) | {sf['neuron_precision_median']:.3f} |",
-            f"| best baseline neuron at the tuple's recall: precision (median) | {sf['neuron_precision_at_tuple_recall_median']:.3f} |",
-            f"| states where the single code beats the neuron | {sf['single_code_beats_neuron_fraction']:.2f} |"]
-    for key, v in sf["per_layer"].items():
-        if "tuple_precision_median" in v:
-            rows.append(f"| {key} (all its codebooks): tuple precision / recall (median), purity, distinct tuples | "
-                        f"{v['tuple_precision_median']:.3f} / {v['tuple_recall_median']:.3f}, {v['tuple_purity']:.3f}, "
-                        f"{v['distinct_tuples']} |")
-        else:
-            rows.append(f"| {key}: best single-code precision (median), code purity | "
-                        f"{v['single_code_precision_median']:.3f}, {sf['purity'][key]['code']:.3f} |")
-    rows += ["", "Steering (next generated state valid for the target state): "
-             + ", ".join(f"{k} {v:.3f}" for k, v in st.items()) + ". The source run's codes at the last "
-             "prompt state's digits and at the successor's digits generated so far are replaced by those of the same "
-             "prompt with the target state in its place (only codes move; `*_state_only` forces the state's own "
-             "digits alone). Random: random codes at the same places.",
-             "Features are chosen on the first half of the held-out walks and measured on the second half."]
-    if any(isinstance(v, float) and math.isnan(v) for v in st.values()):
-        rows.append("(nan: no head was chosen for any target)")
+    rows = [f"Transition accuracy: baseline {ta['baseline']:.4f}, codebook {ta['codebook']:.4f}.", "",
+            "| feature kind | precision / recall at recall >= 0.5 (median over states) | best-F1 pick: precision / recall |",
+            "|---|---|---|"]
+    for kind in ("code", "tuple", "neuron"):
+        if kind in sf:
+            rows.append(f"| {kind} | {_pr(sf[kind]['precision_at_recall_0.5'])} | {_pr(sf[kind]['best_f1'])} |")
+    vs = sf["code_vs_neuron_at_matched_recall"]
+    rows += [f"| neuron at the code's recall | {_pr(sf['neuron']['at_code_recall'])} | |", "",
+             f"Codes vs the baseline's best neuron at matched recall: code better on {vs['code_better_fraction']:.2f} of "
+             f"states, neuron better on {vs['neuron_better_fraction']:.2f} (median precision difference "
+             f"{vs['precision_difference_median']:+.3f}). Counting: {sf['counting']}.", "",
+             "| steering (state positions only) | JS divergence to the target | successor valid for the target |",
+             "|---|---|---|"]
+    for name, block in (("target codes", st["state_positions_only"]), ("other state's codes", st["other_state_codes"])):
+        rows += [f"| {g}: {name} | {v['js_divergence']:.3f} | {v['valid_successor']:.3f} |" for g, v in block.items()]
+    rows += [f"| no patch | {st['no_patch']['js_divergence']:.3f} | {st['no_patch']['valid_successor']:.3f} |",
+             f"| the model on the target's own prompt (ceiling) | {st['target_run']['js_divergence']:.3f} | "
+             f"{st['target_run']['valid_successor']:.3f} |"]
     return rows
 
 
+def means(tree):
+    """A several-seed report's spreads -> their means (other values as they are)."""
+    if isinstance(tree, dict) and "mean" in tree and "values" in tree:
+        return tree["mean"]
+    return {k: means(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
 def summary(report: dict) -> str:
+    report = means(report)  # a several-seed report: the means
     if "transition_acc" in report:
         return (f"transition acc {report['transition_acc']['codebook']:.3f} (baseline {report['transition_acc']['baseline']:.3f}), "
-                f"code-tuple precision {report['state_features']['code_tuple_precision_median']:.3f}, "
-                f"steering {report['steering']['all_heads']:.2f} vs random {report['steering']['random']:.2f}")
+                f"code precision@recall>=0.5 {report['code_precision_at_recall_0.5']:.3f} vs neuron "
+                f"{report['neuron_precision_at_code_recall']:.3f}, steering JS {report['steering_js']:.2f} vs other "
+                f"state's codes {report['steering_js_other_state_codes']:.2f}")
     return f"LM-loss cost of the codebooks {report['lm_loss_cost']:+.4f}"
 
 

@@ -18,11 +18,20 @@ from athanor.runner import Paper, Stage, StageContext
 from .config import CodebookPaperConfig
 from .method import CodebookLM, attach, build_lm, load_data
 from .report import analysis_stage, report, summary
+from .seeds import seeds_report, seeds_stage
 
 
 def check(cfg: CodebookPaperConfig) -> None:
     a, fsm = cfg.analysis, cfg.data.fsm
+    if cfg.seeds and cfg.data.kind != "tokfsm":
+        raise ConfigError("seeds (one process per run seed) is for data.kind=tokfsm; give --seeds [] for text")
+    if len(set(cfg.seeds)) != len(cfg.seeds) or any(k < 0 for k in cfg.seeds):
+        raise ConfigError(f"seeds={list(cfg.seeds)} must be distinct non-negative integers")
     if cfg.data.kind == "tokfsm":
+        if not 2 <= a.prompt_states:
+            raise ConfigError(f"analysis.prompt_states={a.prompt_states} must be >= 2 (steering swaps the last state for a sibling)")
+        if fsm.edges < 3:
+            raise ConfigError(f"data.fsm.edges={fsm.edges} must be >= 3 (steering draws two other successors of a state)")
         if cfg.model.name_or_path:
             raise ConfigError("model.name_or_path needs data.kind=text (TokFSM trains its own small transformer)")
         if not 1 <= a.prompt_states < fsm.seq_states:
@@ -61,6 +70,8 @@ def train_stage(with_codebooks: bool, replace: bool = True):
 
 
 def stages(cfg: CodebookPaperConfig) -> list[Stage]:
+    if cfg.seeds:  # one process per run seed; this process only gathers their reports
+        return [Stage("seeds", seeds_stage, describe=f"run seeds {list(cfg.seeds)}, one process each")]
     start = ("baseline",) if cfg.codebook.init == "baseline" else ()
     out = [Stage("baseline", train_stage(False), describe="the transformer without codebooks"),
            Stage("codebook", train_stage(True), needs=start, describe="the same transformer with codebooks")]
@@ -72,4 +83,9 @@ def stages(cfg: CodebookPaperConfig) -> list[Stage]:
     return out
 
 
-PAPER = Paper(name="codebook", config=CodebookPaperConfig, stages=stages, report=report, check=check, summary=summary)
+def report_any(ctx: StageContext, results: dict) -> dict:
+    return seeds_report(ctx, results["seeds"]) if "seeds" in results else report(ctx, results)
+
+
+PAPER = Paper(name="codebook", config=CodebookPaperConfig, stages=stages, report=report_any, check=check, summary=summary,
+              main_model="model", card="transformers", model_class="athanor.methods.codebook:CodebookModel")

@@ -5,10 +5,11 @@ every step. A state is written as its decimal digits (state 7 of 100 -> tokens "
 a state spans several tokens and "the model is in state s" is a feature the network has to
 build; a BOS token starts every sequence, and every sequence starts at a state boundary.
 
-``place_tokens`` (default): each decimal place has its own ten digit tokens (tens 0-9, units
-10-19), so where a state starts is visible in the tokens. With plain digits a small model must
-also work out the digit parity from context; measured here (100 states, 10 edges, d=64, 2
-layers, rotary, 1500 steps) that held the baseline at 0.87 transition accuracy.
+Plain digits (the default, the paper's TokFSM: an 11-token vocabulary, ten digits and BOS): where a
+state starts is not in the tokens, so the model must work out the digit parity from context, and a
+digit token alone says nothing about the state. ``place_tokens`` (an option): each decimal place has
+its own ten digit tokens (tens 0-9, units 10-19), which removes that inference -- with it a baseline
+neuron was as perfect a state detector as any code, so codes could not beat neurons there.
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ class TokFSMConfig:
     train_sequences: int = 20000
     eval_sequences: int = 512  # held out: analysis, steering and transition accuracy use these
     batch_size: int = 64
-    seed: int = 1234  # the FSM and its walks (independent of run.seed, which drives training)
-    place_tokens: bool = True  # a separate set of ten digit tokens per decimal place (false: plain digits)
+    # The FSM and its walks (independent of run.seed, which drives training). 1234 is the dev FSM the
+    # knobs were chosen on (analysis.dev_fsm_seed); the default seeds run on 100 + run seed.
+    seed: int = 100
+    place_tokens: bool = False  # true: a separate set of ten digit tokens per decimal place (plain digits: the paper's)
 
     def validate(self) -> None:
         for key in ("states", "edges", "seq_states", "train_sequences", "eval_sequences", "batch_size"):
