@@ -241,3 +241,23 @@ def test_publish_include_checkpoint_uploads_only_the_pickle_free_files(tmp_path)
              for p in (stage / "checkpoint" / "step-2").rglob("*") if p.is_file()}
     assert {"model-gen.safetensors", "trainer_state.json", "rank0/rng.safetensors", "MANIFEST.json"} <= names
     assert not any(n.endswith((".pkl", ".pt", ".bin")) or n.startswith("optimizer") for n in names), names
+
+
+def test_a_stream_resumed_on_another_world_size_keeps_its_global_batches():
+    """2 processes' position loaded into 1 (and back): the next global batch is the same rows, each
+    process taking global / N of them; a global batch that does not split evenly is refused."""
+    data = torch.arange(96).reshape(48, 2)
+    ranks = [ShuffledBatches(data, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(7):  # into the second epoch (6 global batches of 8 per epoch)
+        for stream in ranks:
+            next(stream)
+    one = ShuffledBatches(data, 4, seed=3)
+    one.load_state_dict(ranks[0].state_dict())
+    assert torch.equal(next(one), torch.cat([next(ranks[0]), next(ranks[1])]))
+    two = [ShuffledBatches(data, 8, seed=3, rank=r, world_size=2) for r in range(2)]
+    for stream in two:
+        stream.load_state_dict(one.state_dict())
+    assert torch.equal(torch.cat([next(s) for s in two]), next(one))
+    three = ShuffledBatches(data, 4, seed=3, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 processes"):
+        three.load_state_dict(ranks[0].state_dict())
