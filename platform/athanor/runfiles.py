@@ -1,4 +1,7 @@
-"""What a finished recipe leaves at the root of its run folder for publishing, and how quiet it is.
+"""What a recipe leaves in its run folder besides what the engine writes, and how quiet it is.
+
+``STAGE.json`` in a stage's (or a sweep job's) folder records that it finished and its result: a
+later run (or sweep) skips it. This module imports no torch, so the sweep's parent process reads it.
 
 ``RUN.json`` records the paper, the main model it declares (the folder publish puts at the top of
 the upload), its model card's kind and the exact command (secrets as ``***``); ``config.yaml`` at
@@ -16,8 +19,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .jsonfile import write_json
+
 RUN_FILE = "RUN.json"
+STAGE_FILE = "STAGE.json"
 CARD_KINDS = ("transformers", "diffusers", "peft", "torch")
+
+
+def finished_stage(folder: str | Path) -> dict | None:
+    """The result recorded in ``folder/STAGE.json`` by a finished stage (or sweep job), else None."""
+    marker = Path(folder) / STAGE_FILE
+    return json.loads(marker.read_text())["result"] if marker.exists() else None
+
+
+def record_stage(folder: str | Path, name: str, result: dict) -> None:
+    """Write ``folder/STAGE.json`` atomically: from now on the stage counts as finished."""
+    write_json(Path(folder) / STAGE_FILE, {"stage": name, "result": result}, indent=2)
 
 
 def invocation(argv: list[str] | None = None) -> str:
@@ -31,8 +48,8 @@ def invocation(argv: list[str] | None = None) -> str:
     return redact(shlex.join([Path(words[0]).as_posix(), *words[1:]]))
 
 
-def write_run_record(root: Path, cfg: Any, paper_name: str, main_model: str, card: str,
-                     config_here: bool, argv: list[str] | None = None) -> None:
+def write_run_record(root: Path, cfg: Any, paper_name: str, declared: dict, config_here: bool,
+                     argv: list[str] | None = None) -> None:
     """``RUN.json`` and ``config.yaml`` at the root, unless a stage's engine writes that one there (and
     keeps its history); a stage in the root that runs no engine there (a sweep) gets it too. Main
     process only."""
@@ -41,10 +58,8 @@ def write_run_record(root: Path, cfg: Any, paper_name: str, main_model: str, car
     root.mkdir(parents=True, exist_ok=True)
     if not config_here or not (root / "config.yaml").is_file():
         save_with_history(cfg, root)
-    record = {"paper": paper_name, "main_model": main_model, "card": card, "command": invocation(argv)}
-    tmp = root / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(root / RUN_FILE)
+    record = {"paper": paper_name, **declared, "command": invocation(argv)}  # main_model, card, model_class
+    write_json(root / RUN_FILE, record, indent=2, newline=True)
 
 
 def read_run_record(root: Path) -> dict:

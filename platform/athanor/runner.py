@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import os
 import sys
 import time
@@ -36,7 +35,9 @@ import torch
 
 from .config import ConfigError, TrainConfig, exit_on_config_error, parse_or_exit
 from .engine import Engine, Method, process_state
-from .runfiles import CARD_KINDS, progress_wanted, quiet_libraries, write_run_record
+from .hub import maybe_publish
+from .runfiles import (CARD_KINDS, STAGE_FILE, finished_stage, progress_wanted, quiet_libraries,  # noqa: F401
+                       record_stage, write_run_record)
 
 
 @dataclass
@@ -64,10 +65,15 @@ class Paper:
     check: Callable[[Any], None] | None = None  # raise ConfigError before any compute
     summary: Callable[[dict], str] | None = None  # the closing line printed after the report path
     # The saved model publish puts at the top of the upload (a folder under OUTPUT, e.g. "model" or
-    # "distill/generator"); "": the first one found (OUTPUT itself, then OUTPUT/model, then by path).
+    # "distill/generator"). A paper that declares one publishes: its config has a ``hub: HubConfig``
+    # section (``--hub.push_to_hub true`` uploads at the end). "": it never publishes by itself
+    # (``athanor publish`` then takes OUTPUT itself, then OUTPUT/model, then the first by path).
     main_model: str = ""
     # Its model card's kind: transformers | diffusers | peft | torch ("": told by the saved files).
     card: str = ""
+    # "module:Class" whose ``from_pretrained`` loads the main model (a Hub-mixin module, a wrapper
+    # such as O3Model): the card's loading snippet uses it. "": the kind's own loader.
+    model_class: str = ""
 
 
 @dataclass
@@ -124,7 +130,6 @@ class StageContext:
         return engine.save_pretrained(name, folder, **kwargs)
 
 
-STAGE_FILE = "STAGE.json"
 # A full disk (or quota) mid-run: one line, this code. What was written before stays: checkpoints are
 # renamed into place only once complete, metrics lines are whole or dropped on resume as torn.
 DISK_FULL_EXIT_CODE = 74  # EX_IOERR
@@ -188,18 +193,16 @@ def run_stage(ctx: StageContext, stage: Stage) -> dict:
     return result
 
 
-def finished_stage(folder: Path) -> dict | None:
-    """The result recorded in ``folder/STAGE.json`` by a finished stage (or sweep job), else None."""
-    marker = Path(folder) / STAGE_FILE
-    return json.loads(marker.read_text())["result"] if marker.exists() else None
-
-
-def record_stage(folder: Path, name: str, result: dict) -> None:
-    """Write ``folder/STAGE.json`` atomically: from now on the stage counts as finished."""
-    marker = Path(folder) / STAGE_FILE
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"stage": name, "result": result}, indent=2, default=str))
-    tmp.replace(marker)
+def check_declaration(paper: Paper) -> None:
+    """What a paper declares for publishing is consistent: a known card kind, and a ``hub`` section
+    in its config when it declares a main model (it publishes)."""
+    if paper.card not in ("", *CARD_KINDS):
+        raise ConfigError(f"{paper.name}: card={paper.card!r} is not one of: {', '.join(CARD_KINDS)}")
+    if paper.main_model and "hub" not in {f.name for f in dataclasses.fields(paper.config)}:
+        raise ConfigError(f"{paper.name}: it declares main_model={paper.main_model!r}, so it publishes: its config "
+                          f"needs a `hub: HubConfig` section")
+    if paper.model_class and paper.model_class.count(":") != 1:
+        raise ConfigError(f"{paper.name}: model_class={paper.model_class!r} is not 'module:Class'")
 
 
 CHECK_ONLY_ENV = "ATHANOR_CHECK_ONLY"  # =1: parse and check the config, list the stages, exit 0 (athanor submit)
@@ -212,8 +215,7 @@ def prepare(paper: Paper, argv=None) -> tuple[Any, list[Stage]]:
     cfg.run.progress = progress_wanted(cfg.run.progress)  # a log file gets no bar (run.progress is free on resume)
     set_cpu_threads(cfg.engine.cpu_threads)
     with exit_on_config_error():
-        if paper.card not in ("", *CARD_KINDS):
-            raise ConfigError(f"{paper.name}: card={paper.card!r} is not one of: {', '.join(CARD_KINDS)}")
+        check_declaration(paper)
         if paper.check:
             paper.check(cfg)
         stages = list(paper.stages(cfg))
@@ -238,14 +240,12 @@ def run(paper: Paper, argv=None) -> dict:
             ctx.barrier()
             return {}
         report = paper.report(ctx, ctx.results)
-        write_run_record(ctx.root, cfg, paper.name, paper.main_model, paper.card,
-                         config_here=any(stage.folder == "." for stage in stages), argv=argv)
+        declared = {"main_model": paper.main_model, "card": paper.card, "model_class": paper.model_class}
+        write_run_record(ctx.root, cfg, paper.name, declared, config_here=any(stage.folder == "." for stage in stages),
+                         argv=argv)
     report.setdefault("seconds", time.time() - started)
-    hub = getattr(cfg, "hub", None)
-    if hub is not None:
-        from .hub import maybe_publish
-
-        maybe_publish(hub, ctx.root, is_main=True)
+    if paper.main_model:  # it publishes (check_declaration: its config has a hub section)
+        maybe_publish(cfg.hub, ctx.root, is_main=True)
     line = paper.summary(report) + "; " if paper.summary else ""
     print(f"{paper.name}: {line}report: {ctx.root / 'report.md'}")
     ctx.barrier()

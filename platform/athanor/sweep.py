@@ -30,7 +30,6 @@ import contextlib
 import importlib
 import importlib.util
 import itertools
-import json
 import math
 import os
 import signal
@@ -42,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-STAGE_FILE = "STAGE.json"  # athanor.runner.STAGE_FILE (not imported: the runner imports torch)
+from .runfiles import STAGE_FILE, finished_stage, record_stage
+
 PREEMPTED_EXIT_CODE = 75  # same as athanor.engine: checkpoint written, run again
 
 
@@ -75,10 +75,10 @@ class Job:
         return [sys.executable, self.script, *self.argv]
 
     def finished(self) -> bool:
-        return (self.output_dir / STAGE_FILE).exists()
+        return (self.output_dir / STAGE_FILE).exists()  # the runner's record: any later sweep skips the job
 
     def stored_result(self) -> dict:
-        return json.loads((self.output_dir / STAGE_FILE).read_text())["result"]
+        return finished_stage(self.output_dir)
 
 
 @dataclass
@@ -147,7 +147,7 @@ def run_job(job: Job) -> dict:
     """Run ``job`` in this process (its paper through the runner, or its script's ``main(argv)``)
     unless it finished before; record and return its result. Output goes to ``<folder>/log.txt``."""
     from .engine import NonFiniteStop
-    from .runner import record_stage, run
+    from .runner import run  # the runner imports torch; a sweep's parent process never runs a job itself
 
     with _folder_lock(job.output_dir):
         if job.finished():  # finished while we waited for the lock

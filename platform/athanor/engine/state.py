@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..jsonfile import write_json_durably  # noqa: F401  (the one atomic JSON writer; checkpoints import it here)
+
 TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
 JSON_SCALARS = (bool, int, float, str, type(None))
 
@@ -32,17 +34,6 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_json_durably(path: Path, obj) -> None:
-    """Write JSON to ``path`` through a temporary name, fsynced, then renamed over it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def split_state(state, path: str = "") -> tuple[object, dict[str, torch.Tensor]]:

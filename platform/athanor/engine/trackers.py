@@ -22,6 +22,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from ..jsonfile import write_json
+
 RUN_IDS_FILE = "trackers.json"
 
 
@@ -80,9 +82,7 @@ class Trackers:
         for name in external:
             tracker, ids[name] = _start(name, output_dir, ids.get(name))
             self.active.append(tracker)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(ids, indent=1))
-        tmp.replace(path)
+        write_json(path, ids)
 
     def log(self, step: int, row: dict) -> None:
         values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
