@@ -240,7 +240,13 @@ def test_recipe_end_to_end(tmp_path):
     for png in ["fd_curve.png", "samples/dmd2_at_1.png", "samples/teacher_at_5.png"]:
         assert (out / png).stat().st_size > 1000
     card = (out / "pipeline" / "README.md").read_text()
-    assert "library_name: diffusers" in card and "dmd2" in card
+    assert "library_name: diffusers" in card and "dmd2" in card  # the pipeline is diffusers' (its generator a DiT)
+    from athanor.methods import dmd2
+    from athanor.testing import check_upload
+
+    published = check_upload(dmd2.PAPER, out)  # the declared main model (pipeline/) on top, its card's kind
+    assert published.data.library_name == "diffusers" and "trust_remote_code=True" in published.text
+    assert "classifier" not in published.text.split("## Use")[1].split("##")[0]  # not the FD classifier
     assert (out / "teacher" / "pipeline" / "model_index.json").exists()  # the reusable teacher
     stages = ["teacher", "classifier", "dmd2", "dmd2-4step", "dmd2-ratio1", "dmd2-no_gan", "dmd2-no_backsim", "dmd2-seed1"]
     assert all((out / stage / "STAGE.json").exists() for stage in stages)  # a re-run skips them all

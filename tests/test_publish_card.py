@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from athanor import hub
+from athanor.hub import HubConfig
 from athanor.config import TrainConfig
 from athanor.runner import Paper, Stage, run
 from conftest import ROOT
@@ -39,6 +40,7 @@ class NetSection:
 @dataclass
 class NetConfig(TrainConfig):
     net: NetSection = field(default_factory=NetSection)
+    hub: HubConfig = field(default_factory=HubConfig)  # it declares a main model: it publishes
 
 
 def _other(ctx):
@@ -112,6 +114,28 @@ def test_a_transformers_model_that_is_no_causal_lm_gets_no_text_generation_card(
     card = hub.build_model_card(tmp_path / "run", folder, "me/enc", ["config.json"])
     assert isinstance(card, ModelCard) and card.data.library_name == "transformers"
     assert card.data.pipeline_tag is None and "AutoModel.from_pretrained" in card.text
+
+
+def test_a_declared_model_class_and_a_custom_pipeline_get_their_own_loading_snippet(tmp_path):
+    """A paper's declared class loads its model (the card says how); an athanor diffusers pipeline
+    (pipeline.py beside model_index.json) needs trust_remote_code."""
+    run_dir = tmp_path / "run"
+    pipe = run_dir / "pipeline"
+    pipe.mkdir(parents=True)
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": ["pipeline", "DMD2Pipeline"]}))
+    card = hub.build_model_card(run_dir, pipe, "me/gen", ["model_index.json"], command="python recipes/dmd2.py",
+                                kind="diffusers")
+    assert card.data.library_name == "diffusers" and "trust_remote_code=True" in card.text
+    card = hub.build_model_card(run_dir, pipe, "me/gen", [], command="x", kind="torch",
+                                model_class="athanor.parts.classifier:MLP")
+    assert "from athanor.parts.classifier import MLP\nmodel = MLP.from_pretrained('me/gen')" in card.text
+
+
+def test_a_paper_that_declares_a_main_model_needs_a_hub_section(tmp_path, capsys):
+    no_hub = Paper("nohub", TrainConfig, lambda cfg: [], _report, main_model="model", card="torch")
+    with pytest.raises(SystemExit) as stop:
+        run(no_hub, ["--run.output_dir", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "needs a `hub: HubConfig` section" in capsys.readouterr().err
 
 
 def _athanor(*args):

@@ -200,7 +200,7 @@ def build_upload_folder(output_dir: str | Path, repo_id: str, staging_dir: str |
         files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*")
                        if p.is_file() and p.name not in ("README.md", STAGING_MARKER))
         card = build_model_card(out, main, repo_id, ["README.md", *files], command or record.get("command"),
-                                kind=record.get("card") or "")
+                                kind=record.get("card") or "", model_class=record.get("model_class") or "")
         (stage / "README.md").unlink(missing_ok=True)  # may be a hard link to the run's own card
         card.save(stage / "README.md")
     except OSError as e:  # a full disk, a folder that turned read-only: one line, the run folder untouched

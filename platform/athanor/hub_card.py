@@ -97,10 +97,25 @@ def _is_causal_lm(folder: Path) -> bool:
         bool(_read_json(folder / "config.json").get("auto_map", {}).get("AutoModelForCausalLM"))
 
 
-def _load_snippet(kind: str, repo_id: str, causal: bool) -> str:
+def _custom_pipeline(folder: Path) -> bool:
+    """A diffusers pipeline whose class is athanor's code (``model_index.json`` names
+    ``["pipeline", Class]``, the custom-code convention ``save_pipeline`` writes)."""
+    name = _read_json(folder / "model_index.json").get("_class_name")
+    return isinstance(name, list) and len(name) == 2
+
+
+def _load_snippet(kind: str, repo_id: str, causal: bool, model_class: str = "", custom: bool = False) -> str:
+    """How to load the upload: the paper's declared class when it has one, else the kind's loader."""
+    if model_class:
+        module, name = model_class.split(":")
+        return (f"# pip install athanor (the class that trained it)\nfrom {module} import {name}\n"
+                f"model = {name}.from_pretrained({repo_id!r})")
     if kind == "peft":
         return f"from peft import AutoPeftModel\nmodel = AutoPeftModel.from_pretrained({repo_id!r})"
     if kind == "diffusers":
+        if custom:  # the pipeline class is athanor's: diffusers imports it through the uploaded pipeline.py
+            return ("# pip install athanor (pipeline.py imports its pipeline class)\nfrom diffusers import DiffusionPipeline\n"
+                    f"pipe = DiffusionPipeline.from_pretrained({repo_id!r}, trust_remote_code=True)")
         return f"from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained({repo_id!r})"
     if kind == "torch":
         return ("from huggingface_hub import hf_hub_download\nfrom safetensors.torch import load_file\n"
@@ -141,7 +156,7 @@ def _table(rows: dict, head: str) -> str:
 
 
 def build_model_card(output_dir: Path, main_artifact: Path, repo_id: str, files: list[str],
-                     command: str | None = None, kind: str = "") -> ModelCard:
+                     command: str | None = None, kind: str = "", model_class: str = "") -> ModelCard:
     """Card metadata (library, base model, datasets, tags, metrics from ``report.json`` as
     model-index results) and text (summary, metrics, hyper-parameters, how to load, the command)."""
     output_dir = Path(output_dir).resolve()  # what own_file compares against
@@ -177,7 +192,8 @@ def build_model_card(output_dir: Path, main_artifact: Path, repo_id: str, files:
     text = (f"# {repo_id.split('/')[-1]}\n\nTrained with athanor ({kind}). {summary}\n\n"
             f"## Metrics\n\n{_table({**metrics, **facts}, 'metric')}\n\n"
             f"## Hyper-parameters reported\n\n{_table(hyper, 'setting')}\n\n"
-            f"## Use\n\n```python\n{_load_snippet(kind, repo_id, causal)}\n```\n\n"
+            f"## Use\n\n```python\n{_load_snippet(kind, repo_id, causal, model_class, _custom_pipeline(main_artifact))}"
+            f"\n```\n\n"
             f"## Training\n\nData: `{source or 'see training_config.yaml'}`. Resolved config: "
             f"`training_config.yaml`; report: `report.md`.\n\n"
             f"## Reproduce\n\n```\n{command}\n```\n\n## Files\n\n" + "\n".join(f"- `{f}`" for f in files) + "\n")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ...config import ConfigError, OptimConfig, RunConfig, TrainConfig, positive
 from ...data.images import ImageDataConfig
+from ...hub import HubConfig
 from ...parts.diffusion import TeacherConfig
 from ...parts.fd import ClassifierConfig
 from .method import VARIANTS, DMD2Config
@@ -46,6 +47,7 @@ class DMD2RecipeConfig(TrainConfig):
     # The main run is the one-step generator (dmd2@1); the 4-step generator is the "4step" run (dmd2@4).
     dmd2: DMD2Config = field(default_factory=lambda: DMD2Config(generator_steps=1))
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def stage_name(run: str) -> str:

@@ -42,4 +42,7 @@ def stages(cfg: DMD2RecipeConfig) -> list[Stage]:
             *(Stage(stage_name(run), dmd2_stage(run), needs=("teacher", "classifier")) for run in all_runs(cfg))]
 
 
-PAPER = Paper(name="DMD2", config=DMD2RecipeConfig, stages=stages, report=report, check=check)
+# The upload's top is the main run's one-step pipeline (report.py): a diffusers pipeline whose class is
+# athanor's (pipeline.py), holding the distilled generator (a diffusers DiT) and its EDM scheduler.
+PAPER = Paper(name="DMD2", config=DMD2RecipeConfig, stages=stages, report=report, check=check,
+              main_model="pipeline", card="diffusers")

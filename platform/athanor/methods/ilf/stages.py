@@ -48,4 +48,5 @@ def stages(cfg: ILFRecipeConfig) -> list[Stage]:
                   needs=("teacher", "classifier", *trained.values()), describe="curve, FD, pipeline")]
 
 
-PAPER = Paper(name="ilf", config=ILFRecipeConfig, stages=stages, report=report, check=check, summary=summary)
+PAPER = Paper(name="ilf", config=ILFRecipeConfig, stages=stages, report=report, check=check, summary=summary,
+              main_model="evaluate/pipeline", card="diffusers")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import OptimConfig, RunConfig, TrainConfig, positive
+from ...hub import HubConfig
 from ...parts.fact_world import DataConfig
 from ...parts.lm import ModelConfig
 from .detector import DetectorConfig
@@ -41,3 +42,4 @@ class O3Config(TrainConfig):
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     ablations: AblationConfig = field(default_factory=AblationConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # the upload's top: OUTPUT/o3 (O3Model)

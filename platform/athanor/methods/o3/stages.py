@@ -243,4 +243,5 @@ def _retrained_ablations(cfg: O3Config) -> list[Stage]:
     return out
 
 
-PAPER = Paper(name="O3", config=O3Config, stages=stages, report=report, check=check, summary=summary)
+PAPER = Paper(name="O3", config=O3Config, stages=stages, report=report, check=check, summary=summary,
+              main_model="o3", card="peft", model_class="athanor.methods.o3:O3Model")

@@ -46,4 +46,5 @@ PAPER = Paper(
     stages=lambda cfg: [Stage("train", train_stage, folder=".", record=False)],
     report=report,
     summary=summary,
+    main_model="model", card="transformers",  # OUTPUT/model: AutoModelForCausalLM.from_pretrained
 )

@@ -131,4 +131,5 @@ def stages(cfg: SendPaperConfig) -> list[Stage]:
     return out
 
 
-PAPER = Paper(name="send", config=SendPaperConfig, stages=stages, report=report, check=check, summary=summary)
+PAPER = Paper(name="send", config=SendPaperConfig, stages=stages, report=report, check=check, summary=summary,
+              main_model="send_s0/model", card="transformers")  # saved with --experiment.save_models true

@@ -35,4 +35,7 @@ PAPER = Paper(
     stages=lambda cfg: [Stage("fit", fit_stage), Stage("evaluate", evaluate_stage, needs=("fit",))],
     report=report,
     summary=summary,
+    main_model="fit/model",  # what publish puts on top of the upload; declaring it means the paper publishes
+    card="torch",  # a plain torch module (Hub mixin): no transformers/diffusers card
+    model_class="athanor.methods.template:LinearModel",  # the card's loading snippet
 )
