@@ -1,5 +1,6 @@
 """The runner (athanor.runner) on the template paper: end to end, skipping finished stages, exact
-resume mid-fit, a bad value before compute, and publishing the result (dry run, offline)."""
+resume after a SIGKILL mid-fit, a bad value before compute, and publishing the result (dry run,
+offline). The three checks every paper needs are one call each (athanor.testing)."""
 import json
 import os
 import subprocess
@@ -7,24 +8,19 @@ import sys
 
 import pytest
 
-from athanor.data.batches import ShuffledBatches
-from athanor.engine import read_metrics
 from athanor.methods import template
 from athanor.runner import run
+from athanor.testing import check_bad_value, check_end_to_end, check_resume_after_sigkill
 from conftest import ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 FAST = ["--run.progress", "false", "--run.max_steps", "120", "--run.save_every", "25", "--run.log_every", "1"]
 
 
-def losses(folder) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(folder) if "loss" in r}
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("template") / "run"
-    return out, run(template.PAPER, ["--run.output_dir", str(out), *FAST])
+    return out, check_end_to_end(template.PAPER, out, *FAST)  # report, RUN.json, config.yaml, STAGE.json, upload
 
 
 def test_runs_end_to_end_and_learns_the_weights(finished):
@@ -34,8 +30,6 @@ def test_runs_end_to_end_and_learns_the_weights(finished):
     assert report["weight_error"] < 0.1
     assert json.loads((out / "report.json").read_text())["held_out_mse"] == report["held_out_mse"]
     assert (out / "fit" / "model" / "config.json").is_file() and (out / "fit" / "model" / "model.safetensors").is_file()
-    for stage in ("fit", "evaluate"):
-        assert json.loads((out / stage / "STAGE.json").read_text())["stage"] == stage
 
 
 def test_a_second_run_skips_finished_stages(finished):
@@ -48,42 +42,15 @@ def test_a_second_run_skips_finished_stages(finished):
     assert (out / "fit" / "metrics.jsonl").read_text() == metrics
 
 
-class NodeLost(RuntimeError):
-    pass
+def test_a_fit_sigkilled_midway_resumes_exactly(tmp_path):
+    """SIGKILL inside step 60 (the newest checkpoint is step 50's): the rerun's every loss equals the
+    uninterrupted run's. Without exact resume (e.g. the batch order restarted) this fails."""
+    rows = check_resume_after_sigkill("athanor.methods.template", tmp_path, *FAST, kill_at=60, stage="fit")
+    assert sorted(rows) == list(range(1, 121))
 
 
-def test_a_fit_that_dies_midway_resumes_exactly(finished, tmp_path, monkeypatch):
-    """A crash at step 60 (no checkpoint of its own): the next run resumes from step 50's checkpoint
-    and every step's loss equals the uninterrupted run's."""
-    out, _ = finished
-    crashed = tmp_path / "crashed"
-
-    class DiesAtStep60(ShuffledBatches):
-        served = 0
-
-        def __next__(self):
-            DiesAtStep60.served += 1
-            if DiesAtStep60.served > 60:
-                raise NodeLost("the node went away")
-            return super().__next__()
-
-    monkeypatch.setattr(template.stages, "ShuffledBatches", DiesAtStep60)  # where fit_stage finds it
-    with pytest.raises(NodeLost):
-        run(template.PAPER, ["--run.output_dir", str(crashed), *FAST])
-    assert not (crashed / "fit" / "STAGE.json").exists() and max(losses(crashed / "fit")) == 60
-    monkeypatch.undo()
-    resumed = run(template.PAPER, ["--run.output_dir", str(crashed), *FAST])
-    assert losses(crashed / "fit") == losses(out / "fit")  # steps 1..120, bit for bit
-    assert sorted(p.name for p in (crashed / "fit" / "checkpoints").iterdir())[-1] == "step-120"
-    assert resumed["steps"] == 120
-
-
-def test_bad_value_exits_2_with_one_line_before_compute(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run(template.PAPER, ["--run.output_dir", str(tmp_path / "o"), "--data.batch_size", "4096"])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert exit_info.value.code == 2 and len(err) == 1 and "data.batch_size" in err[0]
-    assert not (tmp_path / "o").exists()
+def test_bad_value_exits_2_with_one_line_before_compute(tmp_path):
+    check_bad_value(template.PAPER, tmp_path / "o", "--data.batch_size", "4096", key="data.batch_size")
 
 
 def test_publishes_the_saved_model(finished, tmp_path):

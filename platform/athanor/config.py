@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -290,12 +291,14 @@ def _reject_nonfinite(obj: Any, prefix: str = "") -> None:
         raise ConfigError(f"{prefix}={obj} must be a finite number")
 
 
-def _validate_tree(obj: Any) -> None:
+def _validate_tree(obj: Any, path: str = "") -> None:
+    """Every section's ``validate()``; one that takes an argument gets its dotted path, so a section
+    class used twice (``teacher: MLPConfig``, ``student: MLPConfig``) names the right keys."""
     if dataclasses.is_dataclass(obj):
         if hasattr(obj, "validate"):
-            obj.validate()
+            obj.validate(path) if inspect.signature(obj.validate).parameters else obj.validate()
         for f in dataclasses.fields(obj):
-            _validate_tree(getattr(obj, f.name))
+            _validate_tree(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
 
 
 def load_config(cls: type, argv: Sequence[str] | None = None) -> Any:

@@ -6,5 +6,9 @@
 - ``lm``: causal-LM helpers: a target LM built from config, teacher-forced answer scoring, QA
   encoding, the decoder's block list (O3, SeND, codebook);
 - ``fact_world``: the synthetic world of fictitious facts and QA datasets (O3, SeND);
-- ``gpt``: athanor's GPT as a config section and its probe schedule (pretrain, stability).
+- ``gpt``: athanor's GPT as a config section, its probe schedule and the config of one
+  pretraining run (pretrain, stability);
+- ``classifier``: small blocks any paper may use instead of writing its own: an ``MLP`` that saves
+  and loads itself (Hub mixin) and a ``Classifier`` method (cross-entropy, held-out accuracy, an
+  overridable ``loss``), with its ``MLPConfig`` section.
 """
