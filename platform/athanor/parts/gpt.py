@@ -1,14 +1,17 @@
-"""athanor's GPT (``athanor.models.gpt``) as a recipe config section, and the schedule of its
-instability probes: shared by the pretrain paper and the stability paper, whose sweep points are
-pretrain runs.
+"""athanor's GPT (``athanor.models.gpt``) as a recipe config section, the schedule of its
+instability probes, and the typed config of one pretraining run (``PretrainConfig``): shared by the
+pretrain paper and the stability paper, whose sweep points are pretrain runs (stability checks each
+point against this class before it starts any).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import AutoModelForCausalLM
 
-from ..config import ConfigError, choice, positive
+from ..config import ConfigError, OptimConfig, RunConfig, TrainConfig, choice, positive
+from ..data import TextDataConfig
+from ..hub import HubConfig
 from ..models import AthanorGPT, AthanorGPTConfig
 
 
@@ -64,3 +67,16 @@ class ProbeConfig:
 
     def validate(self) -> None:
         positive(self.every, "probes.every", allow_zero=True)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """One causal-LM pretraining run (the pretrain paper's config; a stability sweep point)."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/pretrain", max_steps=400,
+                                                             eval_every=50, log_every=1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1))
+    model: GPTModelConfig = field(default_factory=GPTModelConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    hub: HubConfig = field(default_factory=HubConfig)

@@ -36,7 +36,6 @@ would cross a threshold — predicting an instability before training the model 
 from __future__ import annotations
 
 import copy
-import importlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,11 +43,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ...config import ConfigError, load_config, to_dict
+from ...parts.gpt import PretrainConfig
 from ...sweep import Job
 from .config import VARIANTS, LogZDemoConfig, StabilityConfig, SweepConfig
 
-# The paper every sweep point runs, named as a sweep job names it (``Job.paper``): stability sweeps
-# that paper's runs and reads its config class from it, so no paper imports another.
+# The paper every sweep point runs, named as a sweep job names it (``Job.paper``: the module a
+# ``python -m athanor.runner`` command line runs); its config class, which checks the points, is the
+# floor's ``PretrainConfig``, so no paper imports another.
 POINT_PAPER = "athanor.methods.pretrain"
 
 
@@ -148,11 +149,6 @@ def sweep_points(cfg: StabilityConfig) -> list[dict]:
     return grid_points(base, cfg.sweep, cfg.logz_demo, cfg.run.output_dir)
 
 
-def point_config_class() -> type:
-    """The config class of ``POINT_PAPER`` (``PretrainConfig``), from its ``PAPER``."""
-    return importlib.import_module(POINT_PAPER).PAPER.config
-
-
 def check_points(cfg: StabilityConfig, points: list[dict]) -> None:
     """Before compute: every point must be a valid ``PretrainConfig`` (a bad override exits 2), and
     a point's folder run with other settings is refused."""
@@ -161,7 +157,7 @@ def check_points(cfg: StabilityConfig, points: list[dict]) -> None:
             path = Path(tmp) / f"{i}.yaml"
             path.write_text(OmegaConf.to_yaml(point["config"]))
             try:
-                load_config(point_config_class(), ["--config", str(path)])
+                load_config(PretrainConfig, ["--config", str(path)])
             except ConfigError as e:
                 raise ConfigError(f"sweep point {point['name']}: {e}") from None
     for point in points:
