@@ -31,6 +31,18 @@ STREAM_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arro
 HELD_OUT_BUCKETS = 1_000_000  # resolution of data.eval_fraction in the CRC32 bucketing
 
 
+def one_kind(files: list[Path], source: str, kinds: dict[str, str], noun: str, expected: str) -> str:
+    """The one kind (``kinds``: suffix -> kind) of the files a ``data.source`` names (in memory or
+    streamed); a ConfigError naming the unknown suffixes (then ``expected``) or the mix of kinds."""
+    unknown = sorted({p.suffix or "(no suffix)" for p in files if p.suffix not in kinds})
+    if unknown:
+        raise ConfigError(f"data.source={source!r}: holds {', '.join(unknown)} files{expected}")
+    found = {kinds[p.suffix] for p in files}
+    if len(found) > 1:
+        raise ConfigError(f"data.source={source!r}: mixes kinds of {noun} ({', '.join(sorted(found))}); use one kind")
+    return found.pop()
+
+
 def shard_files(source: str, split: str = "train") -> tuple[list[Path], str]:
     """The shard files ``source`` names and their one ``datasets`` builder; a ConfigError otherwise.
 
@@ -56,14 +68,8 @@ def shard_files(source: str, split: str = "train") -> tuple[list[Path], str]:
         raise ConfigError(f"data.source={source!r}: no such file, folder or glob match")
     if not files:
         raise ConfigError(f"data.source={source!r}: {where} no shards (expected .jsonl/.json, .parquet, .arrow)")
-    kinds = {STREAM_KINDS.get(p.suffix, p.suffix or "(no suffix)") for p in files}
-    unknown = sorted(k for k in kinds if k not in STREAM_KINDS.values())
-    if unknown:
-        raise ConfigError(f"data.source={source!r}: holds {', '.join(unknown)} files; data.streaming reads "
-                          f".jsonl/.json, .parquet or .arrow shards, or a save_to_disk folder")
-    if len(kinds) > 1:
-        raise ConfigError(f"data.source={source!r}: mixes kinds of shards ({', '.join(sorted(kinds))}); use one kind")
-    return files, kinds.pop()
+    return files, one_kind(files, source, STREAM_KINDS, "shards", "; data.streaming reads .jsonl/.json, .parquet "
+                           "or .arrow shards, or a save_to_disk folder")
 
 
 def check_shards(files: list[Path], builder: str, text_field: str, source: str) -> None:

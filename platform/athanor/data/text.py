@@ -22,7 +22,7 @@ import torch
 
 from ..config import ConfigError, positive
 from .batches import ShuffledBatches
-from .streaming import check_streamed_source
+from .streaming import check_streamed_source, one_kind
 from .token_file import meta_path, read_meta
 
 CACHE = Path(os.environ.get("ATHANOR_CACHE", Path.home() / ".cache" / "athanor"))
@@ -135,14 +135,9 @@ def local_files(source: str) -> tuple[list[Path], str]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     if not files:
         raise ConfigError(f"data.source={source!r}: the folder holds no files")
-    kinds = {"text" if p.suffix in TEXT_SUFFIXES else TABLE_KINDS.get(p.suffix, p.suffix) for p in files}
-    unknown = sorted(k for k in kinds if k.startswith("."))
-    if unknown:
-        raise ConfigError(f"data.source={source!r}: holds {', '.join(unknown)} files, which are not text; expected "
-                          f".txt/.md (or no suffix), or .jsonl/.json/.parquet/.csv with a data.text_field column")
-    if len(kinds) > 1:
-        raise ConfigError(f"data.source={source!r}: mixes kinds of files ({', '.join(sorted(kinds))}); use one kind")
-    return files, kinds.pop()
+    return files, one_kind(files, source, {**dict.fromkeys(TEXT_SUFFIXES, "text"), **TABLE_KINDS}, "files",
+                           ", which are not text; expected .txt/.md (or no suffix), or .jsonl/.json/.parquet/.csv "
+                           "with a data.text_field column")
 
 
 def _read_text_file(path: Path, source: str) -> str:
