@@ -8,7 +8,8 @@ from athanor.methods.o3.detector import entropy_contrastive, info_nce
 from athanor.methods.o3.layer_stats import LayerStats, _precision
 from athanor.methods.o3.evaluation import EvalSets
 from athanor.methods.o3.report import checks
-from athanor.parts.fact_world import ATTRIBUTES, PATTERNS, DataConfig, generate_world, request_groups, retained_groups
+from athanor.parts.fact_world import (ATTRIBUTES, PATTERNS, DataConfig, generate_world, partial_groups, request_facts,
+                                      request_groups)
 
 
 def _pattern(r):
@@ -20,7 +21,7 @@ def test_paraphrases_are_no_trained_template_and_never_stored(train_retained):
     cfg = DataConfig(people=20, requests=2, groups_per_request=4, countries=4, paraphrase_train_retained=train_retained)
     data = generate_world(cfg)
     requests = request_groups(data, cfg)
-    sets = EvalSets.build(data, requests, retained_groups(data, requests))
+    sets = EvalSets.build(data, request_facts(data, cfg), partial_groups(data, cfg))
     facts = data.select()
     trained_patterns = {_pattern(r) for r in facts if not r.heldout and not r.paraphrase}
     paraphrases = [data.records[i] for s in sets.forget_paraphrase for i in s]

@@ -116,6 +116,10 @@ class DataConfig:
     group_field: str = ""  # field naming the group; empty: consecutive blocks of group_size records
     group_size: int = 20  # TOFU: 20 questions per author
     max_records: int = 0  # 0: all
+    # hard negatives (world only; 0 = off, the world as before)
+    name_words: int = 0  # N: first and last names drawn from N words each (full names unique); 0: all words unique
+    partial_people: int = 0  # per request, people who forget only some attributes (attribute-level requests)
+    partial_attributes: int = 2  # ... each of them forgets 1..partial_attributes attributes (drawn)
 
     def validate(self) -> None:
         for key in ("people", "requests", "groups_per_request", "max_length", "group_size", "batch_size"):
@@ -129,6 +133,13 @@ class DataConfig:
             raise ConfigError(f"data.paraphrases={self.paraphrases} must be in [0, {len(PARAPHRASES)}]")
         if "{question}" not in self.prompt_template:
             raise ConfigError(f"data.prompt_template={self.prompt_template!r} must contain {{question}}")
+        if self.name_words and not (2 <= self.name_words and self.name_words ** 2 >= self.people):
+            raise ConfigError(f"data.name_words={self.name_words} must be 0 or >= 2 with name_words² >= "
+                              f"data.people={self.people}")
+        if self.partial_people and not (self.partial_people <= self.groups_per_request
+                                        and 1 <= self.partial_attributes < self.attributes):
+            raise ConfigError(f"data.partial_people={self.partial_people} must be <= data.groups_per_request and "
+                              f"data.partial_attributes={self.partial_attributes} in [1, data.attributes)")
         if self.source == "world" and self.requests * self.groups_per_request >= self.people:
             raise ConfigError(f"data.requests x data.groups_per_request = {self.requests * self.groups_per_request} "
                               f"must leave retained people out of data.people={self.people}")
@@ -151,8 +162,11 @@ def generate_world(cfg: DataConfig) -> QAData:
     and ``paraphrase_train_retained`` is on."""
     rng = random.Random(cfg.seed)
     taken: set[str] = set()
-    # first and last names are each unique (either word identifies a person, as with real names)
-    people = [f"{a} {b}" for a, b in zip(_words(rng, cfg.people, 2, taken), _words(rng, cfg.people, 3, taken))]
+    if cfg.name_words:  # shared first/last names, unique full names: a name word no longer identifies a person
+        pairs = [(a, b) for a in _words(rng, cfg.name_words, 2, taken) for b in _words(rng, cfg.name_words, 3, taken)]
+        people = [f"{a} {b}" for a, b in rng.sample(pairs, cfg.people)]
+    else:  # first and last names are each unique (either word identifies a person, as with real names)
+        people = [f"{a} {b}" for a, b in zip(_words(rng, cfg.people, 2, taken), _words(rng, cfg.people, 3, taken))]
     countries = _words(rng, cfg.countries, 3, taken)
     records, choices = [], {}
     for k, (attr, (noun, values)) in enumerate(list(ATTRIBUTES.items())[:cfg.attributes]):
@@ -229,6 +243,38 @@ def request_groups(data: QAData, cfg: DataConfig) -> list[list[str]]:
     random.Random(cfg.seed + 1).shuffle(order)
     n = cfg.groups_per_request
     return [order[i * n:(i + 1) * n] for i in range(cfg.requests)]
+
+
+def request_facts(data: QAData, cfg: DataConfig) -> list[list[str]]:
+    """Per request, the facts it forgets: every fact of its groups, except that its first
+    ``partial_people`` groups forget only 1..``partial_attributes`` of their facts (drawn with the
+    data seed); their other facts stay retained."""
+    facts_of: dict[str, list[str]] = {}
+    for r in data.records:
+        if r.kind == "fact" and r.fact not in facts_of.setdefault(r.group, []):
+            facts_of[r.group].append(r.fact)
+    rng = random.Random(cfg.seed + 2)
+    out = []
+    for groups in request_groups(data, cfg):
+        facts = []
+        for i, group in enumerate(groups):
+            own = facts_of.get(group, [])
+            if cfg.source == "world" and i < cfg.partial_people and len(own) > 1:
+                own = sorted(rng.sample(own, rng.randint(1, min(cfg.partial_attributes, len(own) - 1))), key=own.index)
+            facts += own
+        out.append(facts)
+    return out
+
+
+def partial_groups(data: QAData, cfg: DataConfig) -> list[list[str]]:
+    """Per request, its groups that keep some of their facts (attribute-level requests)."""
+    facts = request_facts(data, cfg)
+    out = []
+    for groups, forgotten in zip(request_groups(data, cfg), facts):
+        gone = set(forgotten)
+        out.append([g for g in groups if any(r.group == g and r.kind == "fact" and r.fact not in gone
+                                             for r in data.records)])
+    return out
 
 
 def retained_groups(data: QAData, requests: list[list[str]]) -> list[str]:

@@ -38,7 +38,10 @@ class O3Config(TrainConfig):
                                                              log_every=10))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.1))
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # the hard negatives on (fact_world's defaults keep them off for SeND): 60 people from 12 first x 12
+    # last names; in each request of 10 people, 7 forget only 1-2 of their 4 attributes
+    data: DataConfig = field(default_factory=lambda: DataConfig(name_words=12, partial_people=7,
+                                                                partial_attributes=2))
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     ablations: AblationConfig = field(default_factory=AblationConfig)

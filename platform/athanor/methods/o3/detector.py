@@ -37,13 +37,17 @@ Gao et al., ICLR 2025, Sec. 3.3, and their code (GCYZSL/O3-LLM-UNLEARNING, ``ood
   code calibrates on a held-out split of the forget set; cross-fitting by fact does the same
   without giving up data.
 
-What carried the gate on the tiny world (MiniLM, 3 requests, data seed 0, the knobs tuned on seed
-1; the recipe reports these as ``gate_*`` ablations): every part ranks forget above retain
-questions (AUROC 1.0), but only the whole calibrates. Without the Mahalanobis part the threshold
-admits retained people (retain accuracy 0.78 instead of 0.999); without the cosine part new
-wordings of forgotten facts fall below it (held-out templates 53% and paraphrases 100% still
-answered); with random-question folds instead of folds by fact, 16% and 51% are. The encoder's
-training (InfoNCE + masked tokens) changed no figure against the pretrained encoder.
+On the hard-negative world (O3's default since issue 23: a request's people may keep some facts,
+retained people share name words) the paper's choices let the same people's retained questions
+through: w > ½ on 97% of them (data seed 0), because every-layer aggregation weighs early layers
+that mostly see the name, and folds by fact score a held-out fact against the person's other facts,
+which is what a retained fact of that person looks like. So (``layers``, ``calibration_folds``,
+``retained_negatives``, chosen on the dev world, data seed 1): the last layer only, folds by
+wording (a held-out score is a new wording of a stored fact, as a held-out template is), and τ
+also bounded by the request's people's retained *trained* questions (``calibrate``). That is a
+deviation from the paper, which calibrates on forget data only (the ``gate_paper_calibration``
+ablation keeps its recipe). On the earlier world (every person forgotten whole, unique name words)
+every part ranked forget above retain (AUROC 1.0) and the encoder's training changed no figure.
 
 State: ``encoder_lora/`` (peft), ``detector.safetensors`` (banks, means, precisions, SVM weights),
 ``detector.json`` (backbone, layers, scalars); nothing is serialised as Python objects.
@@ -101,8 +105,19 @@ class DetectorConfig:
     threshold_percentile: float = 10.0  # τ: this percentile of the cross-fitted forget scores
     sharpness: float = 16.0  # w at the median cross-fitted forget score = sigmoid(sharpness)
     max_length: int = 64
+    # Hard negatives (a request's people keep some facts; retained people share name words): the paper's
+    # choices (every layer, forget data only, folds by fact) let the same people's retained questions
+    # through (w > ½ on 97% of them, data seed 0; the dev seed 1 the same). Measured on the dev world:
+    # the last layer alone ranks them apart (AUROC 1.0; early layers see mostly the name), folds by
+    # wording score a new wording of a stored fact (what held-out templates are), and the people's
+    # retained trained questions bound τ from below (``calibrate``).
+    layers: int = 1  # score the last N encoder layers only; 0: every layer (the paper)
+    retained_negatives: bool = True  # τ also from the request's people's retained (trained) questions
+    calibration_folds: str = "wording"  # cross-fitting folds: fact (all wordings of a fact) | wording | question
 
     def validate(self) -> None:
+        choice(self.calibration_folds, ("fact", "wording", "question"), "detector.calibration_folds")
+        positive(self.layers, "detector.layers", allow_zero=True)
         choice(self.covariance, ("ledoit_wolf", "empirical"), "detector.covariance")
         for key in ("lora_r", "lora_alpha", "batch_size", "lr", "sharpness", "max_length", "temperature"):
             positive(getattr(self, key), f"detector.{key}")
@@ -206,6 +221,27 @@ def entropy_contrastive(masked: list[torch.Tensor], clean: list[torch.Tensor]) -
         p = torch.softmax(z_masked.float() @ z_clean.float().T, dim=1)
         total = total + (-(p * torch.log(p + 1e-5)).sum(1)).mean()
     return total
+
+
+def fact_folds(keys: list, folds: int, seed: int) -> list[np.ndarray]:
+    """Row indices of up to ``folds`` folds; rows with equal keys share a fold (drawn with ``seed``)."""
+    unique = list(dict.fromkeys(keys))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    k = min(folds, len(unique))
+    fold_of = {unique[j]: f for f, chunk in enumerate(np.array_split(order, k)) for j in chunk}
+    return [np.array([i for i, key in enumerate(keys) if fold_of[key] == f]) for f in range(k)]
+
+
+def calibrate(f_cv: np.ndarray, f_neg: np.ndarray | None, cfg: DetectorConfig) -> tuple[float, float]:
+    """(τ, m) of w(x) = sigmoid(sharpness · (f(x) - τ) / m). Forget data only (the paper): τ = the
+    ``threshold_percentile``-th percentile of the cross-fitted forget scores f_cv. With retained
+    questions' scores f_neg (the same people's other facts): τ = the midpoint between that and the
+    (100 - ``threshold_percentile``)-th percentile of f_neg, so that both sides sit as far from
+    the threshold. m = median(f_cv) - τ."""
+    tau = float(np.percentile(f_cv, cfg.threshold_percentile))
+    if f_neg is not None and len(f_neg):
+        tau = 0.5 * (tau + float(np.percentile(f_neg, 100 - cfg.threshold_percentile)))
+    return tau, max(float(np.median(f_cv)) - tau, 1e-6 * max(1.0, abs(tau)))
 
 
 class DetectorTraining(Method):
@@ -326,6 +362,8 @@ class Detector:
         return torch.exp(scores / scale).double().numpy()
 
     def decision_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        if feats.shape[0] != len(self.scale):  # every layer's features given: score the chosen ones
+            feats = feats[self.layer_slice()]
         u = self._svm_input(self.layer_scores(feats), self.scale)
         return torch.from_numpy(u @ self.svm_coef.double().numpy() + self.scalars["svm_intercept"]).float()
 
@@ -349,23 +387,18 @@ class Detector:
         return torch.sigmoid(self.logit_from_features(self.features(texts)))
 
     # ---- fitting
-    def fit(self, feats: torch.Tensor, seed: int = 0, groups: list | None = None) -> dict:
+    def fit(self, feats: torch.Tensor, seed: int = 0, groups: list | None = None,
+            negatives: torch.Tensor | None = None) -> dict:
         """Cross-fitted calibration on [L, n, d] forget features, then the final bank on all of them.
-        ``groups`` (e.g. one per fact) keeps all of a group's rows in the same fold, so that the
-        held-out scores are those of a fact the bank does not hold in any phrasing."""
+        ``groups`` (e.g. one per fact, or per wording) keeps all of a group's rows in the same fold.
+        ``negatives`` ([L, m, d], e.g. the same people's retained questions) also set τ (``calibrate``)."""
         from sklearn.svm import OneClassSVM  # scikit-learn: a second of import, only when fitting
 
+        feats = feats[self.layer_slice()]
         n = feats.shape[1]
-        keys = list(range(n)) if groups is None else groups
-        unique = sorted(set(keys), key=keys.index)
-        order = np.random.default_rng(seed).permutation(len(unique))
-        fold_of = {unique[j]: f for f, chunk in enumerate(np.array_split(order, min(self.cfg.cv_folds, len(unique))))
-                   for j in chunk}
-        folds = [np.array([i for i in range(n) if fold_of[keys[i]] == f])
-                 for f in range(min(self.cfg.cv_folds, len(unique)))]
         cv_scores = torch.zeros(n, feats.shape[0])
         cv_parts = [torch.zeros(n, feats.shape[0]), torch.zeros(n, feats.shape[0])]
-        for held in folds:
+        for held in fact_folds(list(range(n)) if groups is None else groups, self.cfg.cv_folds, seed):
             rest = np.setdiff1d(np.arange(n), held)
             stats = LayerStats.fit(feats[:, rest], self.cfg.covariance)
             cv_scores[held] = self.layer_scores(feats[:, held], stats)
@@ -379,13 +412,20 @@ class Detector:
         f_cv = u_cv @ svm.coef_[0] + intercept
         assert np.allclose(f_cv, svm.decision_function(u_cv), atol=1e-6), "linear SVM state mismatch"
         self.cv_decision = torch.from_numpy(f_cv)  # kept for re-thresholding (tune.py), not saved
-        tau = float(np.percentile(f_cv, self.cfg.threshold_percentile))
-        spread = max(float(np.median(f_cv)) - tau, 1e-6 * max(1.0, abs(tau)))
         self.stats = LayerStats.fit(feats, self.cfg.covariance)
-        self.scalars = {"svm_intercept": intercept, "tau": tau, "spread": spread, "n_stored": n,
-                        "cv_median_cos_distance": float(cv_parts[0].median()),
-                        "cv_median_mahalanobis": float(cv_parts[1].median())}
+        self.scalars = {"svm_intercept": intercept}
+        f_neg = None if negatives is None or not negatives.shape[1] else \
+            self.decision_from_features(negatives).double().numpy()
+        self.neg_decision = None if f_neg is None else torch.from_numpy(f_neg)
+        tau, spread = calibrate(f_cv, f_neg, self.cfg)
+        self.scalars.update({"tau": tau, "spread": spread, "n_stored": n, "n_negatives": 0 if f_neg is None
+                             else len(f_neg), "cv_median_cos_distance": float(cv_parts[0].median()),
+                             "cv_median_mahalanobis": float(cv_parts[1].median())})
         return dict(self.scalars)
+
+    def layer_slice(self) -> slice:
+        """The encoder layers scored: all, or the last ``detector.layers``."""
+        return slice(-self.cfg.layers, None) if self.cfg.layers else slice(None)
 
     # ---- persistence
     def save(self, folder: str | Path) -> None:

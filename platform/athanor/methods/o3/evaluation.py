@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from ...compat import plain_loading
 from ...engine import process_state
-from ...parts.fact_world import QAData, load_data, request_groups, retained_groups
+from ...parts.fact_world import QAData, load_data, partial_groups, request_facts
 from ...runner import StageContext
 from .config import O3Config
 from .method import earlier_lora_A, unlearning_answers
@@ -24,29 +24,41 @@ from .model import O3Model
 
 @dataclass
 class EvalSets:
-    """Indices into ``data.records`` of every set the report measures."""
-    forget_train: list[list[int]]  # per request: its groups, trained phrasings (S.U.)
-    forget_heldout: list[list[int]]  # per request: its groups, held-out phrasings (D.U.)
-    retain: list[int]  # groups never requested, every phrasing (R.D.)
+    """Indices into ``data.records`` of every set the report measures. A request forgets facts
+    (``fact_world.request_facts``): every fact of its people, or only some for attribute-level
+    requests, whose people's other facts count as retained."""
+    forget_train: list[list[int]]  # per request: its facts, trained phrasings (S.U.)
+    forget_heldout: list[list[int]]  # per request: its facts, held-out phrasings (D.U.)
+    retain: list[int]  # facts never requested (incl. the kept facts of partly forgotten people), every template
     utility: list[int]  # facts of another kind, never requested
     forget_all: list[list[int]] = field(default_factory=list)  # per request: trained + held-out templates
     forget_paraphrase: list[list[int]] = field(default_factory=list)  # per request: PARAPHRASES wordings
-    retain_paraphrase: list[int] = field(default_factory=list)  # retained people's paraphrases
+    retain_paraphrase: list[int] = field(default_factory=list)  # retained facts' paraphrases
+    # attribute-level requests, every phrasing (trained + held-out templates + paraphrases):
+    # per request: the forgotten facts of its partly forgotten people
+    partial_forget: list[list[int]] = field(default_factory=list)
+    partial_retain: list[list[int]] = field(default_factory=list)  # ... and the same people's retained facts
+    partial_retain_train: list[list[int]] = field(default_factory=list)  # ... the latter's trained phrasings
 
     @classmethod
-    def build(cls, data: QAData, requests: list[list[str]], retained: list[str]) -> "EvalSets":
+    def build(cls, data: QAData, forget_facts: list[list[str]], partial: list[list[str]] | None = None) -> "EvalSets":
         def idx(pred):
-            return [i for i, r in enumerate(data.records) if pred(r)]
+            return [i for i, r in enumerate(data.records) if pred(r) and r.kind == "fact"]
 
-        fact = [lambda r, g=set(gs), h=h: r.kind == "fact" and r.group in g and r.heldout == h and not r.paraphrase
-                for gs in requests for h in (False, True)]
-        kept = set(retained)
-        sets = cls([idx(f) for f in fact[0::2]], [idx(f) for f in fact[1::2]],
-                   idx(lambda r: r.kind == "fact" and r.group in kept and not r.paraphrase),
-                   idx(lambda r: r.kind == "utility"))
+        requested = {f for fs in forget_facts for f in fs}
+        sets = cls([idx(lambda r, f=set(fs): r.fact in f and not r.heldout and not r.paraphrase)
+                    for fs in forget_facts],
+                   [idx(lambda r, f=set(fs): r.fact in f and r.heldout and not r.paraphrase) for fs in forget_facts],
+                   idx(lambda r: r.fact not in requested and not r.paraphrase),
+                   [i for i, r in enumerate(data.records) if r.kind == "utility"])
         sets.forget_all = [a + b for a, b in zip(sets.forget_train, sets.forget_heldout)]
-        sets.forget_paraphrase = [idx(lambda r, g=set(gs): r.paraphrase and r.group in g) for gs in requests]
-        sets.retain_paraphrase = idx(lambda r: r.paraphrase and r.group in kept)
+        sets.forget_paraphrase = [idx(lambda r, f=set(fs): r.paraphrase and r.fact in f) for fs in forget_facts]
+        sets.retain_paraphrase = idx(lambda r: r.paraphrase and r.fact not in requested)
+        for people, fs in zip(partial or [[] for _ in forget_facts], forget_facts):
+            g, f = set(people), set(fs)
+            sets.partial_forget.append(idx(lambda r: r.group in g and r.fact in f))
+            sets.partial_retain.append(idx(lambda r: r.group in g and r.fact not in requested))
+            sets.partial_retain_train.append(idx(lambda r: r.group in g and r.fact not in requested and not r.heldout))
         return sets
 
 
@@ -58,8 +70,7 @@ def world(cfg: O3Config) -> tuple[QAData, EvalSets]:
     key = repr(cfg.data)
     if key not in _WORLDS:
         data = load_data(cfg.data)
-        requests = request_groups(data, cfg.data)
-        _WORLDS[key] = data, EvalSets.build(data, requests, retained_groups(data, requests))
+        _WORLDS[key] = data, EvalSets.build(data, request_facts(data, cfg.data), partial_groups(data, cfg.data))
     return _WORLDS[key]
 
 
@@ -111,7 +122,8 @@ def measure(o3: O3Model, data: QAData, sets: EvalSets, t: int, logits: torch.Ten
             if o3.adapters else 0.0
 
     earlier = [i for s in sets.forget_all[:t - 1] for i in s]
-    out = {"request": t, "forget_acc_train": acc(sets.forget_train[t - 1]),
+    out = {**{k: acc(idx) for k, idx in attribute_sets(data, sets, t).items()},
+           "request": t, "forget_acc_train": acc(sets.forget_train[t - 1]),
            "forget_acc_heldout_templates": acc(sets.forget_heldout[t - 1]),
            "forget_acc_paraphrase": acc(sets.forget_paraphrase[t - 1]),
            "retain_acc": acc(sets.retain), "retain_acc_paraphrase": acc(sets.retain_paraphrase),
@@ -128,7 +140,31 @@ def measure(o3: O3Model, data: QAData, sets: EvalSets, t: int, logits: torch.Ten
     return out
 
 
-def detector_metrics(scores: dict[str, torch.Tensor], sets: EvalSets, t: int, key: str = "logit") -> dict:
+def attribute_sets(data: QAData, sets: EvalSets, t: int) -> dict[str, list[int]]:
+    """Attribute-level requests 1..t, every wording: their people's forgotten facts, the same
+    people's retained facts, and the latter in wordings no detector or calibration saw."""
+    retained = [i for s in sets.partial_retain[:t] for i in s]
+    return {"attribute_forget_acc": [i for s in sets.partial_forget[:t] for i in s],
+            "attribute_retain_acc": retained,
+            "attribute_retain_acc_new_wordings": [i for i in retained if data.records[i].heldout]}
+
+
+def gate_metrics(data: QAData, gate: torch.Tensor, sets: EvalSets, t: int) -> dict:
+    """AUROCs of one gate score ([n_records], higher = forget) on questions no detector stored:
+    held-out templates and paraphrases of requests 1..t against every question no request touches,
+    and the attribute-level requests' forgotten facts against the same people's retained facts
+    (new wordings on both sides: the calibration saw the retained facts' trained wordings)."""
+    heldout = [i for s in sets.forget_heldout[:t] for i in s]
+    paraphrase = [i for s in sets.forget_paraphrase[:t] for i in s]
+    negatives = sets.retain + sets.retain_paraphrase + sets.utility
+    forgotten = [i for s in sets.partial_forget[:t] for i in s if data.records[i].heldout]
+    kept = attribute_sets(data, sets, t)["attribute_retain_acc_new_wordings"]
+    return {"auroc_heldout_templates": auroc(gate[heldout], gate[negatives]) if heldout else None,
+            "auroc_paraphrase": auroc(gate[paraphrase], gate[negatives]) if paraphrase else None,
+            "auroc_attribute_level": auroc(gate[forgotten], gate[kept]) if forgotten and kept else None}
+
+
+def detector_metrics(scores: dict[str, torch.Tensor], data: QAData, sets: EvalSets, t: int, key: str = "logit") -> dict:
     """AUROC of forget (requests 1..t) vs retain records for the gate and its parts."""
     forget = [i for s in sets.forget_all[:t] for i in s]
     heldout = [i for s in sets.forget_heldout[:t] for i in s]
@@ -138,9 +174,7 @@ def detector_metrics(scores: dict[str, torch.Tensor], sets: EvalSets, t: int, ke
     cosine = -scores["cos_distance"][:, :t].amin(1)
     maha = -scores["mahalanobis"][:, :t].amin(1)
     return {"auroc": auroc(gate[forget], gate[sets.retain]),  # pooled: 2/3 of its positives are stored questions
-            # questions the detectors never stored (vs retained/utility questions)
-            "auroc_heldout_templates": auroc(gate[heldout], gate[negatives]) if heldout else None,
-            "auroc_paraphrase": auroc(gate[paraphrase], gate[negatives]) if paraphrase else None,
+            **gate_metrics(data, gate, sets, t),  # questions the detectors never stored
             # at the calibrated threshold (w = ½): never-stored forget questions caught, untouched ones let through
             "caught_new_forget": (gate[heldout + paraphrase] > 0).float().mean().item() if heldout + paraphrase
             else None,
@@ -162,7 +196,8 @@ def evaluate_request(cfg: O3Config, data: QAData, sets: EvalSets, t: int, base_d
             scores = load_scores(score_paths)
             o3 = O3Model.from_parts(base_dir, [Path(a) for a in adapters], [], cfg.unlearn.gate,
                                     cfg.data.prompt_template, cfg.data.max_length, cfg.model.dtype, detectors=[])
-            return {**measure(o3, data, sets, t, scores["logit"], request_targets(cfg, data, sets)), **detector_metrics(scores, sets, t)}
+            return {**measure(o3, data, sets, t, scores["logit"], request_targets(cfg, data, sets)),
+                    **detector_metrics(scores, data, sets, t)}
     return on_main_then_broadcast(run)
 
 
@@ -175,7 +210,9 @@ def evaluate_base(cfg: O3Config, data: QAData, sets: EvalSets, base_dir: str) ->
         def acc(idx):
             return o3.answer_matches([data.records[i] for i in idx]).float().mean().item() if idx else None
 
-        return {"forget_acc_train": [acc(s) for s in sets.forget_train],
+        per_request = [attribute_sets(data, sets, t) for t in range(1, len(sets.forget_train) + 1)]
+        return {**{k: [acc(a[k]) for a in per_request] for k in per_request[0]},
+                "forget_acc_train": [acc(s) for s in sets.forget_train],
                 "forget_acc_heldout_templates": [acc(s) for s in sets.forget_heldout],
                 "forget_acc_paraphrase": [acc(s) for s in sets.forget_paraphrase],
                 "retain_acc": acc(sets.retain), "retain_acc_paraphrase": acc(sets.retain_paraphrase),
@@ -195,7 +232,24 @@ def evaluate_ablation(cfg: O3Config, data: QAData, sets: EvalSets, base_dir: str
             targets = request_targets(cfg, data, sets)
             if scores is None:
                 return measure(o3, data, sets, t, None, targets)
-            return {**measure(o3, data, sets, t, scores[key], targets), **detector_metrics(scores, sets, t, key)}
+            return {**measure(o3, data, sets, t, scores[key], targets), **detector_metrics(scores, data, sets, t, key)}
+    return on_main_then_broadcast(run)
+
+
+def evaluate_gate(cfg: O3Config, data: QAData, sets: EvalSets, base_dir: str, adapters: list[str],
+                  logits: torch.Tensor) -> dict:
+    """O3's adapters after the last request under the max gate of any detector's logits [n, T]."""
+    def run():
+        with plain_loading():
+            o3 = O3Model.from_parts(base_dir, [Path(a) for a in adapters], [], "max", cfg.data.prompt_template,
+                                    cfg.data.max_length, cfg.model.dtype, detectors=[])
+            t = len(sets.forget_train)
+            gate = logits[:, :t].amax(1)
+            new = [i for s in sets.forget_heldout + sets.forget_paraphrase for i in s]
+            return {**measure(o3, data, sets, t, logits), **gate_metrics(data, gate, sets, t),
+                    "caught_new_forget": (gate[new] > 0).float().mean().item() if new else None,
+                    "passed_untouched": (gate[sets.retain + sets.retain_paraphrase + sets.utility] < 0)
+                    .float().mean().item()}
     return on_main_then_broadcast(run)
 
 

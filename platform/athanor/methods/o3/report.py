@@ -20,8 +20,49 @@ METRICS = ["forget_acc_train", "forget_acc_heldout_templates", "forget_acc_parap
            "retain_acc", "utility"]
 
 
-def checks(base: dict, requests: list[dict], ablations: dict) -> dict:
+def checks(base: dict, requests: list[dict], ablations: dict, baselines: dict | None = None) -> dict:
     """The issue's acceptance points as {name: {"met": bool, ...numbers}}."""
+    out = _checks(base, requests, ablations)
+    out.update(attribute_checks(base, requests))
+    if baselines:
+        out["detector_baselines_below_0_9_o3_above"] = baseline_check(baselines)
+    return out
+
+
+ATTRIBUTE_FORGET_MAX, ATTRIBUTE_RETAIN_MIN, BASELINE_AUROC_MAX = 0.10, 0.90, 0.90
+
+
+def attribute_checks(base: dict, requests: list[dict]) -> dict:
+    """Attribute-level requests (requests 1..t's partly forgotten people, every wording): forgotten
+    facts <= 10% of the base's accuracy on them, the same people's retained facts >= 90% of base
+    (all wordings, and the new wordings the calibration never saw). Absent without such requests."""
+    rows = [(r, t) for t, r in enumerate(requests) if r.get("attribute_forget_acc") is not None]
+    if not rows or "attribute_forget_acc" not in base:
+        return {}
+    ratio = lambda key: min(r[key] / base[key][t] if base[key][t] else 0.0 for r, t in rows)  # noqa: E731
+    forget = max(r["attribute_forget_acc"] / base["attribute_forget_acc"][t] if base["attribute_forget_acc"][t]
+                 else 1.0 for r, t in rows)
+    kept, kept_new = ratio("attribute_retain_acc"), ratio("attribute_retain_acc_new_wordings")
+    return {"attribute_forget_le_10pct_of_base": {
+                "met": forget <= ATTRIBUTE_FORGET_MAX, "threshold": ATTRIBUTE_FORGET_MAX,
+                "max_ratio_to_base": forget,
+                "max_attribute_forget_acc": max(r["attribute_forget_acc"] for r, _ in rows)},
+            "attribute_retain_ge_90pct_of_base": {
+                "met": min(kept, kept_new) >= ATTRIBUTE_RETAIN_MIN, "threshold": ATTRIBUTE_RETAIN_MIN,
+                "min_ratio_to_base": kept, "min_ratio_to_base_new_wordings": kept_new,
+                "min_attribute_retain_acc": min(r["attribute_retain_acc"] for r, _ in rows)}}
+
+
+def baseline_check(rows: dict) -> dict:
+    """name_lookup and bag_of_words below 0.9 on held-out templates and attribute-level requests, O3 above both."""
+    keys = [k for k in ("auroc_heldout_templates", "auroc_attribute_level") if rows["o3"].get(k) is not None]
+    worst = {k: max(rows[b][k] for b in rows if b != "o3") for k in keys}
+    met = bool(keys) and all(worst[k] < BASELINE_AUROC_MAX and rows["o3"][k] > worst[k] for k in keys)
+    return {"met": met, "threshold": BASELINE_AUROC_MAX, **{f"best_baseline_{k}": v for k, v in worst.items()},
+            **{f"o3_{k}": rows["o3"][k] for k in keys}}
+
+
+def _checks(base: dict, requests: list[dict], ablations: dict) -> dict:
     last = requests[-1]
     known = lambda values: [v for v in values if v is not None]  # noqa: E731  (no held-out phrasings: None)
     base_forget = min(known(base["forget_acc_train"] + base["forget_acc_heldout_templates"]))
@@ -140,8 +181,39 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def hard_negatives(data: QAData, sets) -> dict:
+    """How hard the world is for a name lookup: people who keep some facts although a request names
+    them, and retained people sharing a name word with a forgotten person."""
+    forgotten = {data.records[i].group for s in sets.forget_all for i in s}
+    partly = {data.records[i].group for s in sets.partial_retain for i in s}
+    words = {w for g in forgotten for w in g.split()}
+    untouched = [g for g in data.groups if g not in forgotten]
+    return {"partly_forgotten_people": len(partly), "retained_people": len(untouched),
+            "retained_people_sharing_a_name_word": sum(bool(set(g.split()) & words) for g in untouched)}
+
+
+def _baseline_lines(report: dict) -> list[str]:
+    rows = report.get("detector_baselines") or {}
+    if not rows:
+        return []
+    keys = ["auroc_heldout_templates", "auroc_paraphrase", "auroc_attribute_level", "forget_acc_heldout_templates",
+            "forget_acc_paraphrase", "attribute_forget_acc", "attribute_retain_acc",
+            "attribute_retain_acc_new_wordings",
+            "retain_acc", "utility"]
+    h = report.get("hard_negatives", {})
+    lines = ["", "## Detector baselines (same calibration, max gate, O3's adapters, after the last request)", "",
+            f"World: {h.get('partly_forgotten_people')} people forget only some attributes; "
+            f"{h.get('retained_people_sharing_a_name_word')} of {h.get('retained_people')} retained people share a "
+            "first or last name with a forgotten one. name_lookup: share of a stored name's words in the question; "
+            "bag_of_words: max cosine of binary word counts to the stored questions. auroc_attribute_level: the "
+            "partly forgotten people's forgotten facts vs their retained facts, new wordings only.", "",
+            "| detector | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    return lines + [f"| {name} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for name, row in rows.items()]
+
+
 def markdown(report: dict) -> list[str]:
-    return [*_overview_lines(report), *_request_lines(report), *_ablation_lines(report), *_encoder_lines(report),
+    return [*_overview_lines(report), *_request_lines(report), *_baseline_lines(report), *_ablation_lines(report),
+            *_encoder_lines(report),
             *_interference_lines(report), *_gate_lines(report)]
 
 
@@ -196,7 +268,8 @@ def _ablation_lines(report: dict) -> list[str]:
     lines += ["", "## Ablations after the last request", "",
               "always_on: w = 1; per_request_gate: adapter t scaled by w_t only; gate_*: detectors refitted on the "
               "same features without the Mahalanobis part (cosine_only), without the cosine part (mahalanobis_only), "
-              "or calibrated on random question folds instead of folds by fact (random_folds); lambda0: adapters "
+              "calibrated on random question folds instead of folds by wording (random_folds), or calibrated as "
+              "the paper does (every layer, forget data only, folds by fact: paper_calibration); lambda0: adapters "
               "retrained with λ = 0; gradient_ascent: full-model GA on each forget set, no gate; "
               "detector_train_steps_0: detectors on the pretrained encoder (no InfoNCE/masked-token training). "
               "composed_target_rate: share of every request's trained questions the composed adapters answer with "
@@ -271,7 +344,8 @@ def _gate_lines(report: dict) -> list[str]:
 
 
 ABLATIONS = {"ablation_always_on": "always_on", "ablation_per_request_gate": "per_request_gate",
-             **{f"ablation_gate_{name}": f"gate_{name}" for name in ("cosine_only", "mahalanobis_only", "random_folds")},
+             **{f"ablation_gate_{name}": f"gate_{name}" for name in ("cosine_only", "mahalanobis_only", "random_folds",
+                                                                      "paper_calibration")},
              "ablation_lambda0_eval": "lambda0", "ablation_ga_eval": "gradient_ascent",
              "ablation_detector0_eval": "detector_train_steps_0"}
 
@@ -290,12 +364,14 @@ def report(ctx: StageContext, results: dict) -> dict:
                 for t in range(1, T + 1)]
     ablations = {label: {k: v for k, v in results[name].items() if k != "seconds"}
                  for name, label in ABLATIONS.items() if name in results}
+    baselines = {k: v for k, v in results.get("detector_baselines", {}).items() if k != "seconds"}
     adapter_dirs = adapters(ctx, "request_", T)
     out = {"world": f"{len(data.groups)} groups, {len(data.records)} records, {T} requests of "
                     f"{cfg.data.groups_per_request}", "gate": cfg.unlearn.gate, "orth_lambda": cfg.unlearn.orth_lambda,
            "base": {**{k: v for k, v in base_eval.items() if k != "seconds"}, "steps": base["steps"]},
            "requests": [{k: v for k, v in r.items() if k != "seconds"} for r in requests], "ablations": ablations,
-           "checks": checks(base_eval, requests, ablations), "adapter_overlap": adapter_overlap(adapter_dirs),
+           "checks": checks(base_eval, requests, ablations, baselines), "detector_baselines": baselines,
+           "hard_negatives": hard_negatives(data, sets), "adapter_overlap": adapter_overlap(adapter_dirs),
            "adapter_overlap_lambda0": ablations.get("lambda0", {}).get("adapter_overlap"),
            "detector_train_steps": cfg.detector.train_steps,
            "detector_parts": {k: v for k, v in requests[-1].items() if k.startswith("auroc")},

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 
@@ -23,8 +24,9 @@ from ...runner import Paper, Stage, StageContext
 from .config import O3Config
 from .detector import (Detector, DetectorConfig, DetectorTraining, check_backbone, extract_features, load_backbone,
                        resolve_backbone)
-from .evaluation import (adapter_overlap, adapters, base_dir, evaluate_ablation, evaluate_base, evaluate_request,
-                         forget_records, on_main_then_broadcast, score_files, world)
+from .detector_baselines import BASELINES, baseline_logits
+from .evaluation import (adapter_overlap, adapters, base_dir, evaluate_ablation, evaluate_base, evaluate_gate,
+                         evaluate_request, forget_records, load_scores, on_main_then_broadcast, score_files, world)
 from .method import GradientAscent, UnlearnRequest, unlearning_answers
 from .report import report, summary
 
@@ -79,10 +81,28 @@ def unlearn_request(ctx: StageContext, t: int, earlier: list[str], records, orth
             "trainable_params": method.n_trainable}
 
 
+def calibration_keys(records, folds: str) -> list[str]:
+    """Cross-fitting fold keys: a fact's wordings together (``fact``), a wording's facts together
+    (``wording``: the question with its person's name taken out; held-out scores are then those of
+    a new wording of facts the bank holds, as held-out templates are), or each question alone."""
+    if folds == "fact":
+        return [r.fact for r in records]
+    if folds == "wording":
+        return [r.question.replace(r.group, "{name}") + "|" + r.attribute for r in records]
+    return [str(i) for i in range(len(records))]
+
+
+def calibration_negatives(cfg: O3Config, t: int, dcfg: DetectorConfig) -> list[int]:
+    """Record indices of request t's people's retained facts, trained wordings (the owner's
+    training data, never a held-out wording): the lower bound of τ when ``retained_negatives``."""
+    _, sets = world(cfg)
+    return list(sets.partial_retain_train[t - 1]) if dcfg.retained_negatives and sets.partial_retain_train else []
+
+
 def train_detector(ctx: StageContext, t: int, records, dcfg: DetectorConfig | None = None,
                    variants: bool = True) -> dict:
     """Request t's detector on its forget ``records``: the encoder LoRA is trained on every process
-    (an engine run); calibration (cross-fitted by fact: a fact's phrasings share a fold) and the
+    (an engine run); calibration (cross-fitted by ``detector.calibration_folds``) and the
     scores of every record (cached for evaluation) train nothing, so they run on the main process
     with the saved adapter reloaded, unsharded."""
     cfg: O3Config = ctx.cfg
@@ -90,7 +110,7 @@ def train_detector(ctx: StageContext, t: int, records, dcfg: DetectorConfig | No
     dcfg, out = dcfg or cfg.detector, ctx.dir
     optim = OptimConfig(lr=dcfg.lr, schedule="constant", weight_decay=0.0, grad_clip=1.0)
     engine = ctx.engine(max_steps=max(1, dcfg.train_steps), optim=optim)
-    texts, facts = [r.question for r in records], [r.fact for r in records]
+    texts = [r.question for r in records]
     backbone = resolve_backbone(dcfg.backbone, base_dir(ctx))
     method = DetectorTraining(backbone, dcfg, texts, seed=cfg.run.seed + t)
     if dcfg.train_steps:
@@ -103,18 +123,21 @@ def train_detector(ctx: StageContext, t: int, records, dcfg: DetectorConfig | No
         with plain_loading():
             encoder, tokenizer, _ = load_backbone(backbone)
             encoder = PeftModel.from_pretrained(encoder, out / "detector" / "encoder_lora")
-        detector = Detector(encoder, tokenizer, dcfg, dcfg.backbone)
         feats = extract_features(encoder, tokenizer, texts, dcfg.max_length)
-        calibration = detector.fit(feats, seed=cfg.run.seed + t, groups=facts)
         all_feats = extract_features(encoder, tokenizer, [r.question for r in data.records], dcfg.max_length)
-        cos_dist, maha = detector.stats.parts(all_feats)
-        scores = {"logit": detector.logit_from_features(all_feats), "cos_distance": cos_dist.mean(1),
-                  "mahalanobis": maha.mean(1)}
-        for name, (variant, groups) in (GATE_VARIANTS(dcfg, facts) if variants else {}).items():  # what carries the gate
-            other = Detector(encoder, tokenizer, variant, dcfg.backbone)
-            other.fit(feats, seed=cfg.run.seed + t, groups=groups)
-            scores[f"logit_{name}"] = other.logit_from_features(all_feats)
-        detector.save(out / "detector")
+        scores, calibration = {}, {}
+        for name, variant in {"": dcfg, **(GATE_VARIANTS(dcfg) if variants else {})}.items():
+            detector = Detector(encoder, tokenizer, variant, dcfg.backbone)
+            negatives = calibration_negatives(cfg, t, variant)
+            fitted = detector.fit(feats, seed=cfg.run.seed + t,
+                                  groups=calibration_keys(records, variant.calibration_folds),
+                                  negatives=all_feats[:, negatives] if negatives else None)
+            scores["logit" + (f"_{name}" if name else "")] = detector.logit_from_features(all_feats)
+            if not name:  # the detector itself: saved, its parts cached for the report
+                calibration = fitted
+                cos_dist, maha = detector.stats.parts(all_feats[detector.layer_slice()])
+                scores.update({"cos_distance": cos_dist.mean(1), "mahalanobis": maha.mean(1)})
+                detector.save(out / "detector")
         save_file({k: v.contiguous() for k, v in scores.items()}, str(out / "scores.safetensors"))
         return calibration
 
@@ -123,11 +146,33 @@ def train_detector(ctx: StageContext, t: int, records, dcfg: DetectorConfig | No
             "steps": engine.step, **calibration}
 
 
-def GATE_VARIANTS(dcfg: DetectorConfig, facts: list[str]) -> dict:
+def GATE_VARIANTS(dcfg: DetectorConfig) -> dict:
     """Detector variants fitted on the same features, reported as gate ablations."""
-    return {"cosine_only": (replace(dcfg, mahalanobis_weight=0.0), facts),
-            "mahalanobis_only": (replace(dcfg, gamma=0.0), facts),
-            "random_folds": (dcfg, None)}  # calibration folds by question instead of by fact
+    return {"cosine_only": replace(dcfg, mahalanobis_weight=0.0),
+            "mahalanobis_only": replace(dcfg, gamma=0.0),
+            "random_folds": replace(dcfg, calibration_folds="question"),  # calibration folds by question
+            # the paper's calibration: every layer, forget data only, folds by fact
+            "paper_calibration": replace(dcfg, layers=0, retained_negatives=False, calibration_folds="fact")}
+
+
+def detector_baselines(ctx: StageContext, data, sets) -> dict:
+    """``name_lookup`` and ``bag_of_words`` detectors through O3's calibration and max gate, on
+    O3's adapters after the last request, beside O3's own gate (same metrics)."""
+    cfg: O3Config = ctx.cfg
+    T = cfg.data.requests
+    texts = [r.question for r in data.records]
+    rows = {}
+    for kind in BASELINES:
+        logits = []
+        for t in range(1, T + 1):
+            forget = [(r.question, r.group, k) for r, k in zip(forget_records(cfg, t), calibration_keys(
+                forget_records(cfg, t), cfg.detector.calibration_folds))]
+            negatives = [texts[i] for i in calibration_negatives(cfg, t, cfg.detector)]
+            logits.append(baseline_logits(kind, cfg.detector, forget, texts, negatives, seed=cfg.run.seed + t))
+        rows[kind] = evaluate_gate(cfg, data, sets, base_dir(ctx), adapters(ctx, "request_", T), torch.stack(logits, 1))
+    o3_logits = load_scores(score_files(ctx, T))["logit"]
+    rows["o3"] = evaluate_gate(cfg, data, sets, base_dir(ctx), adapters(ctx, "request_", T), o3_logits)
+    return rows
 
 
 def gradient_ascent(ctx: StageContext, model_dir: str, t: int, records) -> dict:
@@ -173,6 +218,8 @@ def stages(cfg: O3Config) -> list[Stage]:
                 ctx.cfg, data, sets, t, base_dir(ctx), adapters(ctx, "request_", t), score_files(ctx, t))),
                 needs=("base", f"request_{t}", f"detector_{t}")),
         ]
+    out.append(Stage("detector_baselines", _evaluation(detector_baselines),
+                     needs=("base", f"request_{T}", *[f"detector_{t}" for t in range(1, T + 1)])))
     return out + _gate_ablations(cfg) + _lambda0_ablation(cfg) + _retrained_ablations(cfg)
 
 
@@ -193,7 +240,7 @@ def _gate_ablations(cfg: O3Config) -> list[Stage]:
         out.append(ablation("per_request_gate", "per_request", True))
     if ab.gate_variants:
         out += [ablation(f"gate_{name}", cfg.unlearn.gate, True, key=f"logit_{name}")
-                for name in GATE_VARIANTS(cfg.detector, [])]
+                for name in GATE_VARIANTS(cfg.detector)]
     return out
 
 

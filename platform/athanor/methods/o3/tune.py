@@ -31,10 +31,10 @@ from ...config import parse_or_exit
 from ...parts.fact_world import DataConfig
 from ...runner import run
 from .config import TUNE_COMMAND
-from .detector import Detector, extract_features, load_backbone, resolve_backbone
-from .evaluation import forget_records, world
+from .detector import Detector, calibrate, extract_features, load_backbone, resolve_backbone
+from .evaluation import attribute_sets, forget_records, world
 from .model import O3Model
-from .stages import PAPER
+from .stages import PAPER, calibration_keys, calibration_negatives
 
 GAMMAS = (1e2, 1e3, 3e3, 1e4, 3e4, 1e5)
 PERCENTILES = (1.0, 2.5, 5.0, 10.0)
@@ -59,6 +59,9 @@ def margins(acc: dict, base: dict, w: torch.Tensor, sets) -> tuple[float, float]
     checks = [0.10 - acc["forget_train"], 0.10 - acc["forget_heldout"],
               0.10 * base["paraphrase"] - acc["forget_paraphrase"],
               acc["retain"] / base["retain"] - 0.95, acc["utility"] / base["utility"] - 0.95]
+    if "attribute_forget_acc" in acc:  # attribute-level requests: forgotten facts vs the same people's kept ones
+        checks += [0.10 * base["attribute_forget_acc"] - acc["attribute_forget_acc"],
+                   acc["attribute_retain_acc_new_wordings"] / base["attribute_retain_acc_new_wordings"] - 0.90]
     separation = float(torch.quantile(w[new], 0.10) - torch.quantile(w[negatives], 0.90))
     return min(checks), separation
 
@@ -74,7 +77,8 @@ def tune(root: Path, cfg) -> dict:
     named = {"forget_train": [i for g in sets.forget_train for i in g],
              "forget_heldout": [i for g in sets.forget_heldout for i in g],
              "forget_paraphrase": [i for g in sets.forget_paraphrase for i in g],
-             "retain": sets.retain, "utility": sets.utility}
+             "retain": sets.retain, "utility": sets.utility,
+             **{k: v for k, v in attribute_sets(data, sets, T).items() if v}}
     off = torch.zeros(len(texts), T)  # the base LM: w = 0 everywhere
 
     def accuracies(weights: torch.Tensor) -> dict:
@@ -90,16 +94,17 @@ def tune(root: Path, cfg) -> dict:
         fitted = []
         for t in range(1, T + 1):
             records = forget_records(cfg, t)
-            index = {q: i for i, q in enumerate(texts)}
-            own = feats[t][:, [index[r.question] for r in records]]
+            own = feats[t][:, sets.forget_train[t - 1]]
+            negatives = calibration_negatives(cfg, t, dcfg)
             detector = Detector(None, None, dcfg, dcfg.backbone)
-            detector.fit(own, seed=cfg.run.seed + t, groups=[r.fact for r in records])
-            fitted.append((detector.cv_decision, detector.decision_from_features(feats[t])))
+            detector.fit(own, seed=cfg.run.seed + t, groups=calibration_keys(records, dcfg.calibration_folds),
+                         negatives=feats[t][:, negatives] if negatives else None)
+            fitted.append((detector.cv_decision, detector.neg_decision, detector.decision_from_features(feats[t])))
         for pct, sharp in itertools.product(PERCENTILES, SHARPNESS):
             logits = []
-            for f_cv, f in fitted:
-                tau = float(torch.quantile(f_cv.double(), pct / 100))
-                spread = max(float(f_cv.median()) - tau, 1e-6 * max(1.0, abs(tau)))
+            for f_cv, f_neg, f in fitted:
+                tau, spread = calibrate(f_cv.numpy(), None if f_neg is None else f_neg.numpy(),
+                                        replace(dcfg, threshold_percentile=pct))
                 logits.append(sharp * (f - tau) / spread)
             weights = o3.adapter_weights(torch.stack(logits, 1))
             acc = accuracies(weights)
