@@ -10,6 +10,8 @@ from ...parts.fact_world import DataConfig
 from ...parts.lm import ModelConfig
 from .detector import DetectorConfig
 from .method import UnlearnConfig
+from .baselines import BaselineConfig
+from .tofu_data import TofuConfig
 
 # How the detector's knobs were tuned on a dev world (``tune``); the report cites it.
 TUNE_COMMAND = "python -m athanor.methods.o3.tune --run.output_dir DIR"
@@ -46,3 +48,5 @@ class O3Config(TrainConfig):
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     ablations: AblationConfig = field(default_factory=AblationConfig)
     hub: HubConfig = field(default_factory=HubConfig)  # the upload's top: OUTPUT/o3 (O3Model)
+    tofu: TofuConfig = field(default_factory=TofuConfig)  # TOFU's metrics, the retain-only model, seeds
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)  # open-unlearning's methods, sequential

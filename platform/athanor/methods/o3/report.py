@@ -15,6 +15,7 @@ from ...runner import StageContext
 from .config import TUNE_COMMAND, O3Config
 from .evaluation import adapter_overlap, adapters, base_dir, load_scores, score_files, world
 from .model import O3Model
+from .tofu_report import tofu_markdown, tofu_section
 
 METRICS = ["forget_acc_train", "forget_acc_heldout_templates", "forget_acc_paraphrase", "earlier_requests_forget_acc",
            "retain_acc", "utility"]
@@ -387,8 +388,13 @@ def report(ctx: StageContext, results: dict) -> dict:
         out["samples"] = samples(reloaded, data, sets)
     plot(ctx.root, base_eval, requests, ablations)
     plot_gate(ctx.root, load_scores(score_files(ctx, T))["logit"], sets)
+    if cfg.tofu.enabled:  # TOFU's metrics, the retain-only reference, the baselines, the seeds
+        tofu = tofu_section(cfg, results)
+        out.update(tofu=tofu["tofu"], seeds=tofu["seeds"])
+        out["checks"].update(tofu["checks"])
     out["seconds"] = time.time() - ctx.started  # this invocation (finished stages were skipped)
-    write_report(ctx.root, out, "O3 continual unlearning", markdown(out))
+    lines = markdown(out) + (tofu_markdown(out) if cfg.tofu.enabled else [])
+    write_report(ctx.root, out, "O3 continual unlearning", lines)
     return out
 
 

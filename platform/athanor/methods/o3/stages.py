@@ -29,6 +29,7 @@ from .evaluation import (adapter_overlap, adapters, base_dir, evaluate_ablation,
                          evaluate_request, forget_records, load_scores, on_main_then_broadcast, score_files, world)
 from .method import GradientAscent, UnlearnRequest, unlearning_answers
 from .report import report, summary
+from .tofu_stages import check_tofu, tofu_stages
 
 
 def train_base(ctx: StageContext) -> dict:
@@ -196,6 +197,7 @@ def check(cfg: O3Config) -> None:
     """Before any compute: a missing encoder, a missing data file, too few people for the requests."""
     check_backbone(cfg.detector.backbone)
     world(cfg)
+    check_tofu(cfg)
 
 
 def _evaluation(fn):
@@ -220,7 +222,7 @@ def stages(cfg: O3Config) -> list[Stage]:
         ]
     out.append(Stage("detector_baselines", _evaluation(detector_baselines),
                      needs=("base", f"request_{T}", *[f"detector_{t}" for t in range(1, T + 1)])))
-    return out + _gate_ablations(cfg) + _lambda0_ablation(cfg) + _retrained_ablations(cfg)
+    return out + _gate_ablations(cfg) + _lambda0_ablation(cfg) + _retrained_ablations(cfg) + tofu_stages(cfg)
 
 
 def _gate_ablations(cfg: O3Config) -> list[Stage]:
