@@ -16,7 +16,8 @@ from conftest import ROOT, run_recipe
 SMALL = ["--data.people", "30", "--data.requests", "2", "--data.groups_per_request", "5", "--data.countries", "8",
          "--data.name_words", "8", "--data.partial_people", "3",
          "--run.max_steps", "300", "--run.eval_every", "0", "--unlearn.max_steps", "30", "--detector.train_steps", "3",
-         "--ablations.ga_steps", "5", "--ablations.detector_untrained", "false", "--run.progress", "false"]
+         "--ablations.ga_steps", "5", "--ablations.detector_untrained", "false", "--run.progress", "false",
+         "--tofu.enabled", "false"]  # TOFU's stages (retain-only model, baselines, seeds): tests/test_o3_tofu.py
 
 
 @pytest.fixture(scope="module")
