@@ -47,7 +47,7 @@ class UnlearnConfig:
     target_modules: str = "all-linear"  # peft: every linear layer but the output head (attention + MLP)
     max_steps: int = 40  # per request (full batch: 20-30 steps reach >= 99.9% refusal on the tiny world)
     lr: float = 3e-3
-    batch_size: int = 0  # 0: the whole forget set every step
+    batch_size: int = 0  # forget records per process (README: batch sizes); 0: all, split over the processes
     gate: str = "max"  # inference: every adapter scaled by max_t w_t(x) (paper) | per_request: adapter t by w_t(x)
 
     def validate(self) -> None:
@@ -145,7 +145,7 @@ class UnlearnRequest(Method):
         # hooks go on before prepare so they run before DeepSpeed's release-after-forward hooks
         self.penalty = OrthogonalPenalty(peft_model, name, earlier_lora_A(self.earlier_dirs))
         n = len(self.train["input_ids"])
-        self.batch_size = (self.cfg.batch_size or n) // engine.world_size
+        self.batch_size = self.cfg.batch_size or n // engine.world_size  # per process, as every batch_size
         if self.batch_size < 1:
             raise ConfigError(f"{n} forget records cannot be split over {engine.world_size} processes")
         self.model = engine.register("model", peft_model, optim=self.cfg.optim(), max_steps=self.cfg.max_steps,
@@ -182,7 +182,7 @@ class GradientAscent(Method):
     def setup(self, engine: Engine) -> None:
         self.engine = engine
         n = len(self.train["input_ids"])
-        self.batch_size = (self.requested_batch or n) // engine.world_size
+        self.batch_size = self.requested_batch or n // engine.world_size  # per process, as every batch_size
         self.model = engine.register("model", self.model_unprepared, optim=self.optim, max_steps=self.max_steps,
                                      batch_size=self.batch_size)
 
