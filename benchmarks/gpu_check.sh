@@ -15,6 +15,10 @@
 #  5. a DMD2 step: the digits recipe at the GPU config's widths, a few generator updates (samples/s);
 #  6. launch/fsdp.yaml and launch/zero3.yaml with one process: a few steps with a checkpoint, then
 #     the checkpoint resumed in a copy of the folder; the resumed losses equal the uninterrupted ones;
+#  8. ILF's latent path (recipes/configs/ilf/gpu.yaml): a random DiT-XL/2-shaped DiTTransformer2DModel
+#     (28 blocks, width 1152, 32x32x4 latents) + AutoencoderKL saved with save_pretrained stands in for
+#     facebook/DiT-XL-2-256 (no network here); trajectories, a short feedback distillation, evaluation
+#     (paired MSE, DPM-Solver++, wall time per batch of 256); figure: ILF@8 vs plain@8 seconds per batch;
 #  7. FSDP2 (the engine's fully_shard, engine/fsdp.py) on every GPU of the machine (needs >= 2): the
 #     same save/resume check with sharded DCP checkpoints, and the gathered model/ folder loaded with
 #     from_pretrained, and the step-3 checkpoint continued on 1 process (world size changed: losses
@@ -45,6 +49,12 @@ if (( DRY )); then
                --teacher.sample_steps 3 --classifier.steps 5 --run.max_steps 3 --dmd2.batch_size 8
                --dmd2.eval_samples 50 --evaluation.samples 100)
     LAUNCH_MODEL=(--model.d_model 32 --model.n_layers 1 --model.n_heads 2 --data.block_size 32 --data.batch_size 2)
+    ILF_DIT=(2 16 4 3)  # heads, head dim, latent size, blocks
+    ILF_ARGS=(--ilf.loop "[1,1]" --ilf.trajectories 16 --ilf.dev_trajectories 8 --ilf.batch_size 8 --ilf.steps 3
+              --ilf.train_steps "[2]" --evaluation.plain_steps "[2,4]" --evaluation.solver_steps "[2,3]"
+              --evaluation.ilf_steps "[2]" --evaluation.key_steps 2 --evaluation.cache_steps "[4]"
+              --evaluation.cache_blocks "[1,1]" --evaluation.converged_steps 8 --evaluation.samples 32
+              --evaluation.batch_size 16 --evaluation.variants "[once]" --engine.mixed_precision no)
     LIMIT_SCALE=10  # a loaded 2-core CPU is slow; the 8-minute budget is for the GPU run
 else
     DEVICE=cuda OUT=benchmarks/gpu_results.md
@@ -58,6 +68,11 @@ else
                --run.save_every 0 --dmd2.eval_samples 200 --evaluation.samples 200)
     LAUNCH_MODEL=(--model.d_model 256 --model.n_layers 4 --model.n_heads 4 --data.block_size 256 --data.batch_size 8
                   --engine.mixed_precision bf16)
+    ILF_DIT=(16 72 32 28)  # DiT-XL/2
+    ILF_ARGS=(--ilf.trajectories 256 --ilf.dev_trajectories 64 --ilf.steps 100 --ilf.train_steps "[8]"
+              --evaluation.plain_steps "[4,8,16]" --evaluation.solver_steps "[4,8]" --evaluation.solver_orders "[2]"
+              --evaluation.ilf_steps "[8]" --evaluation.cache_steps "[8]" --evaluation.converged_steps 40
+              --evaluation.samples 512 --evaluation.batch_size 256 --evaluation.variants "[once]")
     LIMIT_SCALE=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     "$PY" -c 'import torch; assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA device (or --dry-run)"; print(torch.__version__, torch.cuda.get_device_name())' || exit 1
@@ -122,6 +137,30 @@ launch_resume() {
 }
 fsdp() { launch_resume "$FSDP" fsdp; }
 zero3() { launch_resume "$ZERO3" zero3; }
+ilf_latent() {
+    $PY - "$WORK/dit" "${ILF_DIT[@]}" <<'PYEOF'
+import sys, torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+heads, dim, size, blocks = (int(v) for v in sys.argv[2:])
+torch.manual_seed(0)
+dit = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=dim, in_channels=4, out_channels=8,
+                            num_layers=blocks, sample_size=size, patch_size=2, num_embeds_ada_norm=1000)
+vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                    norm_num_groups=8, layers_per_block=1)
+DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler()).save_pretrained(sys.argv[1])
+PYEOF
+    $PY recipes/ilf.py --config recipes/configs/ilf/gpu.yaml --ilf.backbone "$WORK/dit" --run.output_dir "$WORK/ilf" \
+        --run.progress false --run.save_every 0 "${ILF_ARGS[@]}"
+    $PY - "$WORK/ilf/report.json" > "$WORK/ilf_latent.figure" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+k, c = int(r["speedup_at_equal_quality"]["ilf"].split("@")[1]), r["equal_cost"]["curves"]
+p = {n: next(q for q in c[n] if q["steps"] == k)["seconds_per_batch"] for n in ("plain", "ilf")}
+print(f"s/batch at {k} steps: plain {p['plain']:.3f}, ILF {p['ilf']:.3f}")
+PYEOF
+}
+
 fsdp2() {  # sharded DCP checkpoints on NPROC processes, then the gathered model/ folder loads
     (( NPROC >= 2 )) || { echo "needs >= 2 GPUs (found $NPROC)"; exit 1; }
     launch_resume "$FSDP2" fsdp2 "$NPROC"
@@ -153,20 +192,22 @@ else
     part kernel_table 90 kernel_table
 fi
 # bash -c gets the arrays as strings: re-declare them inside each part through declare -p
-ARRAYS="$(declare -p MFU_ARGS O3_ARGS DMD2_ARGS LAUNCH_MODEL)"
+ARRAYS="$(declare -p MFU_ARGS O3_ARGS DMD2_ARGS LAUNCH_MODEL ILF_DIT ILF_ARGS)"
 eval "mfu_()    { $ARRAYS; mfu; }"
 eval "o3_()     { $ARRAYS; o3_gate; }"
 eval "dmd2_()   { $ARRAYS; dmd2_step; }"
 eval "fsdp_()   { $ARRAYS; $(declare -f launch_resume); fsdp; }"
 eval "zero3_()  { $ARRAYS; $(declare -f launch_resume); zero3; }"
+eval "ilf_()    { $ARRAYS; ilf_latent; }"
 eval "fsdp2_()  { $ARRAYS; $(declare -f launch_resume); fsdp2; }"
-export -f mfu o3_gate dmd2_step fsdp zero3 fsdp2
+export -f mfu o3_gate dmd2_step fsdp zero3 fsdp2 ilf_latent
 part mfu 70 mfu_
 part o3_gate 70 o3_
 part dmd2_step 60 dmd2_
 part fsdp 50 fsdp_
 part zero3 50 zero3_
 part fsdp2 60 fsdp2_
+part ilf_latent 90 ilf_
 echo "== total $(( $(date +%s) - T0 )) s"
 $PARTS report "$RESULTS" "$OUT"
 ! grep -q '| FAIL\|| TIMEOUT' "$OUT"

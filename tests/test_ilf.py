@@ -207,6 +207,10 @@ def test_pipeline_reloads_in_a_fresh_process(tmp_path, backbone):
     (["--ilf.loop", "[3,12]"], "outside the teacher's"),
     (["--ilf.mode", "twice"], "ilf.mode"),
     (["--evaluation.variants", "[loop=a]"], "loop=FIRST-LAST"),
+    (["--evaluation.variants", "[twice]"], "once+seed=1"),
+    (["--ilf.init_block", "9"], "ilf.init_block=9 is outside"),
+    (["--ilf.backbone", "not a folder"], "neither a folder nor a Hub id"),
+    (["--evaluation.solver_orders", "[4]"], "DPM-Solver++ orders"),
     (["--teacher.arch", "unet"], "teacher.arch=dit"),
 ])
 def test_bad_config_exits_2_with_one_line(tmp_path, capsys, args, message):
@@ -231,24 +235,138 @@ def test_shipped_configs_parse(config):
 
 TINY = ["--run.progress", "false", "--teacher.layers", "4", "--teacher.width", "16", "--teacher.heads", "2",
         "--teacher.steps", "150", "--teacher.batch_size", "64", "--classifier.steps", "30",
-        "--ilf.loop", "[2,2]", "--ilf.trajectories", "128", "--ilf.dev_trajectories", "32", "--ilf.batch_size", "32",
-        "--ilf.steps", "60", "--ilf.train_steps", "[2,3]", "--evaluation.plain_steps", "[2,3,4,6]",
-        "--evaluation.ilf_steps", "[2,3]", "--evaluation.cache_steps", "[3,6]", "--evaluation.cache_blocks", "[1,2]",
-        "--evaluation.key_steps", "3", "--evaluation.reference_steps", "6", "--evaluation.converged_steps", "12", "--evaluation.curve_samples", "100",
-        "--evaluation.fd_samples_per_seed", "100", "--evaluation.seeds", "2", "--run.eval_every", "20"]
+        "--ilf.loop", "[1,2]", "--ilf.trajectories", "96", "--ilf.dev_trajectories", "32", "--ilf.batch_size", "32",
+        "--ilf.steps", "40", "--ilf.train_steps", "[2,3]", "--evaluation.plain_steps", "[2,3,4,6]",
+        "--evaluation.solver_steps", "[2,3,4]", "--evaluation.solver_orders", "[2]", "--evaluation.ilf_steps", "[2,3]",
+        "--evaluation.cache_steps", "[3,6]", "--evaluation.cache_blocks", "[1,2]", "--evaluation.key_steps", "3",
+        "--evaluation.converged_steps", "12", "--evaluation.samples", "200", "--evaluation.batch_size", "100",
+        "--evaluation.variants", "[seed=1,once,init=2]", "--run.eval_every", "20"]
 
 
 @pytest.mark.slow
 def test_recipe_end_to_end(tmp_path):
     report = run(PAPER, ["--run.output_dir", str(tmp_path), *TINY])
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert {"paired_mse", "equal_cost"} <= set(saved)
-    assert {"plain", "caching", "ilf", "once"} <= set(saved["equal_cost"]["curves"])
-    assert saved["equal_cost"]["ilf_blocks"] == 3 * (4 + 1 + 1)
-    for name in ("quality_vs_blocks.png", "quality_vs_time.png", "evaluate/pipeline/model_index.json"):
+    assert {"paired_mse", "equal_cost", "speedup_at_equal_quality", "placements"} <= set(saved)
+    assert {"plain", "dpm++2m", "caching", "ilf", "once", "seed=1", "init=2"} <= set(saved["equal_cost"]["curves"])
+    head = saved["speedup_at_equal_quality"]
+    assert head["seeds"] == ["ilf", "seed=1"]
+    for cost in ("blocks", "wall_time"):
+        for against in ("vs_plain", "vs_strongest_scheduler"):
+            for metric in ("fd", "mse_to_converged"):
+                row = head[cost][against][metric]
+                assert len(row["per_seed"]) == 2 and row["min"] <= row["mean"] <= row["max"]
+    assert {r["name"] for r in saved["placements"]} == {"ilf", "seed=1", "once", "init=2"}
+    ilf_point = next(p for p in saved["equal_cost"]["curves"]["ilf"] if p["steps"] == 3)
+    assert ilf_point["blocks"] == 3 * (4 + 2 + 1)  # counted: backbone + the 2-block loop again + the feedback block
+    for name in ("mse_vs_blocks.png", "fd_vs_blocks.png", "evaluate/pipeline/model_index.json"):
         assert (tmp_path / name).exists(), name
-    # The paper's effect at this size: one trained ILF step matches the teacher's 2-step jump better
-    # than the frozen backbone's own step (dev trajectories, noise unseen in training).
+    # One trained ILF step matches the teacher's 2-step jump better than the frozen backbone's own step
+    # (dev trajectories, noise unseen in training); the paper-sized effect is the recipe's report.
     training = report["training"]["ilf"]
     assert training["dev_loss"] < training["dev_backbone_loss"]
-    assert report["paired_mse"]["ilf@3"]["mse"] < report["paired_mse"]["teacher@3"]["mse"]
+
+
+# ------------------------------------------------------------------------------------ baselines and the headline
+def test_dpm_solver_first_order_is_euler_and_higher_orders_differ(backbone):
+    """diffusers' EDM DPM-Solver++ at order 1 is DDIM, which on EDM's σ grid is exactly the Euler step."""
+    from athanor.methods.ilf.samplers import dpm_solver_sample
+
+    edm, (x, _, y) = EDM(), inputs()
+    euler = euler_sample(edm, backbone, x / 2, y, 5)
+    torch.testing.assert_close(dpm_solver_sample(edm, backbone, x / 2, y, 5, order=1), euler, rtol=0, atol=1e-4)
+    assert (dpm_solver_sample(edm, backbone, x / 2, y, 5, order=2) - euler).abs().max() > 1e-3
+
+
+def test_speedup_at_equal_quality_reads_the_baseline_curve():
+    from athanor.methods.ilf.speedup import cost_at_quality, speedup
+
+    plain = [{"blocks": 10, "mse": 1e-2, "fd": 4.0}, {"blocks": 20, "mse": 1e-3, "fd": 2.0},
+             {"blocks": 40, "mse": 1e-4, "fd": 1.0}]
+    assert cost_at_quality(plain, 1e-3, "mse", "blocks") == (20, None)
+    assert cost_at_quality(plain, 10 ** -2.5, "mse", "blocks")[0] == pytest.approx(15)  # linear in log MSE
+    assert cost_at_quality(plain, 3.0, "fd", "blocks")[0] == pytest.approx(15)  # linear in FD
+    assert cost_at_quality(plain, 1e-1, "mse", "blocks") == (10, "at_most")
+    assert cost_at_quality(plain, 1e-5, "mse", "blocks") == (40, "at_least")
+    s = speedup({"blocks": 12, "mse": 1e-3}, plain, "mse", "blocks")
+    assert s["speedup"] == pytest.approx(20 / 12) and s["bound"] is None
+
+
+def test_feedback_block_initialised_as_a_copy(tmp_path, teacher_dir, trajectory_file, backbone):
+    cfg = ILFConfig(loop=[3, 3], init_block=3, train_steps=[2, 3], trajectories=32, batch_size=16, steps=1)
+    engine = Engine(TrainConfig(run=RunConfig(output_dir=str(tmp_path), max_steps=1, eval_every=0, progress=False)))
+    method = FeedbackDistillation(cfg, teacher_dir, jump_pairs(trajectory_file, "dev", cfg.train_steps))
+    method.setup(engine)
+    copied = engine.unwrap("feedback").block.state_dict()
+    original = backbone.transformer_blocks[3].state_dict()
+    assert copied.keys() == original.keys() and all(torch.equal(copied[k], original[k]) for k in copied)
+    assert engine.unwrap("feedback").scale.item() == 0.0  # still the backbone exactly at the start
+
+
+# ------------------------------------------------------------------------------------ the latent path
+@pytest.fixture(scope="module")
+def tiny_dit_pipeline(tmp_path_factory):
+    """A random DiT + VAE pair in facebook/DiT-XL-2-256's layout (DiTPipeline.save_pretrained): an ε-model
+    with learned σ (out_channels = 2 x in) on DDPM's linear β schedule, 8x8 RGB -> 4x4x4 latents."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=3, sample_size=4, patch_size=2, num_embeds_ada_norm=10)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=8, layers_per_block=1, sample_size=8)
+    folder = tmp_path_factory.mktemp("dit") / "tiny-dit"
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def test_latent_dit_parameterisation_is_diffusers_ddim(tiny_dit_pipeline):
+    """Euler on the σ(t) of DDIM's timesteps, through the ε -> D conversion, equals diffusers' DDIM
+    (η = 0) on the VP latents: the two are the same ODE step (Song et al. 2021; Karras et al. 2022)."""
+    from diffusers import DDIMScheduler
+    from athanor.methods.ilf.latent import load_dit
+
+    transformer, vae, param = load_dit(tiny_dit_pipeline)
+    # DDIM's default x0 clipping to [-1, 1] is a pixel-space device the ODE does not have
+    scheduler = DDIMScheduler.from_pretrained(tiny_dit_pipeline, subfolder="scheduler", clip_sample=False)
+    scheduler.set_timesteps(6)
+    gen = torch.Generator().manual_seed(0)
+    noise, y = torch.randn(3, 4, 4, 4, generator=gen), torch.tensor([1, 5, 9])
+    x = noise.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = transformer(x, timestep=t.expand(3), class_labels=y).sample[:, :4]
+            x = scheduler.step(eps, t, x).prev_sample
+    ac = scheduler.alphas_cumprod[scheduler.timesteps]
+    sigmas = torch.cat([((1 - ac) / ac).sqrt(), torch.zeros(1)])
+    ours = euler_on_grid(param, transformer, noise, y, sigmas, start=noise * (1 + sigmas[0] ** 2).sqrt())
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-4)
+    assert torch.equal(param.timestep(sigmas[:1]).round(), scheduler.timesteps[:1].float())
+
+
+@pytest.mark.slow
+def test_latent_dit_recipe_end_to_end(tmp_path, tiny_dit_pipeline):
+    """The path users take with facebook/DiT-XL-2-256: ILF on a saved DiT + VAE (no teacher training),
+    paired MSE to the converged sampler, DPM-Solver++ on the DiT's schedule, an ILF sample decoded."""
+    from athanor.methods.ilf.latent import decode, load_dit
+
+    args = ["--run.output_dir", str(tmp_path), "--run.progress", "false", "--ilf.backbone", str(tiny_dit_pipeline),
+            "--ilf.loop", "[1,1]", "--ilf.trajectories", "32", "--ilf.dev_trajectories", "16", "--ilf.batch_size", "16",
+            "--ilf.steps", "10", "--ilf.train_steps", "[2,3]", "--evaluation.plain_steps", "[2,3,6]",
+            "--evaluation.solver_steps", "[2,3]", "--evaluation.solver_orders", "[2]", "--evaluation.ilf_steps", "[3]",
+            "--evaluation.cache_steps", "[4]", "--evaluation.cache_blocks", "[1,1]", "--evaluation.key_steps", "3",
+            "--evaluation.converged_steps", "10", "--evaluation.samples", "40", "--evaluation.batch_size", "20",
+            "--evaluation.variants", "[once]", "--run.eval_every", "5"]
+    report = run(PAPER, args)
+    head = report["speedup_at_equal_quality"]
+    assert set(head["blocks"]["vs_plain"]) == {"mse_to_converged"}  # FD needs an Inception net: not measured
+    assert head["blocks"]["vs_strongest_scheduler"]["mse_to_converged"]["scheduler"] == "dpm++2m"
+    assert report["training"]["ilf"]["dev_loss"] != report["training"]["ilf"]["dev_backbone_loss"]
+    transformer, vae, param = load_dit(tiny_dit_pipeline)
+    feedback = FeedbackModule.from_pretrained(report["training"]["ilf"]["feedback"])
+    hooks = attach_feedback(transformer, feedback)
+    latents = euler_on_grid(param, transformer, torch.randn(2, 4, 4, 4), torch.tensor([0, 7]), ilf_sigmas(param, 3, 2))
+    hooks.remove()
+    images = decode(vae, latents)
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()

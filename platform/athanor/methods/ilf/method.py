@@ -26,23 +26,32 @@ from safetensors.torch import load_file, save_file
 from ...config import ConfigError, OptimConfig, positive
 from ...data.batches import ShuffledBatches
 from ...engine import Engine, Method
-from ...parts.diffusion import EDM, load_denoiser
+from ...parts.diffusion import EDM
 from .diffusers_pipeline import euler_on_grid, euler_step, ilf_sigmas
+from .latent import load_backbone
+from .samplers import sampling_device
 from .feedback import MODES, FeedbackModule, attach_feedback, backbone_blocks
 
 
 @dataclass
 class ILFConfig:
-    loop: list[int] = field(default_factory=lambda: [8, 8])  # first and last block of the loop region (inclusive)
+    # A diffusers DiT pipeline folder or Hub id (facebook/DiT-XL-2-256): ILF on that latent DiT
+    # (``latent``) instead of training the pixel-space teacher; "" trains the teacher.
+    backbone: str = ""
+    # First and last block of the loop region (inclusive): a 2-block loop in the middle of the 8 blocks.
+    loop: list[int] = field(default_factory=lambda: [3, 4])
     mode: str = "loop"  # loop (ILF: the loop runs again with the feedback) | once (the no-loop control)
     jump: int = 2  # teacher steps one ILF step replaces (ILF@N samples on the teacher's N·jump grid)
-    train_steps: list[int] = field(default_factory=lambda: [6, 8, 10])  # ILF step counts N trained on
-    trajectories: int = 1000  # cached teacher trajectories per N (training)
+    train_steps: list[int] = field(default_factory=lambda: [3, 4, 6, 8])  # ILF step counts N trained on
+    trajectories: int = 800  # cached teacher trajectories per N (training)
     dev_trajectories: int = 200  # per N, other noise: the dev loss (knobs are chosen on it)
     batch_size: int = 128
-    steps: int = 800  # optimizer steps of the feedback module
+    steps: int = 250  # optimizer steps of the feedback module (~90 s a run on the shared 2 cores; 10 runs by default)
     seed: int = 0  # feedback initialisation
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, betas=(0.9, 0.99), warmup_steps=50,
+    # -1: the feedback block is freshly initialised; k >= 0: it starts as a copy of backbone block k's
+    # weights (the block kinds are the same, so the state dicts match; s = 0 still makes it vanish).
+    init_block: int = -1
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, betas=(0.9, 0.99), warmup_steps=25,
                                                                    schedule="cosine", min_lr_ratio=0.05))
 
     def validate(self) -> None:
@@ -52,6 +61,8 @@ class ILFConfig:
             raise ConfigError(f"ilf.mode={self.mode!r} is not one of: {', '.join(MODES)}")
         if not self.train_steps or any(n < 1 for n in self.train_steps):
             raise ConfigError(f"ilf.train_steps={list(self.train_steps)} must be step counts >= 1")
+        if self.init_block < -1:
+            raise ConfigError(f"ilf.init_block={self.init_block} must be -1 (fresh) or a block index")
         for key in ("jump", "trajectories", "dev_trajectories", "batch_size", "steps"):
             positive(getattr(self, key), f"ilf.{key}")
         if self.batch_size > self.trajectories:
@@ -61,13 +72,17 @@ class ILFConfig:
         if self.loop[1] >= layers:
             raise ConfigError(f"ilf.loop={list(self.loop)} is outside the teacher's {layers} blocks "
                               f"(teacher.layers={layers})")
+        if self.init_block >= layers:
+            raise ConfigError(f"ilf.init_block={self.init_block} is outside the teacher's {layers} blocks")
 
 
 # ---------------------------------------------------------------------------------------------- trajectories
 @torch.no_grad()
 def teacher_trajectories(edm: EDM, teacher, n_steps: int, jump: int, count: int, num_classes: int, seed: int,
                          batch: int = 1000) -> dict:
-    """States of the teacher's (n_steps·jump)-step Euler run on the ILF@n_steps levels: (n+1, count, C, H, W)."""
+    """States of the teacher's (n_steps·jump)-step Euler run on the ILF@n_steps levels: (n+1, count, C, H, W)
+    (noise drawn on the CPU; the teacher runs where its weights are)."""
+    device = next(teacher.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     config = teacher.config
     shape = (config.in_channels, config.sample_size, config.sample_size)
@@ -75,12 +90,12 @@ def teacher_trajectories(edm: EDM, teacher, n_steps: int, jump: int, count: int,
     labels = torch.randint(0, num_classes, (count,), generator=gen)
     states = []
     for start in range(0, count, batch):
-        y = labels[start:start + batch]
-        x = torch.randn((len(y), *shape), generator=gen) * fine[0]
-        kept = [x]
+        y = labels[start:start + batch].to(device)
+        x = (torch.randn((len(y), *shape), generator=gen) * fine[0]).to(device)
+        kept = [x.cpu()]
         for k in range(n_steps):
             x = euler_on_grid(edm, teacher, x, y, fine[k * jump:(k + 1) * jump + 1], start=x)
-            kept.append(x)
+            kept.append(x.float().cpu())
         states.append(torch.stack(kept))
     return {"states": torch.cat(states, 1), "labels": labels, "sigmas": ilf_sigmas(edm, n_steps, jump)}
 
@@ -88,8 +103,8 @@ def teacher_trajectories(edm: EDM, teacher, n_steps: int, jump: int, count: int,
 def trajectories_stage(ctx) -> dict:
     """Stage: cache the teacher's trajectories (train and dev noise) as safetensors."""
     cfg = ctx.cfg.ilf
-    teacher, edm = load_denoiser(ctx.results["teacher"]["pipeline"])
-    teacher.eval()
+    teacher, edm = load_backbone(ctx.results["teacher"]["pipeline"])
+    teacher.eval().to(sampling_device())
     tensors = {}
     if ctx.is_main:
         for n in cfg.train_steps:
@@ -128,11 +143,13 @@ class FeedbackDistillation(Method):
 
     def setup(self, engine: Engine) -> None:
         self.engine = engine
-        backbone, self.edm = load_denoiser(self.teacher_dir)
+        backbone, self.edm = load_backbone(self.teacher_dir)
         self.cfg.check_backbone(len(backbone_blocks(backbone)))
         self.backbone = engine.register("backbone", backbone, trainable=False)
         torch.manual_seed(self.cfg.seed)  # the feedback block's initialisation
         feedback = FeedbackModule.for_backbone(backbone, *self.cfg.loop, mode=self.cfg.mode)
+        if self.cfg.init_block >= 0:
+            feedback.block.load_state_dict(backbone_blocks(backbone)[self.cfg.init_block].state_dict())
         self.n_params = sum(p.numel() for p in feedback.parameters())
         self.feedback = engine.register("feedback", feedback, optim=self.cfg.optim, max_steps=self.cfg.steps,
                                         batch_size=self.cfg.batch_size)
@@ -163,20 +180,31 @@ def _chunks(data: dict, size: int):
         yield {k: v[start:start + size] for k, v in data.items()}
 
 
-# Variants of the main run: one change each (the no-loop control and the placement/length attempts).
+# Variants of the main run: each a "+"-joined list of changes (the no-loop control, the
+# placement/length attempts, other feedback seeds, the copy initialisation).
+VARIANT_HELP = "once | loop=FIRST-LAST | seed=K | init=K (a copy of block K), joined by '+', e.g. once+seed=1"
+
+
 def variant_config(cfg: ILFConfig, name: str, layers: int) -> ILFConfig:
-    """``once`` (no-loop control, same block and training) | ``loop=a-b`` (another loop region)."""
-    if name == "once":
-        return dataclasses.replace(cfg, mode="once")
-    if name.startswith("loop="):
+    """The main config with the variant's changes: ``once`` (no-loop control, same block and training),
+    ``loop=a-b`` (another loop region), ``seed=k`` (another feedback seed), ``init=k`` (feedback block
+    initialised as a copy of backbone block k)."""
+    changes = {}
+    for part in name.split("+"):
+        key, _, value = part.partition("=")
         try:
-            first, last = (int(v) for v in name[5:].split("-"))
+            if part == "once":
+                changes["mode"] = "once"
+            elif key == "loop":
+                first, last = (int(v) for v in value.split("-"))
+                changes["loop"] = [first, last]
+            elif key in ("seed", "init"):
+                changes["seed" if key == "seed" else "init_block"] = int(value)
+            else:
+                raise ValueError
         except ValueError:
-            raise ConfigError(f"ilf variant {name!r}: expected loop=FIRST-LAST, e.g. loop=4-6") from None
-        return dataclasses.replace(cfg, loop=[first, last])
-    if name.startswith("once,loop="):
-        return dataclasses.replace(variant_config(cfg, name[5:], layers), mode="once")
-    raise ConfigError(f"ilf variant {name!r} is not one of: once, loop=FIRST-LAST, once,loop=FIRST-LAST")
+            raise ConfigError(f"ilf variant {name!r}: expected {VARIANT_HELP}") from None
+    return dataclasses.replace(cfg, **changes)
 
 
 def train_feedback(ctx, cfg: ILFConfig) -> dict:
@@ -190,6 +218,7 @@ def train_feedback(ctx, cfg: ILFConfig) -> dict:
     _, final = ctx.fit(method, batches, engine=engine)
     ctx.save_pretrained(engine, "feedback", ctx.dir / "feedback")
     initial = engine.history["initial_eval"]
-    return {"feedback": str(ctx.dir / "feedback"), "loop": list(cfg.loop), "mode": cfg.mode, "steps": engine.step,
+    return {"feedback": str(ctx.dir / "feedback"), "loop": list(cfg.loop), "mode": cfg.mode, "seed": cfg.seed,
+            "init_block": cfg.init_block, "steps": engine.step,
             "n_params": method.n_params, "dev_loss": final["loss"], "dev_backbone_loss": initial["backbone_loss"],
             "scale": final["scale"], "seconds": time.time() - started}
