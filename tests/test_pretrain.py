@@ -113,6 +113,9 @@ def test_deepspeed_zero_two_processes(tmp_path, stage):
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.wte.weight.abs().sum() > 0  # ZeRO-3 gathered real weights, not empty shards
+    if stage == 2:  # ZeRO's per-process shards cannot continue on another world size: one line, exit 2
+        proc = run_recipe("pretrain", "--run.output_dir", str(out), "--run.max_steps", "8", *SMALL, check=False)
+        assert proc.returncode == 2 and "ds_to_universal" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
 
 
 def test_probes_every_n_steps(tmp_path):
