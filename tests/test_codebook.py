@@ -224,7 +224,20 @@ def test_recipe_end_to_end_tiny(tmp_path):
     for kind in ("code", "tuple", "neuron"):
         assert {"precision", "recall", "f1"} <= set(sf[kind]["precision_at_recall_0.5"])
     both, other, none = st["state_positions_only"]["both"], st["other_state_codes"]["both"], st["no_patch"]
-    GAP, JS_MARGIN = 0.45, 0.05  # provisional; set from the spread below
+    # The paper's effects at this size, each against its control in the same run. Thresholds from
+    # the spread (`python benchmarks/effect_spread.py codebook --seeds 0 1 2 --capabilities default
+    # avx2`: run seeds 0-2 x ATEN_CPU_CAPABILITY default/avx2 (this AMD EPYC has no AVX-512, so avx2
+    # is also its native path), 6 runs, loaded 2-core machine, 2026-12-03):
+    #   JS(other state's codes) - JS(target codes)   SPREAD_JS_OTHER
+    #   JS(no patch) - JS(target codes)              SPREAD_JS_NONE
+    #   baseline - codebook transition accuracy      SPREAD_GAP
+    # Bounds: the JS margins at 0.03 (>= 9 sd below the mean); the gap at 0.45 (the previous place-marked
+    # spread reached 0.26). How they fail on the control: patching the other state's codes instead of
+    # the target's (the control itself) or not patching makes `both` equal that control, a margin of 0
+    # < 0.03; a model whose codes do not carry the state gives the same. A successor guessed at random
+    # is valid 4/24 of the time (gap ~0.8). Codes beating neurons is not asserted: the neuron was as
+    # precise or more at matched recall in every run (it does not reproduce; README).
+    GAP, JS_MARGIN = 0.45, 0.03
     assert report["transition_acc"]["codebook"] >= report["transition_acc"]["baseline"] - GAP
     assert both["js_divergence"] <= other["js_divergence"] - JS_MARGIN
     assert both["js_divergence"] <= none["js_divergence"] - JS_MARGIN
