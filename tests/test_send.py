@@ -25,7 +25,25 @@ def test_gram_identity_is_exact(k, d):
     dense = cholesky_logdet(a)
     assert abs(gram_logdet(z, 1e-3) - dense) / abs(dense) < 1e-10
     assert abs(eigvalsh_logdet(a) - dense) / abs(dense) < 1e-10
-    assert eigenscore(z, 1e-3) == pytest.approx(dense / d, rel=1e-10)
+    assert eigenscore(z, 1e-3, centring="samples") == pytest.approx(dense / d, rel=1e-10)
+
+
+def test_feature_centring_is_inside_and_the_reference():
+    """INSIDE's getEigenIndicator_v0: torch.cov of the K×d embeddings (K×K), mean log of the
+    eigenvalues of Σ + αI; the SeND reference: Zᵀ J_d Z with J_d = I − 11ᵀ/d (Z stored d×K)."""
+    k, d, alpha = 6, 40, 1e-3
+    z = torch.randn(k, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    j = torch.eye(d, dtype=torch.float64) - torch.ones(d, d, dtype=torch.float64) / d
+    sigma = z @ j @ z.T / (d - 1)
+    expected = float(torch.log(torch.linalg.eigvalsh(sigma + alpha * torch.eye(k, dtype=torch.float64))).mean())
+    assert eigenscore(z, alpha) == pytest.approx(expected, rel=1e-10)
+    assert eigenscore(z, alpha) != pytest.approx(eigenscore(z, alpha, centring="samples"), rel=1e-3)
+    # one answer repeated K times: centring over features keeps a rank-1 Σ = var(z)·11ᵀ (eigenvalue K·var),
+    # where centring over samples leaves nothing but α
+    same = z[:1].repeat(k, 1)
+    var = float(z[0].var())
+    assert eigenscore(same, alpha) == pytest.approx((math.log(k * var + alpha) + (k - 1) * math.log(alpha)) / k, rel=1e-6)
+    assert eigenscore(same, alpha, centring="samples") == pytest.approx(math.log(alpha), rel=1e-6)
 
 
 def test_random_check_meets_the_bar():
@@ -55,8 +73,10 @@ def test_ees_with_probes_is_close_on_a_well_conditioned_matrix():
 
 def test_ees_eigenscore_matches_exact_when_alpha_keeps_it_conditioned():
     z = 0.1 * torch.randn(10, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    exact = eigenscore(z, alpha=0.1)
-    assert ees_eigenscore(z, alpha=0.1, degree=50, probes=200, dtype=torch.float64) == pytest.approx(exact, rel=5e-3)
+    for centring in ("samples", "features"):
+        exact = eigenscore(z, alpha=0.1, centring=centring)
+        est = ees_eigenscore(z, alpha=0.1, degree=50, probes=200, dtype=torch.float64, centring=centring)
+        assert est == pytest.approx(exact, rel=5e-3)
 
 
 def test_sensitivity_is_net_change_times_variance_per_input():
@@ -109,12 +129,30 @@ def test_hook_zeroes_exactly_the_chosen_dims_and_is_removed():
 
 
 def test_world_split_and_stream_open_chunks_in_order_and_resume():
-    cfg = FactsConfig(old_people=6, new_people=6, additions=3, replay_fraction=0.5, attributes=2, templates=3,
-                      tracking_templates=1, batch_size=4)
+    cfg = FactsConfig(old_people=6, new_people=6, additions=3, replay_fraction=0.5, attributes=2, templates=4,
+                      tracking_templates=1, test_templates=1, batch_size=4)
     _, split = load_facts(cfg)
-    assert len(split.old) == 6 * 2 * 2 and len(split.tracking) == 12 * 2 and len(split.replay) == 12
+    assert len(split.old) == 6 * 2 * 2 and len(split.tracking) == len(split.test) == 12 * 2 and len(split.replay) == 12
     assert [len(c) for c in split.chunks] == [8, 8, 8]
-    assert set(split.replay) <= set(split.old) and not set(split.tracking) & set(split.old + split.new)
+    trained = set(split.old + split.new)
+    assert set(split.replay) <= set(split.old) and not (set(split.tracking) | set(split.test)) & trained
+    assert not set(split.tracking) & set(split.test)
+    # every fact has exactly one tracking and one test phrasing, distinct wordings of the same answer
+    by_fact = {}
+    for i in split.tracking + split.test + sorted(trained):
+        by_fact.setdefault(split.records[i].fact, []).append(split.records[i])
+    assert len(by_fact) == 24 and all(len(v) == 4 and len({r.question for r in v}) == 4 and len({r.answer for r in v}) == 1
+                                      for v in by_fact.values())
+
+
+def test_default_split_is_from_scratch_with_held_out_test_phrasings():
+    _, split = load_facts(FactsConfig())
+    assert not split.old and len(split.chunks) == 1
+    questions = {split.records[i].question for i in split.new}
+    assert not questions & {split.records[i].question for i in split.test}
+
+
+def test_stream():
     data = {"x": torch.arange(100)}
     stream = FactStream(data, list(range(10)), [list(range(10, 20)), list(range(20, 30))], phase_len=3,
                         batch_size=4, seed=0)

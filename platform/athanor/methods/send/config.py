@@ -1,4 +1,5 @@
-"""SeND's typed config: the LM, the facts, the base run, SeND's schedule, EigenScore, the experiment."""
+"""SeND's typed config: the LM (with a Hub ``revision``), the facts, the optional base run, SeND's schedule,
+EigenScore, the experiment."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,8 +12,22 @@ from .method import EigenScoreConfig, SendConfig
 
 
 @dataclass
+class SendModelConfig(ModelConfig):
+    # a Hub branch, tag or commit of model.name_or_path (Pythia's intermediate checkpoints: "step1000" ...;
+    # how the paper studies the oscillation phase); empty: the default branch. Passed to from_pretrained.
+    revision: str = ""
+    # the tiny default (from scratch): small enough for 5 seeds × 3 arms in minutes on 2 cores, big enough to
+    # learn every fact and generalise to held-out phrasings
+    hidden_size: int = 64
+    num_layers: int = 3
+    intermediate_size: int = 256
+
+
+@dataclass
 class BaseConfig:
-    max_steps: int = 400  # base LM training on the old facts (0 with model.name_or_path: use it as is)
+    # training on data.old_people before the arms (only when data.old_people > 0: the continued-training variant;
+    # 0 with model.name_or_path: use that checkpoint as is)
+    max_steps: int = 400
     lr: float = 2e-3
     min_accuracy: float = 0.98  # the base must reach this on the old facts (a converged start), else error
 
@@ -38,10 +53,10 @@ class ExperimentConfig:
 
 @dataclass
 class SendPaperConfig(TrainConfig):
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/send", max_steps=300,
-                                                             eval_every=10, progress=False))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="outputs/send", max_steps=400,
+                                                             eval_every=20, progress=False))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, schedule="constant"))
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: SendModelConfig = field(default_factory=SendModelConfig)
     data: FactsConfig = field(default_factory=FactsConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     send: SendConfig = field(default_factory=SendConfig)

@@ -1,19 +1,26 @@
 """EigenScore of K sampled answers: exact through the K×K Gram matrix, and the paper's Efficient
 EigenScore (EES, a Chebyshev/KPM stochastic log-determinant) for when only mat-vecs are affordable.
 
-EigenScore (Chen et al. 2024, "INSIDE"), as used here. ``Z`` holds the K answers' embeddings
-as rows (K×d); ``Zc = Z − mean_k Z`` is centred over the samples; ``C = Zcᵀ Zc`` (d×d; this is the
-issue's Z J Zᵀ with Z stored d×K and J = I_K − 11ᵀ/K). Then
+EigenScore (Chen et al. 2024, "INSIDE", Sec. 3.1; the SeND paper's Eq. for EES' target). ``Z`` holds
+the K answers' embeddings as rows (K×d). Two centrings are offered (``centring``):
 
-    EigenScore(Z) = (1/d) · log det(C + α I_d) = (1/d) · Σ_{j=1..d} log(λ_j(C) + α),
+- ``features`` (the default, aligned with INSIDE's reference ``getEigenIndicator_v0``, which calls
+  ``torch.cov`` on the K×d matrix, and with notarobot-hub/SEND, which forms Zᵀ J_d Z with
+  J_d = I_d − 11ᵀ/d): every embedding is centred over its own d dimensions and
+  Σ = Z J_d Zᵀ / (d − 1) is the K×K covariance of the K answers. Then
 
-the mean over the d dimensions of the log-eigenvalues of the regularised covariance. C and the
-K×K Gram matrix G = Zc Zcᵀ share their non-zero eigenvalues σ_i² (σ_i: singular values of Zc),
-and C has d − K further zeros, so exactly
+      EigenScore(Z) = (1/K) · log det(Σ + α I_K) = (1/K) · Σ_{k=1..K} log(λ_k(Σ) + α).
 
-    log det(C + α I_d) = (d − K)·log α + Σ_{i=1..K} log(σ_i² + α)        (K ≤ d)
+  (INSIDE takes log10; this module uses the natural log, a constant factor 1/ln 10 apart, so
+  rankings, AUROCs and relative spreads are the same.)
+- ``samples`` (this module's earlier definition, kept for comparison): rows centred over the K samples,
+  ``Zc = Z − mean_k Z``, ``C = Zcᵀ Zc`` (d×d) and EigenScore = (1/d)·log det(C + α I_d). C and the
+  K×K Gram matrix G = Zc Zcᵀ share their non-zero eigenvalues σ_i², and C has d − K further zeros, so
 
-at O(dK²) (one K×K Gram matrix and its eigenvalues, in float64). This is the default.
+      log det(C + α I_d) = (d − K)·log α + Σ_{i=1..K} log(σ_i² + α)        (K ≤ d)
+
+  at O(dK²) (``gram_logdet``, float64). The two differ in what is removed (the mean answer vs each
+  answer's mean activation), the normaliser (d − 1 vs none) and the averaging (over K vs over d).
 
 EES (the SeND paper, after Lin et al. 2016 "Approximating spectral densities of large matrices"):
 log det A = tr log A for symmetric positive definite A with spectrum in [a, b]. With
@@ -49,9 +56,23 @@ def gram_logdet(z: torch.Tensor, alpha: float) -> float:
     return float(max(d - k, 0) * math.log(alpha) + torch.log(eig + alpha).sum())
 
 
-def eigenscore(z: torch.Tensor, alpha: float = 1e-3) -> float:
-    """EigenScore of K answers' embeddings ``z`` (K×d): (1/d)·log det(Zcᵀ Zc + α I_d), exact."""
-    return gram_logdet(z, alpha) / z.shape[1]
+CENTRINGS = ("features", "samples")
+
+
+def feature_covariance(z: torch.Tensor) -> torch.Tensor:
+    """Σ = Z J_d Zᵀ / (d − 1) (K×K, float64): each embedding centred over its d dimensions (torch.cov)."""
+    return torch.cov(z.detach().to(torch.float64))
+
+
+def eigenscore(z: torch.Tensor, alpha: float = 1e-3, centring: str = "features") -> float:
+    """EigenScore of K answers' embeddings ``z`` (K×d), exact. ``features``: (1/K)·log det(Σ + α I_K)
+    (INSIDE / the SeND reference); ``samples``: (1/d)·log det(Zcᵀ Zc + α I_d)."""
+    if centring == "samples":
+        return gram_logdet(z, alpha) / z.shape[1]
+    if centring != "features":
+        raise ValueError(f"centring={centring!r} is not one of {CENTRINGS}")
+    eig = torch.linalg.eigvalsh(feature_covariance(z)).clamp_min(0.0)
+    return float(torch.log(eig + alpha).mean())
 
 
 def dense_covariance(z: torch.Tensor, alpha: float, dtype=torch.float64) -> torch.Tensor:
@@ -132,8 +153,13 @@ def ees_logdet(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, degree: i
 
 
 def ees_eigenscore(z: torch.Tensor, alpha: float = 1e-3, degree: int = 100, probes: int = 30,
-                   use_lambda_min: bool = True, dtype=torch.float32, seed: int = 0) -> float:
-    """EES of K answers' embeddings, matrix-free (A v = Zcᵀ(Zc v) + α v): (1/d)·log det estimate."""
+                   use_lambda_min: bool = True, dtype=torch.float32, seed: int = 0, centring: str = "features") -> float:
+    """EES of K answers' embeddings, matrix-free. ``features``: A = Σ + α I_K (K×K, formed: it is
+    small); ``samples``: A v = Zcᵀ(Zc v) + α v (d×d, never formed). The estimate of log det A over K or d."""
+    if centring == "features":
+        sigma = feature_covariance(z).to(dtype) + alpha * torch.eye(z.shape[0], dtype=dtype, device=z.device)
+        return ees_logdet(lambda v: sigma @ v, z.shape[0], degree, probes, lambda_min=alpha if use_lambda_min else None,
+                          dtype=dtype, device=z.device, seed=seed) / z.shape[0]
     zc = centred(z.detach().to(dtype))
     d = zc.shape[1]
     return ees_logdet(lambda v: zc.T @ (zc @ v) + alpha * v, d, degree, probes,

@@ -1,8 +1,9 @@
-"""Continued training of a converged LM on new facts, normally or with SeND, as one engine ``Method``.
+"""Training an LM on facts, normally or with SeND, as one engine ``Method`` (from scratch by default).
 
 SeND (Mohammadzadeh et al. 2024, Algorithm 1), as run here, counted in optimizer steps (the
 ``random_control`` arm runs the same schedule but drops a random set of the same size, to tell
-the choice of *sensitive* neurons from dropout as such):
+the choice of *sensitive* neurons from dropout as such; the normal arm runs the schedule with
+``drop`` off, so the stopping rule is the same for every arm):
 - every ``record_every`` steps the chosen layer's embeddings of the tracking split are recorded
   (full network, no dropout; the last token of the prompt);
 - every ``reestimate_every`` steps, from the last ``points`` records, the sensitivity S_i
@@ -33,13 +34,16 @@ from .neurons import decoder_layers, dropped_neurons, layer_embeddings, last_pro
 @dataclass
 class SendConfig:
     layer: int = -2  # decoder layer whose output is tracked and dropped (-2: penultimate, as in the paper)
-    fraction: float = 0.2  # top fraction of that layer's neurons dropped
+    # defaults tuned on the dev world (data.seed 1; methods/send/tune.py), never on the report's world (seed 0)
+    fraction: float = 0.1  # top fraction of that layer's neurons dropped
     record_every: int = 10  # steps between recorded tracking embeddings
     reestimate_every: int = 30  # steps between sensitivity re-estimations
     points: int = 3  # records used per estimate
     drop_window: int = 30  # steps the chosen neurons stay dropped
-    stop_loss: float = 0.0  # stopping rule: mean training loss <= this ...
-    stop_eigenscore: float = 0.0  # ... and tracking EigenScore <= this (both 0: never stop)
+    stop_loss: float = 0.01  # stopping rule: mean training loss <= this ...
+    # ... and tracking EigenScore <= this (both 0: never stop); the dev normal runs' median final held-out EigenScore
+    stop_eigenscore: float = -5.6333
+    drop: bool = True  # False: the schedule records and applies the stopping rule only (the normal arm)
 
     def validate(self) -> None:
         if not 0 < self.fraction < 1:
@@ -60,8 +64,14 @@ class EigenScoreConfig:
     layer: int = -1  # hidden_states index of the embedding; -1: the middle layer (INSIDE)
     max_new_tokens: int = 1  # answer tokens sampled (1: the world's one-word answers)
     questions_per_batch: int = 32
+    # features (INSIDE / the SeND reference: K×K covariance, each embedding centred over its dims) | samples
+    centring: str = "features"
+    heldout_questions: int = 64  # test-split prompts whose EigenScore is tracked at every checkpoint
 
     def validate(self) -> None:
+        if self.centring not in ("features", "samples"):
+            raise ConfigError(f"eigenscore.centring={self.centring!r} is not one of: features, samples")
+        positive(self.heldout_questions, "eigenscore.heldout_questions")
         if self.samples < 2:
             raise ConfigError(f"eigenscore.samples={self.samples} must be >= 2")
         for key in ("temperature", "alpha", "max_new_tokens", "questions_per_batch"):
@@ -102,7 +112,7 @@ def sampled_eigenscores(model, batch: dict, cfg: EigenScoreConfig, eos_id: int |
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]
             emb = hidden[torch.arange(len(ids), device=device), last].float().cpu().view(len(rows), k, -1)
             for j, row in enumerate(rows.tolist()):
-                scores[row] = eigenscore(emb[j], cfg.alpha)
+                scores[row] = eigenscore(emb[j], cfg.alpha, cfg.centring)
     return scores
 
 
@@ -116,19 +126,20 @@ def auroc(scores: torch.Tensor, wrong: torch.Tensor) -> float | None:
 
 
 class ContinuedTraining(Method):
-    """Answer-only cross-entropy on the open fact pool; with ``send`` set, SeND's dropout schedule.
+    """Answer-only cross-entropy on the open fact pool, under SeND's schedule (``send``; None: no schedule).
 
-    ``evals``: encoded ``old``, ``new`` (all additions) and ``tracking`` records; ``new_chunk`` gives
-    each new row its addition index and ``phase_len`` (micro-batches per addition) says which
-    additions are open, so the hallucination rate is measured on the facts taught so far."""
+    ``evals``: encoded ``train`` (trained phrasings of every fact), ``test`` (held-out phrasings) and
+    ``tracking`` records; ``chunk_of[split]`` gives each row its addition index (−1: an old fact) and
+    ``phase_len`` (micro-batches per addition) says which additions are open, so the hallucination rates
+    are measured on the facts taught so far."""
 
-    def __init__(self, model, evals: dict, new_chunk: torch.Tensor, phase_len: int, send: SendConfig | None,
+    def __init__(self, model, evals: dict, chunk_of: dict, phase_len: int, send: SendConfig | None,
                  grad_accum: int = 1, batch_size: int = 32, eigenscore_cfg: EigenScoreConfig | None = None,
                  eos_id: int | None = None, random_control: bool = False, seed: int = 0):
-        self.model_unprepared, self.evals, self.new_chunk = model, evals, new_chunk
+        self.model_unprepared, self.evals, self.chunk_of = model, evals, chunk_of
         # control arm: the same schedule and fraction, but neurons drawn at random (seeded by seed and step)
         self.random_control, self.seed = random_control, seed
-        # the stopping rule's tracking EigenScore: how answers are sampled and embedded
+        # the stopping rule's tracking EigenScore and the held-out one: how answers are sampled and embedded
         self.eigenscore_cfg, self.eos_id = eigenscore_cfg or EigenScoreConfig(), eos_id
         self.phase_len, self.send, self.grad_accum, self.batch_size = phase_len, send, grad_accum, batch_size
         self.records: list[torch.Tensor] = []  # tracking embeddings at recorded points (≤ points kept)
@@ -137,7 +148,7 @@ class ContinuedTraining(Method):
         self.window_losses: list[float] = []
         self.stopped_at = -1
         self.estimates: list[dict] = []  # one entry per re-estimation (for the report)
-        self.previous: torch.Tensor | None = None  # correctness at the previous evaluation (flip rate)
+        self.previous: dict | None = None  # correctness at the previous evaluation (flip rates)
         self.tracking_positions = last_prompt_position(evals["tracking"])
 
     def setup(self, engine: Engine) -> None:
@@ -151,7 +162,7 @@ class ContinuedTraining(Method):
         if self.stopped_at >= 0:
             return {"stopped": 1.0}
         step = self.engine.step
-        active = self.send is not None and step <= self.drop_until and self.dropped.numel() > 0
+        active = self.send is not None and self.send.drop and step <= self.drop_until and self.dropped.numel() > 0
         with dropped_neurons(self.model, self.send.layer, self.dropped) if active else contextlib.nullcontext():
             loss = self.model(**lm_inputs(batch)).loss
         self.window_losses.append(float(loss.detach()))
@@ -168,8 +179,8 @@ class ContinuedTraining(Method):
             self.records = (self.records + [emb])[-cfg.points:]
         if step % cfg.reestimate_every == 0 and len(self.records) >= cfg.points:
             scores = sensitivity(torch.stack(self.records))
-            self.dropped = top_sensitive(scores, cfg.fraction)
-            if self.random_control:
+            self.dropped = top_sensitive(scores, cfg.fraction) if cfg.drop else torch.zeros(0, dtype=torch.long)
+            if self.random_control and cfg.drop:
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
                 self.dropped = torch.randperm(len(scores), generator=gen)[:len(self.dropped)].sort().values
             self.drop_until = step + cfg.drop_window
@@ -178,7 +189,9 @@ class ContinuedTraining(Method):
                      "top_score": float(scores.max()), "median_score": float(scores.median())}
             if cfg.stop_loss > 0:
                 self.model.eval()
-                es = sampled_eigenscores(self.model, self.evals["tracking"], self.eigenscore_cfg, self.eos_id, step)
+                rows = torch.arange(min(self.eigenscore_cfg.heldout_questions, len(self.tracking_positions)))
+                tracking = {k: v[rows] for k, v in self.evals["tracking"].items()}
+                es = sampled_eigenscores(self.model, tracking, self.eigenscore_cfg, self.eos_id, step)
                 self.model.train()
                 entry["tracking_eigenscore"] = float(es.mean())
                 if mean_loss <= cfg.stop_loss and entry["tracking_eigenscore"] <= cfg.stop_eigenscore:
@@ -190,23 +203,39 @@ class ContinuedTraining(Method):
     def open_chunks(self, step: int) -> int:
         """Additions whose facts had been trained on by the end of ``step``."""
         served = step * self.grad_accum
-        return 0 if served == 0 else min(int(self.new_chunk.max()) + 1, (served - 1) // self.phase_len + 1)
+        n = int(self.chunk_of["train"].max()) + 1
+        return 0 if served == 0 else min(n, (served - 1) // self.phase_len + 1)
 
     def evaluate(self) -> dict:
-        old = answer_matches(self.model, self.evals["old"])
-        new = answer_matches(self.model, self.evals["new"])
+        """Hallucination = wrong greedy answer; on trained phrasings (``halluc``) and held-out test
+        phrasings (``heldout_halluc``) of the facts taught so far; flips between checkpoints; the mean
+        EigenScore of a fixed set of held-out prompts (``eigenscore_heldout``, same sampling seed at
+        every checkpoint, so its changes come from the model)."""
         opened = self.open_chunks(self.engine.step)
-        taught_new = self.new_chunk < opened
-        correct = torch.cat([old, new])
-        taught = torch.cat([torch.ones_like(old), taught_new])
-        out = {"acc_old": old.float().mean().item(), "acc_new_all": new.float().mean().item(),
-               "halluc": 1 - correct[taught].float().mean().item(), "open": float(opened)}
-        if taught_new.any():
-            out["acc_new"] = new[taught_new].float().mean().item()
+        correct, taught = {}, {}
+        for split in ("train", "test"):  # at step 0 (nothing taught yet): the first addition's facts
+            correct[split] = answer_matches(self.model, self.evals[split])
+            taught[split] = self.chunk_of[split] < max(opened, 1)
+        old, new = self.chunk_of["train"] < 0, self.chunk_of["train"] >= 0
+        ok = correct["train"]
+        out = {"halluc": _wrong(ok, taught["train"]), "heldout_halluc": _wrong(correct["test"], taught["test"]),
+               "open": float(opened), "acc_new_all": ok[new].float().mean().item()}
+        if old.any():
+            out["acc_old"] = ok[old].float().mean().item()
+        if (new & taught["train"]).any():
+            out["acc_new"] = ok[new & taught["train"]].float().mean().item()
         if self.previous is not None:  # flips among facts taught at both evaluations
-            both = taught & self.previous[1]
-            out["flips"] = (correct[both] != self.previous[0][both]).float().mean().item()
-        self.previous = (correct, taught)
+            for split, key in (("train", "flips"), ("test", "heldout_flips")):
+                both = taught[split] & self.previous["taught"][split]
+                if both.any():
+                    out[key] = (correct[split][both] != self.previous["correct"][split][both]).float().mean().item()
+        self.previous = {"correct": correct, "taught": taught}
+        rows = torch.arange(min(self.eigenscore_cfg.heldout_questions, len(correct["test"])))
+        subset = {k: v[rows] for k, v in self.evals["test"].items()}
+        self.model.eval()
+        out["eigenscore_heldout"] = float(sampled_eigenscores(self.model, subset, self.eigenscore_cfg, self.eos_id,
+                                                              self.seed).mean())
+        self.model.train()
         return out
 
     # ------------------------------------------------------------------ state
@@ -215,7 +244,9 @@ class ContinuedTraining(Method):
                  "dropped": self.dropped, "drop_until": self.drop_until, "window_losses": list(self.window_losses),
                  "stopped_at": self.stopped_at, "estimates": list(self.estimates)}
         if self.previous is not None:
-            state["previous_correct"], state["previous_taught"] = self.previous
+            for split in ("train", "test"):
+                state[f"previous_correct_{split}"] = self.previous["correct"][split]
+                state[f"previous_taught_{split}"] = self.previous["taught"][split]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -224,6 +255,10 @@ class ContinuedTraining(Method):
         self.dropped, self.drop_until = state["dropped"].long(), int(state["drop_until"])
         self.window_losses, self.stopped_at = list(state["window_losses"]), int(state["stopped_at"])
         self.estimates = list(state["estimates"])
-        if "previous_correct" in state:
-            self.previous = (state["previous_correct"].bool(), state["previous_taught"].bool())
+        if "previous_correct_train" in state:
+            self.previous = {kind: {split: state[f"previous_{kind}_{split}"].bool() for split in ("train", "test")}
+                             for kind in ("correct", "taught")}
 
+
+def _wrong(correct: torch.Tensor, taught: torch.Tensor) -> float:
+    return 1 - correct[taught].float().mean().item() if taught.any() else 0.0
