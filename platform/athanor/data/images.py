@@ -59,6 +59,9 @@ class ImageData:
     def train_dict(self) -> dict:
         return {"images": self.train_images, "labels": self.train_labels}
 
+    def held_out_dict(self) -> dict:
+        return {"images": self.held_out_images, "labels": self.held_out_labels}
+
 
 def _read_idx(path: Path) -> np.ndarray:
     """IDX format (LeCun's MNIST files): magic (dtype, ndim), big-endian dims, then raw bytes."""
