@@ -240,7 +240,14 @@ TINY = ["--run.progress", "false", "--teacher.layers", "4", "--teacher.width", "
         "--evaluation.solver_steps", "[2,3,4]", "--evaluation.solver_orders", "[2]", "--evaluation.ilf_steps", "[2,3]",
         "--evaluation.cache_steps", "[3,6]", "--evaluation.cache_blocks", "[1,2]", "--evaluation.key_steps", "3",
         "--evaluation.converged_steps", "12", "--evaluation.samples", "200", "--evaluation.batch_size", "100",
-        "--evaluation.variants", "[seed=1,once,init=2]", "--run.eval_every", "20"]
+        "--evaluation.variants", "[seed=1,seed=2,once,init=2]", "--run.eval_every", "20"]
+
+# Effect thresholds of the tiny recipe, from feedback seeds 0, 1, 2 measured on the loaded 2-core machine:
+# ILF@3's paired MSE to the converged teacher over that of the frozen backbone on the same levels (s = 0,
+# the plain control) was 0.985 / 0.977 / 0.981, the dev jump loss over the backbone's 0.842 / 0.817 / 0.845.
+# Thresholds: the worst seed plus a margin (+0.01, +0.055). The plain control scores exactly 1.0 on both.
+MSE_RATIO_MAX = 0.995
+DEV_RATIO_MAX = 0.90
 
 
 @pytest.mark.slow
@@ -250,21 +257,28 @@ def test_recipe_end_to_end(tmp_path):
     assert {"paired_mse", "equal_cost", "speedup_at_equal_quality", "placements"} <= set(saved)
     assert {"plain", "dpm++2m", "caching", "ilf", "once", "seed=1", "init=2"} <= set(saved["equal_cost"]["curves"])
     head = saved["speedup_at_equal_quality"]
-    assert head["seeds"] == ["ilf", "seed=1"]
+    assert head["seeds"] == ["ilf", "seed=1", "seed=2"]
     for cost in ("blocks", "wall_time"):
         for against in ("vs_plain", "vs_strongest_scheduler"):
             for metric in ("fd", "mse_to_converged"):
                 row = head[cost][against][metric]
-                assert len(row["per_seed"]) == 2 and row["min"] <= row["mean"] <= row["max"]
-    assert {r["name"] for r in saved["placements"]} == {"ilf", "seed=1", "once", "init=2"}
+                assert len(row["per_seed"]) == 3 and row["min"] <= row["mean"] <= row["max"]
+    assert {r["name"] for r in saved["placements"]} == {"ilf", "seed=1", "seed=2", "once", "init=2"}
     ilf_point = next(p for p in saved["equal_cost"]["curves"]["ilf"] if p["steps"] == 3)
     assert ilf_point["blocks"] == 3 * (4 + 2 + 1)  # counted: backbone + the 2-block loop again + the feedback block
     for name in ("mse_vs_blocks.png", "fd_vs_blocks.png", "evaluate/pipeline/model_index.json"):
         assert (tmp_path / name).exists(), name
-    # One trained ILF step matches the teacher's 2-step jump better than the frozen backbone's own step
-    # (dev trajectories, noise unseen in training); the paper-sized effect is the recipe's report.
-    training = report["training"]["ilf"]
-    assert training["dev_loss"] < training["dev_backbone_loss"]
+    # The effect, at every feedback seed: ILF@3 is closer to the converged teacher than the frozen backbone
+    # on the same levels, and one ILF step closer to the teacher's 2-step jump (dev trajectories, unseen
+    # noise). Replacing ILF by its plain control (s = 0: the backbone bit for bit, test_zero_scale_...) makes
+    # ILF@3 the plain_ilf_grid point itself: both ratios are 1.0 and both asserts fail. The no-loop control
+    # is NOT separated (the recipe's report measures it as good as ILF or better): no assert claims it.
+    curves, grid = saved["equal_cost"]["curves"], saved["equal_cost"]["curves"]["plain_ilf_grid"][0]["mse"]
+    for name in ("ilf", "seed=1", "seed=2"):
+        ilf = next(p for p in curves[name] if p["steps"] == 3)
+        training = report["training"]["ilf" if name == "ilf" else "ilf-" + name.replace("=", "")]
+        assert ilf["mse"] / grid <= MSE_RATIO_MAX, (name, ilf["mse"] / grid)
+        assert training["dev_loss"] / training["dev_backbone_loss"] <= DEV_RATIO_MAX, (name, training)
 
 
 # ------------------------------------------------------------------------------------ baselines and the headline

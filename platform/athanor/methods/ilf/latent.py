@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+from huggingface_hub import snapshot_download
 
 from ...config import ConfigError
 from ...parts.diffusion import EDM, disable_builtin_label_dropout, load_denoiser
@@ -67,8 +68,6 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     if Path(name_or_path).exists():
         folder = Path(name_or_path)
     else:
-        from huggingface_hub import snapshot_download
-
         folder = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "transformer/*", "vae/*",
                                                                       "scheduler/*"]))
     if not is_dit_pipeline(folder):
