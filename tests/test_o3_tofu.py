@@ -63,7 +63,7 @@ def overrides(folder, llama) -> list[str]:
     return ["--config", str(ROOT / "recipes/configs/o3/llama2-7b-tofu.yaml"), "--data.source", str(folder),
             "--model.name_or_path", str(llama), "--model.dtype", "float32",
             "--data.group_size", "3", "--data.requests", "2", "--data.groups_per_request", "2",
-            "--data.max_length", "48", "--data.batch_size", "8", "--run.max_steps", "20", "--run.eval_every", "0",
+            "--data.max_length", "48", "--data.batch_size", "4", "--run.max_steps", "20", "--run.eval_every", "0",
             "--unlearn.batch_size", "0", "--unlearn.max_steps", "3", "--unlearn.lr", "3e-3",
             "--detector.backbone", "target", "--detector.train_steps", "0", "--detector.max_length", "32",
             "--ablations.always_on", "false", "--ablations.per_request_gate", "false",

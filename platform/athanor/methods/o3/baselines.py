@@ -35,14 +35,17 @@ TUNE_COMMAND = "python -m athanor.methods.o3.tofu_tune --run.output_dir DIR"
 @dataclass
 class BaselineConfig:
     methods: str = "grad_ascent,grad_diff,npo,simnpo"  # comma-separated subset of METHODS ("": none)
-    # lr / steps per request, tuned on the dev world (data.dev_seed 1) by tofu_tune: see its report
-    grad_ascent_lr: float = 1e-3
+    # lr / steps per request, tuned on the dev world (data.dev_seed 1) by tofu_tune (lr 3e-4 / 1e-3 / 3e-3 at
+    # 20 steps; the highest forget quality keeping model utility >= 0.9 x retain-only's, else the highest
+    # utility: only simnpo kept it on the dev world, at every lr; grad_diff / npo at 3e-4 reached forget
+    # quality 0.23 / 0.59 there but utility 0.83 / 0.76)
+    grad_ascent_lr: float = 3e-4
     grad_ascent_steps: int = 20
-    grad_diff_lr: float = 1e-3
+    grad_diff_lr: float = 3e-4
     grad_diff_steps: int = 20
-    npo_lr: float = 1e-3
+    npo_lr: float = 3e-3
     npo_steps: int = 20
-    simnpo_lr: float = 1e-3
+    simnpo_lr: float = 3e-3
     simnpo_steps: int = 20
     npo_beta: float = 0.1
     simnpo_beta: float = 4.5
