@@ -143,8 +143,8 @@ def claims_lines(tofu: dict) -> list[str]:
                else f"**not reproduced**: {', '.join(better_mu)} keep(s) more model utility."),
             "- O3 forgets as well as the baselines, by TOFU's forget quality: "
             + ("reproduced." if not better_fq else f"**not reproduced**: {', '.join(better_fq)} reach(es) a higher "
-               "forget quality (O3 answers forgotten questions with a refusal, which does not make the true and "
-               "wrong answers equally likely the way a model that never saw them does)."),
+               "forget quality (O3's refusal makes the true and wrong answers about equally unlikely, while a model "
+               "that never saw the facts guesses one value confidently: the KS test tells the two apart)."),
             "- Not measured here: the paper's TOFU scale (Llama-2-7b, 200 authors), real-authors / world-facts sets, "
             "and generated answers longer than one word (the world's answers are single words, so ROUGE-L recall "
             "is 0 or 1 per question and the paraphrased answer is the answer itself)."]
