@@ -1,56 +1,21 @@
 """Two processes, killed with SIGKILL in the middle of a run, resume bit for bit: DMD2 under DDP
 (each process has its own noise generator, checkpointed per process) and pretraining under
 DeepSpeed ZeRO-2 (its shards in DeepSpeed's format, everything else pickle-free)."""
-import os
-import subprocess
-import sys
-
 import pytest
 
-from athanor.engine import read_metrics
+from athanor import testing
 from athanor.engine import checkpoint as ckpt
-from conftest import ROOT, free_port, run_recipe
+from conftest import ROOT, run_recipe
 
-# Every process SIGKILLs itself on entering engine step KILL_AT of the engine writing into a folder
-# named KILL_IN: deterministic, unlike a kill from outside timed by polling (both processes reach
-# that step; neither has started its collective, so neither hangs).
-KILLER = """
-import os, runpy, signal, sys
-from athanor.engine import Engine
-
-kill_at, kill_in, recipe = int(os.environ["KILL_AT"]), os.environ["KILL_IN"], sys.argv[1]
-optimize = Engine.optimize
-
-def optimize_then_die(self, name, loss):
-    if self.step == kill_at and self.output_dir.name == kill_in:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return optimize(self, name, loss)
-
-Engine.optimize = optimize_then_die
-sys.argv = [recipe, *sys.argv[2:]]
-runpy.run_path(recipe, run_name="__main__")
-"""
-
-
+# The killer (every process SIGKILLs itself on entering engine step KILL_AT of the engine writing
+# into a folder named KILL_IN) and the per-step metric rows are athanor.testing's, which every
+# paper's tests use; these two keep the names other tests import from here.
 def run_killed(tmp_path, recipe, launch, kill_at, kill_in, args):
-    killer = tmp_path / "killer.py"
-    killer.write_text(KILLER)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / f"{launch}.yaml"),
-           "--main_process_port", str(free_port()), str(killer), str(ROOT / "recipes" / f"{recipe}.py"), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILL_AT": str(kill_at), "KILL_IN": kill_in}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0, "the run was not killed"
-    return proc
+    return testing.run_killed(ROOT / "recipes" / f"{recipe}.py", args, ROOT / "launch" / f"{launch}.yaml",
+                              kill_at=kill_at, kill_in=kill_in, cwd=ROOT)
 
 
-def rows(folder, keys):
-    """Per step, the named metrics (the losses), as logged: compared with ==, bit for bit."""
-    out = {}
-    for r in read_metrics(folder):
-        picked = {k: v for k, v in r.items() if any(k.startswith(p) for p in keys)}
-        if picked:
-            out.setdefault(r["step"], {}).update(picked)
-    return out
+rows = testing.metric_rows
 
 
 DMD2_TINY = ["--run.progress", "false", "--teacher.width", "16", "--teacher.layers", "1", "--teacher.heads", "2",
