@@ -1,6 +1,7 @@
 """SeND end to end: exact resume mid-run (interrupted + resumed == uninterrupted), the dropped neurons
 during training are the top-K% by the sensitivity formula, local from_pretrained/load_dataset paths,
-the paper-scale YAMLs, and the tiny recipe run (slow)."""
+``model.revision`` through a local Hub cache, the paper-scale YAMLs, and the recipe's machinery
+detecting a planted effect (slow)."""
 import json
 import os
 import signal
@@ -146,7 +147,7 @@ def test_local_model_and_dataset_through_from_pretrained_and_load_dataset(tmp_pa
 
     people = [f"person{i}" for i in range(12)]
     rows = [{"person": p, "question": f"where does {p} live {tag} ?", "answer": f"town{(i * 7 + j) % 9}"}
-            for i, p in enumerate(people) for j, tag in enumerate(["now", "today", "really"])]
+            for i, p in enumerate(people) for j, tag in enumerate(["now", "today", "really", "still"])]
     (tmp_path / "facts").mkdir()
     (tmp_path / "facts" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     tokenizer = build_word_tokenizer(QAData([QA(r["question"], r["answer"], r["person"]) for r in rows], people))
@@ -158,7 +159,7 @@ def test_local_model_and_dataset_through_from_pretrained_and_load_dataset(tmp_pa
     report = run(send.PAPER, ["--run.output_dir", str(tmp_path / "out"), "--model.name_or_path", str(tmp_path / "lm"),
                               "--data.source", str(tmp_path / "facts"), "--data.group_field", "person",
                               "--data.old_people", "6", "--data.new_people", "6", "--data.additions", "2",
-                              "--data.tracking_every", "3", "--data.batch_size", "8", "--base.max_steps", "20",
+                              "--data.tracking_every", "4", "--data.batch_size", "8", "--base.max_steps", "20",
                               "--base.min_accuracy", "0", "--run.max_steps", "8", "--run.eval_every", "4",
                               "--send.record_every", "2", "--send.reestimate_every", "4", "--send.points", "2",
                               "--experiment.seeds", "[0]", "--eigenscore.samples", "3", "--run.progress", "false"])
@@ -166,22 +167,68 @@ def test_local_model_and_dataset_through_from_pretrained_and_load_dataset(tmp_pa
     assert (tmp_path / "out" / "base" / "model" / "config.json").exists()
 
 
+def test_revision_is_resolved_through_a_local_hub_cache(tmp_path):
+    """``model.revision`` reaches from_pretrained: two "checkpoints" of one repo laid out as the Hub
+    cache does it (snapshots/<commit>, refs/<branch>), Pythia-style branches step1 / step2, offline."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from athanor.methods.send.config import SendModelConfig
+    from athanor.parts.fact_world import QA, QAData, build_word_tokenizer
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    tokenizer = build_word_tokenizer(QAData([QA("where is a ?", "b", "a")], ["a"]))
+    weights = {}
+    for n, (branch, commit) in enumerate((("step1", "a" * 40), ("step2", "b" * 40))):
+        torch.manual_seed(n)
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32))
+        model.save_pretrained(repo / "snapshots" / commit)
+        tokenizer.save_pretrained(repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / branch).write_text(commit)
+        weights[branch] = model.gpt_neox.embed_in.weight.detach().clone()
+    for branch in ("step1", "step2"):
+        cfg = SendModelConfig(name_or_path="org/tiny", revision=branch)
+        loaded = send_paper.load_pretrained(cfg, cache_dir=str(tmp_path / "hub"))
+        assert torch.equal(loaded.gpt_neox.embed_in.weight, weights[branch])
+        assert send_paper.load_pretrained_tokenizer(cfg, cache_dir=str(tmp_path / "hub")).eos_token == "[EOS]"
+    from athanor.config import ConfigError
+
+    with pytest.raises(ConfigError, match="step9"):
+        send_paper.load_pretrained(SendModelConfig(name_or_path="org/tiny", revision="step9"),
+                                   cache_dir=str(tmp_path / "hub"))
+
+
+# The planted-effect test's setting: the recipe's default world and model, shortened.
+EFFECT = ["--data.new_people", "24", "--run.max_steps", "120", "--run.eval_every", "20", "--eigenscore.samples", "4",
+          "--eigenscore.heldout_questions", "16", "--run.progress", "false"]
+
+
 @pytest.mark.slow
-def test_tiny_recipe_end_to_end(tmp_path):
-    """The recipe on a reduced default: report keys, exact EigenScore, one entry per seed, plots, verdict."""
+def test_recipe_detects_a_planted_effect(tmp_path):
+    """SeND did not help in the recipe's report (its paired intervals include 0), so this test asserts
+    what makes that "no" mean something: the same machinery (held-out phrasings, per-checkpoint
+    hallucination rate and EigenScore, paired differences over seeds) flags a deliberately broken arm —
+    SeND's schedule dropping 90% of the penultimate layer for the whole run — as worse.
+
+    Threshold: measured on this setting over 3 seeds (loaded 2-core machine, 21 s): paired diffs of the
+    mean held-out hallucination rate over checkpoints 0.372, 0.205, 0.347 (mean 0.308, std over seeds
+    0.09; the 3-seed t-interval [0.084, 0.532] is too wide to be the gate). The test asks for every seed
+    worse (> 0; the smallest measured is 0.205) and a mean > 0.1 (mean − 2 std over seeds = 0.13).
+    Replaced by its control it fails: same-seed runs are bit-identical (checked: two runs of one seed give
+    the same metrics.jsonl apart from throughput), so a planted arm equal to normal training gives diffs
+    of exactly 0; random-neuron dropout at the default fraction gave paired diffs within ±0.25 of 0 in
+    the recipe's run (mean −0.005)."""
     out = tmp_path / "send"
-    report = run(send.PAPER, ["--run.output_dir", str(out), "--base.max_steps", "250", "--run.max_steps", "60",
-                              "--data.old_people", "30", "--data.new_people", "18", "--data.batch_size", "16",
-                              "--experiment.seeds", "[0,1]", "--eigenscore.samples", "6"])
+    report = run(send.PAPER, ["--run.output_dir", str(out), "--experiment.seeds", "[0,1,2]",
+                              "--experiment.arms", "[normal,send]", "--send.fraction", "0.9",
+                              "--send.drop_window", "1000", *EFFECT])
     assert report["eigenscore"]["max_rel_error"] <= 1e-6
-    assert {e["seed"] for e in report["send"]} == {e["seed"] for e in report["normal"]} == {0, 1}
-    assert report["base"]["acc_old"] >= 0.98  # continued training starts from a converged base
-    for entry in report["send"] + report["normal"]:
-        assert set(entry) >= {"acc_old", "acc_new", "oscillation_std", "eigenscore_auroc"}
-        assert entry["acc_old"] > 0.5 and entry["acc_new"] > 0.3  # forgetting, not collapse; new facts learnt
-    # the EigenScore claim this recipe can check: sampled answers' spread flags wrong answers
-    aurocs = [e["eigenscore_auroc"] for e in report["send"] + report["normal"] if e["eigenscore_auroc"] is not None]
-    assert aurocs and sum(aurocs) / len(aurocs) > 0.6
-    assert (out / "accuracy.png").exists() and (out / "hallucination.png").exists()
-    assert "Did SeND help here?" in (out / "report.md").read_text()
-    assert json.loads((out / "report.json").read_text()).keys() >= {"eigenscore", "send", "normal"}
+    p = report["paired"]["send_minus_normal"]["heldout_halluc_mean"]
+    assert min(p["diffs"]) > 0 and p["mean"] > 0.1, p
+    assert report["send_helped"] is False
+    for entry in report["normal"]:
+        pc = entry["per_checkpoint"]
+        assert len(pc["heldout_hallucination_rate"]) == len(pc["eigenscore_heldout"]) == len(pc["step"])
+        assert pc["step"][0] == 0 and len(pc["step"]) >= 4
+    assert (out / "hallucination.png").exists() and "Did SeND help here?" in (out / "report.md").read_text()
