@@ -228,11 +228,11 @@ def test_recipe_end_to_end_tiny(tmp_path):
     # the spread (`python benchmarks/effect_spread.py codebook --seeds 0 1 2 --capabilities default
     # avx2`: run seeds 0-2 x ATEN_CPU_CAPABILITY default/avx2 (this AMD EPYC has no AVX-512, so avx2
     # is also its native path), 6 runs, loaded 2-core machine, 2026-12-03):
-    #   JS(other state's codes) - JS(target codes)   SPREAD_JS_OTHER
-    #   JS(no patch) - JS(target codes)              SPREAD_JS_NONE
-    #   baseline - codebook transition accuracy      SPREAD_GAP
-    # Bounds: the JS margins at 0.03 (>= 9 sd below the mean); the gap at 0.45 (the previous place-marked
-    # spread reached 0.26). How they fail on the control: patching the other state's codes instead of
+    #   JS(other state's codes) - JS(target codes)   mean 0.108  sd 0.011  min 0.090  max 0.122
+    #   JS(no patch) - JS(target codes)              mean 0.128  sd 0.016  min 0.108  max 0.148
+    #   baseline - codebook transition accuracy      mean 0.049  sd 0.031  min 0.020  max 0.094
+    # Bounds: the JS margins at 0.03 (>= 5 sd below each mean, 0.06 below each min); the gap at
+    # 0.45 (the previous place-marked spread reached 0.26). How they fail on the control: patching the other state's codes instead of
     # the target's (the control itself) or not patching makes `both` equal that control, a margin of 0
     # < 0.03; a model whose codes do not carry the state gives the same. A successor guessed at random
     # is valid 4/24 of the time (gap ~0.8). Codes beating neurons is not asserted: the neuron was as
