@@ -151,7 +151,7 @@ def aggregate(scores: dict, forget: bool) -> dict:
 
 def forget_quality(ratios, reference_ratios) -> float | None:
     """KS-test p-value between a model's and the retain-only model's forget-set truth ratios."""
-    from scipy.stats import ks_2samp
+    from scipy.stats import ks_2samp  # scipy.stats is slow to import; only the report's last step needs it
 
     if len(ratios) == 0 or len(reference_ratios) == 0:
         return None
@@ -160,7 +160,7 @@ def forget_quality(ratios, reference_ratios) -> float | None:
 
 def model_utility(aggregates: list[dict]) -> float | None:
     """Harmonic mean of probability, ROUGE-L and truth ratio over the non-forget sets (0 if any is 0)."""
-    from scipy.stats import hmean
+    from scipy.stats import hmean  # as above: imported when a report is made
 
     values = [a[k] for a in aggregates for k in ("probability", "rouge_l", "truth_ratio") if a[k] is not None]
     if not values:

@@ -57,7 +57,7 @@ class TofuConfig:
 
 def load_split(source: str, name: str) -> list[dict]:
     """Rows of one TOFU config (hub id or local folder with the hub's layout), one line if missing."""
-    import datasets
+    import datasets  # heavy to import (seconds): only the TOFU-format path needs it
 
     try:
         rows = list(datasets.load_dataset(source, name, split="train"))

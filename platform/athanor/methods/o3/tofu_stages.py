@@ -121,11 +121,9 @@ def baseline_request(ctx: StageContext, method: str, t: int, prefix: str = "") -
             "tofu": score_plain(cfg, str(model_dir), t)}
 
 
-def seed_stages(cfg) -> list[Stage]:
+def seed_stages(cfg, unlearn_request, train_detector) -> list[Stage]:
     """O3's adapters (and with tofu.seed_detectors its detectors) again with run.seed + k
     (k = 1 .. tofu.seeds - 1), evaluated after the last request."""
-    from .stages import train_detector, unlearn_request  # stages imports this module: import at call time
-
     T, out = cfg.data.requests, []
     kinds = ("request", "detector") if cfg.tofu.seed_detectors else ("request",)
     for k in range(1, cfg.tofu.seeds):
@@ -157,7 +155,8 @@ def seed_eval(ctx: StageContext, k: int) -> dict:
             "tofu": score_o3(cfg, base_dir(ctx), dirs, detectors(ctx, prefix, T))}
 
 
-def tofu_stages(cfg) -> list[Stage]:
+def tofu_stages(cfg, unlearn_request, train_detector) -> list[Stage]:
+    """``unlearn_request`` / ``train_detector``: O3's stage functions (from ``stages``, passed in: no import cycle)."""
     if not cfg.tofu.enabled:
         return []
     T = cfg.data.requests
@@ -170,4 +169,4 @@ def tofu_stages(cfg) -> list[Stage]:
         needs=("base", f"request_{t}", f"detector_{t}")) for t in range(1, T + 1)]
     out += [Stage(f"baseline_{m}_{t}", lambda ctx, m=m, t=t: baseline_request(ctx, m, t), needs=("base",))
             for m in cfg.baselines.names() for t in range(1, T + 1)]
-    return out + seed_stages(cfg)
+    return out + seed_stages(cfg, unlearn_request, train_detector)
