@@ -222,7 +222,8 @@ def stages(cfg: O3Config) -> list[Stage]:
         ]
     out.append(Stage("detector_baselines", _evaluation(detector_baselines),
                      needs=("base", f"request_{T}", *[f"detector_{t}" for t in range(1, T + 1)])))
-    return out + _gate_ablations(cfg) + _lambda0_ablation(cfg) + _retrained_ablations(cfg) + tofu_stages(cfg, unlearn_request, train_detector)
+    return (out + _gate_ablations(cfg) + _lambda0_ablation(cfg) + _retrained_ablations(cfg)
+            + tofu_stages(cfg, unlearn_request, train_detector))
 
 
 def _gate_ablations(cfg: O3Config) -> list[Stage]:
