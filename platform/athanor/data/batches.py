@@ -13,6 +13,8 @@ import torch
 class ShuffledBatches:
     """Endless shuffled micro-batches of rows of ``data`` (any tensor or dict of tensors)."""
 
+    keeps_global_order = True  # its position resumes on another world size (keep_global_order)
+
     def __init__(self, data, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.data = data
         self.n = len(next(iter(data.values()))) if isinstance(data, dict) else len(data)
@@ -61,6 +63,8 @@ def keep_global_order(stream, state: dict) -> None:
     processes) each process now takes ``global_batch / world_size`` rows of global batch ``index``:
     the same global rows per step as before, so the optimizer sees the same batches (a ValueError
     when the global batch does not split evenly over the new processes)."""
+    if "global_batch" not in state and int(state.get("world_size", stream.world_size)) != stream.world_size:
+        raise ValueError("the position records no global batch, so it cannot continue on another world size")
     saved = int(state.get("global_batch", stream.global_batch))
     if saved != stream.global_batch:
         if saved % stream.world_size:

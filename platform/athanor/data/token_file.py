@@ -107,6 +107,8 @@ def eval_blocks(tokens: np.ndarray, eval_start: int, block_size: int, n_blocks: 
 class TokenFileBatches:
     """Endless micro-batches of blocks read from a token file; resume is ``(epoch, index)``."""
 
+    keeps_global_order = True  # its position resumes on another world size (keep_global_order)
+
     def __init__(self, tokens: np.ndarray, n_blocks: int, block_size: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         self.tokens, self.n, self.block_size = tokens, n_blocks, block_size

@@ -193,20 +193,33 @@ class Checkpointer:
         for path, why in skipped:
             print(f"skipping checkpoint {path.name} ({path}): {why}; {instead}", flush=True)
 
-    def _cannot_change_world_size(self, state: dict, data) -> str | None:
+    def _cannot_change_world_size(self, path: Path, state: dict, data) -> str | None:
         """Why this checkpoint cannot continue on this run's number of processes, or None."""
         if self.uses_deepspeed or state.get("parallelism") == "deepspeed":
             return ("DeepSpeed's ZeRO shards are per process; resume with the world size that wrote it, or convert "
                     "it with DeepSpeed's universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal), "
                     "which Athanor does not load yet")
-        return getattr(data, "cannot_change_world_size", None)
+        if not hasattr(data, "state_dict"):
+            return None  # no position to carry over
+        if why := getattr(data, "cannot_change_world_size", None):
+            return why
+        if not getattr(data, "keeps_global_order", False):  # opt-in: a stream that says it re-splits its batches
+            return (f"its data stream ({type(data).__name__}) does not keep its global order on another number of "
+                    f"processes; resume with the world size that wrote it")
+        position = path / "rank0" / "data.json"  # checked against the manifest already
+        saved = json.loads(position.read_text()).get("global_batch") if position.is_file() else None
+        if type(saved) is not int:
+            return "its data position records no global batch (written before resuming on another world size existed)"
+        if saved % self.world_size:
+            return f"its global batch of {saved} rows cannot be split evenly over {self.world_size} processes"
+        return None
 
     def _check_on_main(self, path: Path, data=None) -> str | None:
         """Why ``path`` cannot be resumed, from the main process's checks of every file in it
         (every process's too), or None. Nothing is loaded."""
         try:
             state = ckpt.check_folder(path)
-            if state["world_size"] != self.world_size and (why := self._cannot_change_world_size(state, data)):
+            if state["world_size"] != self.world_size and (why := self._cannot_change_world_size(path, state, data)):
                 return (f"{OTHER_WORLD_SIZE}checkpoint {path} was written by {state['world_size']} processes, "
                         f"this run has {self.world_size}: {why}")
             self._check_shared_files(path, state)
