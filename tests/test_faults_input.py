@@ -245,9 +245,8 @@ def test_disk_full_while_config_yaml_is_rewritten_leaves_the_old_one_whole(tmp_p
 
 @pytest.mark.slow
 def test_resuming_one_process_run_on_two_says_so_once(tmp_path):
-    """Resuming a 1-process checkpoint under a 2-process launch is refused (issue 22 will allow it):
-    the reason is printed by the main process only, and the launch exits non-zero. (The launcher's
-    own ChildFailedError report after it is accelerate's, printed by a process athanor does not run.)"""
+    """Resuming a 1-process checkpoint under a 2-process launch continues (issue 22): the world-size
+    change is said once, by the main process only."""
     out = tmp_path / "run"
     tiny = ["--model.d_model", "32", "--model.n_layers", "1", "--data.max_chars", "100000",
             "--data.eval_batches", "2", "--run.progress", "false", "--run.output_dir", str(out)]
@@ -257,7 +256,5 @@ def test_resuming_one_process_run_on_two_says_so_once(tmp_path):
            "--main_process_port", str(free_port()), str(ROOT / "recipes" / "pretrain.py"), *tiny, "--run.max_steps", "4"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "written by 1 processes, this run has 2" in errors[0], proc.stderr[-3000:]
-    assert snapshot(out / "checkpoints") == before
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("world size changed at step 2: 1 -> 2 processes") == 1, proc.stdout[-3000:]
