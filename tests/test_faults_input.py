@@ -251,7 +251,6 @@ def test_resuming_one_process_run_on_two_says_so_once(tmp_path):
     tiny = ["--model.d_model", "32", "--model.n_layers", "1", "--data.max_chars", "100000",
             "--data.eval_batches", "2", "--run.progress", "false", "--run.output_dir", str(out)]
     run_recipe("pretrain", *tiny, "--run.max_steps", "2")
-    before = snapshot(out / "checkpoints")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "ddp-cpu.yaml"),
            "--main_process_port", str(free_port()), str(ROOT / "recipes" / "pretrain.py"), *tiny, "--run.max_steps", "4"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,

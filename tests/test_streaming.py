@@ -137,7 +137,11 @@ def test_sigkilled_streamed_run_resumes_at_the_same_sample(tmp_path):
     assert max(losses(killed)) < 40, "the run ended before it could be killed"
     assert (killed / "checkpoints" / "step-20" / "rank0" / "data.json").is_file()
     run_recipe("pretrain", "--run.output_dir", str(killed), *args)
-    assert [losses(full)[s] for s in range(1, 41)] == [losses(killed)[s] for s in range(1, 41)]
+    # Equal to float32 rounding, not bit for bit: the resumed process logs two steps' losses 1 ulp
+    # apart (4.91754007 vs 4.91753960) with the steps between them bit-equal, i.e. the same weights
+    # and batches, a reduction rounded differently. A batch resumed one sample off moves it ~1e-2.
+    assert [losses(killed)[s] for s in range(1, 41)] == pytest.approx([losses(full)[s] for s in range(1, 41)],
+                                                                      rel=1e-6, abs=0)
 
 
 @pytest.mark.slow
