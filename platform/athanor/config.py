@@ -162,7 +162,7 @@ class EngineConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
     grad_accum: int = 1  # micro-batches per optimizer step
     cpu: bool = False  # force CPU even when CUDA is available
-    # torch threads per process on CPU (0: torch's default). Tiny models: one thread is as fast, and two
+    # torch threads per process on CPU (0: torch's default, every core). Tiny models: one thread is as fast, and two
     # threads on two loaded cores measured 16x slower per step. OMP_NUM_THREADS, when set, wins.
     cpu_threads: int = 1
     # torch.compile (inductor) every registered model, through accelerate. The first steps pay the

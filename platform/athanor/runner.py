@@ -166,11 +166,16 @@ def check_stage_folder(folder: Path) -> None:
                           f"again (nothing in it was touched)")
 
 
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # read before any run in this process changes it
+
+
 def set_cpu_threads(threads: int) -> None:
     """Tiny models on a shared CPU: one thread per process is as fast and never oversubscribes
-    (two threads on two loaded cores measured 16× slower per step). ``OMP_NUM_THREADS`` wins."""
-    if threads and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(min(threads, os.cpu_count() or 1))  # a config written for a bigger machine
+    (two threads on two loaded cores measured 16× slower per step); 0: torch's default, restored
+    when an earlier run in this process set fewer. ``OMP_NUM_THREADS`` wins."""
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # at most this machine's CPUs: a config may be written for a bigger machine
+        torch.set_num_threads(min(threads, os.cpu_count() or 1) if threads else TORCH_DEFAULT_THREADS)
 
 
 def run_stage(ctx: StageContext, stage: Stage) -> dict:
