@@ -11,7 +11,8 @@ from athanor.engine import read_metrics
 from conftest import ROOT, run_recipe
 from test_checkpoint_multiprocess import run_killed
 
-ARGS = ["--run.progress", "false", "--run.eval_every", "0", "--run.max_steps", "40", "--run.save_every", "10"]
+ARGS = ["--run.progress", "false", "--run.eval_every", "0", "--run.max_steps", "40", "--run.save_every", "10",
+        "--model.d_model", "64", "--model.n_layers", "2"]  # the trackers, not the model, are under test
 
 
 def kill_after(tmp_path, out, step, args):
