@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from athanor.methods import template
 from athanor.runner import run
@@ -79,3 +80,27 @@ def test_push_to_hub_at_the_end_publishes_or_says_why_in_one_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: publishing to you/template failed") and f"athanor publish {out}" in last
     assert (out / "report.json").is_file() and (out / "fit" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("env, threads, expected", [
+    ({}, 1, 1), ({}, 0, "every core"),
+    ({"OMP_NUM_THREADS": "1", "ACCELERATE_DYNAMO_BACKEND": "NO"}, 0, "every core"),  # `accelerate launch x.py`
+    ({"OMP_NUM_THREADS": "1", "ACCELERATE_DYNAMO_BACKEND": "NO", "WORLD_SIZE": "2"}, 0, 1),  # its DDP: cores shared
+    ({"OMP_NUM_THREADS": "1"}, 0, 1)])  # the user's own setting
+def test_cpu_threads_follow_the_config_unless_the_environment_chose(monkeypatch, env, threads, expected):
+    from athanor.runner import every_core, set_cpu_threads
+
+    if torch.cuda.is_available():
+        pytest.skip("threads are set on CPU only")
+    for key in ("OMP_NUM_THREADS", "ACCELERATE_DYNAMO_BACKEND", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        set_cpu_threads(threads)
+        got = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert got == (every_core() if expected == "every core" else expected)

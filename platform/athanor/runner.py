@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import psutil
 import torch
 
 from .config import ConfigError, TrainConfig, exit_on_config_error, parse_or_exit
@@ -166,16 +167,27 @@ def check_stage_folder(folder: Path) -> None:
                           f"again (nothing in it was touched)")
 
 
-TORCH_DEFAULT_THREADS = torch.get_num_threads()  # read before any run in this process changes it
+def threads_chosen_by_environment() -> bool:
+    """``OMP_NUM_THREADS`` set by the user or by a launcher sharing cores among processes, not the
+    1 that ``accelerate launch`` sets for a lone process on any machine (its simple launcher,
+    without ``--num_cpu_threads_per_process``): that one leaves the choice to ``engine.cpu_threads``."""
+    lone_accelerate_default = (os.environ.get("OMP_NUM_THREADS") == "1" and "ACCELERATE_DYNAMO_BACKEND" in os.environ
+                               and int(os.environ.get("WORLD_SIZE", "1")) == 1)
+    return "OMP_NUM_THREADS" in os.environ and not lone_accelerate_default
 
 
 def set_cpu_threads(threads: int) -> None:
     """Tiny models on a shared CPU: one thread per process is as fast and never oversubscribes
     (two threads on two loaded cores measured 16× slower per step); 0: torch's default, restored
-    when an earlier run in this process set fewer. ``OMP_NUM_THREADS`` wins."""
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+    when an earlier run in this process set fewer. ``OMP_NUM_THREADS`` wins (see above)."""
+    if not torch.cuda.is_available() and not threads_chosen_by_environment():
         # at most this machine's CPUs: a config may be written for a bigger machine
-        torch.set_num_threads(min(threads, os.cpu_count() or 1) if threads else TORCH_DEFAULT_THREADS)
+        torch.set_num_threads(min(threads, os.cpu_count() or 1) if threads else every_core())
+
+
+def every_core() -> int:
+    """torch's own default, one thread per physical core, within the CPUs this process may use."""
+    return max(1, min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, len(os.sched_getaffinity(0))))
 
 
 def run_stage(ctx: StageContext, stage: Stage) -> dict:
