@@ -233,14 +233,24 @@ def test_shipped_configs_parse(config):
     assert [s.name for s in PAPER.stages(cfg)][:4] == ["teacher", "classifier", "trajectories", "ilf"]
 
 
-TINY = ["--run.progress", "false", "--teacher.layers", "4", "--teacher.width", "16", "--teacher.heads", "2",
-        "--teacher.steps", "150", "--teacher.batch_size", "64", "--classifier.steps", "30",
-        "--ilf.loop", "[1,2]", "--ilf.trajectories", "96", "--ilf.dev_trajectories", "32", "--ilf.batch_size", "32",
-        "--ilf.steps", "40", "--ilf.train_steps", "[2,3]", "--evaluation.plain_steps", "[2,3,4,6]",
-        "--evaluation.solver_steps", "[2,3,4]", "--evaluation.solver_orders", "[2]", "--evaluation.ilf_steps", "[2,3]",
-        "--evaluation.cache_steps", "[3,6]", "--evaluation.cache_blocks", "[1,2]", "--evaluation.key_steps", "3",
-        "--evaluation.converged_steps", "12", "--evaluation.samples", "200", "--evaluation.batch_size", "100",
-        "--evaluation.variants", "[seed=1,seed=2,once,init=2]", "--run.eval_every", "20"]
+def flags(**sections) -> list[str]:
+    """Command-line flags from ``section={key: value}``: ``flags(ilf={"steps": 40})`` -> ``--ilf.steps 40``."""
+    return [item for section, values in sections.items() for key, value in values.items()
+            for item in (f"--{section}.{key}", str(value))]
+
+
+def tiny_flags(ilf: dict, evaluation: dict, **more) -> list[str]:
+    """The recipe's flags with a tiny ``ilf`` and ``evaluation`` section (``[..]`` lists as the CLI takes them)."""
+    return flags(run={"progress": "false"}, **more, ilf=ilf, evaluation=evaluation)
+
+
+TINY = tiny_flags(
+    teacher={"layers": 4, "width": 16, "heads": 2, "steps": 150, "batch_size": 64}, classifier={"steps": 30},
+    ilf={"loop": "[1,2]", "trajectories": 96, "dev_trajectories": 32, "batch_size": 32, "steps": 40,
+         "train_steps": "[2,3]"},
+    evaluation={"plain_steps": "[2,3,4,6]", "solver_steps": "[2,3,4]", "solver_orders": "[2]", "ilf_steps": "[2,3]",
+                "cache_steps": "[3,6]", "cache_blocks": "[1,2]", "key_steps": 3, "converged_steps": 12,
+                "samples": 200, "batch_size": 100, "variants": "[seed=1,seed=2,once,init=2]"}) + ["--run.eval_every", "20"]
 
 # Effect thresholds of the tiny recipe, from feedback seeds 0, 1, 2 measured on the loaded 2-core machine:
 # ILF@3's paired MSE to the converged teacher over that of the frozen backbone on the same levels (s = 0,
@@ -365,13 +375,12 @@ def test_latent_dit_recipe_end_to_end(tmp_path, tiny_dit_pipeline):
     paired MSE to the converged sampler, DPM-Solver++ on the DiT's schedule, an ILF sample decoded."""
     from athanor.methods.ilf.latent import decode, load_dit
 
-    args = ["--run.output_dir", str(tmp_path), "--run.progress", "false", "--ilf.backbone", str(tiny_dit_pipeline),
-            "--ilf.loop", "[1,1]", "--ilf.trajectories", "32", "--ilf.dev_trajectories", "16", "--ilf.batch_size", "16",
-            "--ilf.steps", "10", "--ilf.train_steps", "[2,3]", "--evaluation.plain_steps", "[2,3,6]",
-            "--evaluation.solver_steps", "[2,3]", "--evaluation.solver_orders", "[2]", "--evaluation.ilf_steps", "[3]",
-            "--evaluation.cache_steps", "[4]", "--evaluation.cache_blocks", "[1,1]", "--evaluation.key_steps", "3",
-            "--evaluation.converged_steps", "10", "--evaluation.samples", "40", "--evaluation.batch_size", "20",
-            "--evaluation.variants", "[once]", "--run.eval_every", "5"]
+    args = ["--run.output_dir", str(tmp_path), "--ilf.backbone", str(tiny_dit_pipeline), *tiny_flags(
+        ilf={"loop": "[1,1]", "trajectories": 32, "dev_trajectories": 16, "batch_size": 16, "steps": 10,
+             "train_steps": "[2,3]"},
+        evaluation={"plain_steps": "[2,3,6]", "solver_steps": "[2,3]", "solver_orders": "[2]", "ilf_steps": "[3]",
+                    "cache_steps": "[4]", "cache_blocks": "[1,1]", "key_steps": 3, "converged_steps": 10,
+                    "samples": 40, "batch_size": 20, "variants": "[once]"}), "--run.eval_every", "5"]
     report = run(PAPER, args)
     head = report["speedup_at_equal_quality"]
     assert set(head["blocks"]["vs_plain"]) == {"mse_to_converged"}  # FD needs an Inception net: not measured
