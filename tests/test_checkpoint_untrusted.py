@@ -339,30 +339,40 @@ engine, _ = run(sys.argv[1], int(sys.argv[2]))
 """
 
 
+def launch_two(tmp_path, out, steps) -> str:
+    """``run(out, steps)`` on 2 DDP processes; returns what they printed."""
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESSES.format(tests=str(ROOT / "tests")))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "ddp-cpu.yaml"),
+           "--main_process_port", str(free_port()), str(script), str(out), str(steps)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_processes(tmp_path_factory):
+    """The reference both tamperings end as: 6 steps on 2 processes, run once."""
+    tmp = tmp_path_factory.mktemp("two-full")
+    launch_two(tmp, tmp / "full", 6)
+    return loss_rows(tmp / "full")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tampered", [("step-4",), ("step-4", "step-2")], ids=["newest", "all"])
-def test_two_processes_agree_to_skip_a_checkpoint_only_one_of_them_cannot_load(tmp_path, tampered):
+def test_two_processes_agree_to_skip_a_checkpoint_only_one_of_them_cannot_load(tmp_path, tampered,
+                                                                              uninterrupted_two_processes):
     """Rank 1's method state lacks a key its method needs: both processes skip that checkpoint
     (one line, from the main process) and resume the previous one, or start afresh when none is
     left — rank 0 then holds none of the state it had loaded; the run ends as an uninterrupted one."""
-    script = tmp_path / "two.py"
-    script.write_text(TWO_PROCESSES.format(tests=str(ROOT / "tests")))
-
-    def launch(out, steps):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "ddp-cpu.yaml"),
-               "--main_process_port", str(free_port()), str(script), str(out), str(steps)]
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout
-    launch(tmp_path / "full", 6)
-    launch(tmp_path / "run", 4)
+    launch_two(tmp_path, tmp_path / "run", 4)
     for name in tampered:
         folder = ckpt.checkpoint_root(tmp_path / "run") / name
         edit_json(folder / "rank1" / "method.json", lambda s: {k: v for k, v in s.items() if k != "seen"})
         ckpt.write_manifest(folder)
-    printed = launch(tmp_path / "run", 6)
+    printed = launch_two(tmp_path, tmp_path / "run", 6)
     skipped = [line for line in printed.splitlines() if line.startswith("skipping checkpoint")]
     instead = "resuming from step-2" if len(tampered) == 1 else "starting afresh"
     assert len(skipped) == len(tampered) and all("KeyError" in line and instead in line for line in skipped), printed
-    assert loss_rows(tmp_path / "run") == loss_rows(tmp_path / "full")
+    assert loss_rows(tmp_path / "run") == uninterrupted_two_processes

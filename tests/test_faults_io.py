@@ -294,8 +294,11 @@ def test_bad_config_values_are_refused_at_parse_time(tmp_path):
 @pytest.mark.slow
 def test_recipe_exits_2_with_one_line_for_each_bad_value(tmp_path):
     """As a user runs it: ``python recipes/pretrain.py <bad value>``, including a batch larger than
-    the data (known only once the corpus is loaded, before any step)."""
-    values = _bad_values(tmp_path)
+    the data (known only once the corpus is loaded, before any step). One value of each kind (a
+    section's check, the output folder's, the data's): each is one recipe start, and every value's
+    message is checked at parse time above."""
+    values = {name: value for name, value in _bad_values(tmp_path).items()
+              if name in ("heads divide width", "output dir under a file", "output dir not writable")}
     values["batch larger than the data"] = (["--data.batch_size", "100000", "--run.output_dir", str(tmp_path / "b")],
                                             "data.batch_size=100000 is more than the")
     names = list(values)
