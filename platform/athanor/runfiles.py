@@ -16,6 +16,7 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,9 @@ def quiet_libraries() -> None:
     for name in ("transformers", "diffusers", "datasets", "huggingface_hub", "DeepSpeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     _quiet_deepspeed()
+    # peft (0.21) reads transformers' deprecated ``is_gradient_checkpointing`` on every PeftModel:
+    # a FutureWarning per adapter loaded that says nothing about the run
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()  # transformers' bars ("Loading weights") follow huggingface_hub's switch
